@@ -1,0 +1,155 @@
+//! Wire types shared by the eBPF programs (`monitor-ebpf`) and the daemon (`forkwatch`).
+//!
+//! Every record the kernel writes to the ring buffer starts with a `u32` [`EventKind`] tag, so the
+//! daemon can decode a record without trusting its length. All types are `#[repr(C)]` with
+//! explicit padding fields: the kernel writes them byte for byte and userspace reads them back on
+//! the same machine, so layout (not endianness) is the contract.
+#![no_std]
+
+/// Length of `task_struct::comm`, including the trailing NUL.
+pub const COMM_LEN: usize = 16;
+
+/// Tag at offset 0 of every ring-buffer record.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EventKind {
+    Fork = 1,
+    Exec = 2,
+    Exit = 3,
+}
+
+impl EventKind {
+    pub const fn from_u32(value: u32) -> Option<Self> {
+        match value {
+            1 => Some(Self::Fork),
+            2 => Some(Self::Exec),
+            3 => Some(Self::Exit),
+            _ => None,
+        }
+    }
+}
+
+/// `ForkEvent::flags`: the child shares the parent's address space (`CLONE_VM`: vfork,
+/// posix_spawn). The kernel filters these out already; the flag stays on the wire so the
+/// correlator can refuse them too.
+pub const FORK_FLAG_SHARES_VM: u32 = 1 << 0;
+
+/// A new process (not a thread) created by a parent that had at least two live threads.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ForkEvent {
+    pub kind: u32,
+    /// Thread-group id of the forking process.
+    pub parent_tgid: u32,
+    /// The thread that called fork/clone: the only one the child is a copy of.
+    pub parent_tid: u32,
+    pub child_pid: u32,
+    /// `parent->signal->nr_threads` at the fork.
+    pub parent_threads: u32,
+    pub flags: u32,
+    /// `bpf_ktime_get_boot_ns()` at the fork.
+    pub timestamp_ns: u64,
+    /// `child->start_boottime`: with the pid, the identity of the child across pid reuse.
+    pub child_start_ns: u64,
+    pub cgroup_id: u64,
+    /// The forking thread's comm; the child starts with the same one.
+    pub comm: [u8; COMM_LEN],
+}
+
+/// A tracked process called execve successfully.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ExecEvent {
+    pub kind: u32,
+    /// Thread-group id (after exec the calling thread is the leader).
+    pub pid: u32,
+    pub timestamp_ns: u64,
+    /// The comm after exec (the new program's name).
+    pub comm: [u8; COMM_LEN],
+}
+
+/// The last thread of a tracked process exited.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ExitEvent {
+    pub kind: u32,
+    pub pid: u32,
+    pub timestamp_ns: u64,
+    /// `task->exit_code` of the last thread (wait(2) status encoding).
+    pub exit_code: u32,
+    pub _pad: u32,
+}
+
+/// Kernel struct member offsets, read from the running kernel's BTF at load time and written into
+/// the programs' read-only data (`EbpfLoader::override_global`). Never hard-coded: they move
+/// between kernel versions and configs.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct KernelOffsets {
+    pub task_pid: u32,
+    pub task_tgid: u32,
+    pub task_mm: u32,
+    pub task_signal: u32,
+    pub task_start_boottime: u32,
+    pub task_exit_code: u32,
+    pub signal_nr_threads: u32,
+    pub _pad: u32,
+}
+
+/// Name of the global in the eBPF object that holds [`KernelOffsets`].
+pub const OFFSETS_GLOBAL: &str = "FORKWATCH_OFFSETS";
+
+/// Indices into the per-CPU `FORK_COUNTERS` array: every fork the kernel sees, by kind, including
+/// the ones filtered out before the ring buffer.
+pub mod fork_counter {
+    /// A new process whose parent had one thread (never tracked).
+    pub const SINGLE_THREADED: u32 = 0;
+    /// A new process from a multithreaded parent (tracked, sent to userspace).
+    pub const MULTI_THREADED: u32 = 1;
+    /// A new thread (`CLONE_THREAD`).
+    pub const THREAD: u32 = 2;
+    /// A new process sharing the parent's memory (`CLONE_VM`: vfork, posix_spawn).
+    pub const SHARED_VM: u32 = 3;
+    /// A multithreaded fork that could not be tracked because the tracking map was full.
+    pub const TRACK_FULL: u32 = 4;
+    pub const COUNT: u32 = 5;
+}
+
+/// Indices into the per-CPU `LOST_EVENTS` array: ring-buffer reservations that failed, by the
+/// category of event that was dropped.
+pub mod lost_category {
+    pub const FORK: u32 = 0;
+    pub const EXEC: u32 = 1;
+    pub const EXIT: u32 = 2;
+    pub const COUNT: u32 = 3;
+    pub const NAMES: [&str; COUNT as usize] = ["fork", "exec", "exit"];
+}
+
+/// Map and program names, shared so the loader cannot drift from the object.
+pub mod names {
+    pub const EVENTS: &str = "EVENTS";
+    pub const TRACKED: &str = "TRACKED";
+    pub const FORK_COUNTERS: &str = "FORK_COUNTERS";
+    pub const LOST_EVENTS: &str = "LOST_EVENTS";
+    /// (program name in the object, tp_btf tracepoint it attaches to).
+    pub const PROGRAMS: [(&str, &str); 3] = [
+        ("sched_process_fork", "sched_process_fork"),
+        ("sched_process_exec", "sched_process_exec"),
+        ("sched_process_exit", "sched_process_exit"),
+    ];
+}
+
+/// Default capacity of the tracked-process map.
+pub const TRACKED_MAX_ENTRIES: u32 = 65_536;
+/// Default ring-buffer size in bytes (a power of two, a multiple of the page size).
+pub const RING_BUFFER_BYTES: u32 = 1 << 20;
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: all of these are `#[repr(C)]`, `Copy`, made only of integers and byte arrays, with
+    // explicit padding, so every bit pattern is a valid value.
+    unsafe impl aya::Pod for super::ForkEvent {}
+    unsafe impl aya::Pod for super::ExecEvent {}
+    unsafe impl aya::Pod for super::ExitEvent {}
+    unsafe impl aya::Pod for super::KernelOffsets {}
+}

@@ -1,0 +1,196 @@
+//! forkwatch's kernel programs: tp_btf on the scheduler's process lifecycle tracepoints.
+//!
+//! The hot path is every fork, exec and exit on the host, so each program decides as early as it
+//! can whether the event matters: thread creations, vfork/posix_spawn children and forks of
+//! single-threaded processes only bump a per-CPU counter; exec and exit cost one hash lookup for
+//! every process that is not tracked. Only forks of multithreaded processes reach userspace.
+#![no_std]
+#![no_main]
+
+use aya_ebpf::{
+    Global,
+    helpers::{
+        bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_get_current_pid_tgid,
+        bpf_ktime_get_boot_ns, bpf_probe_read_kernel,
+    },
+    macros::{btf_tracepoint, map},
+    maps::{HashMap, PerCpuArray, RingBuf},
+    programs::BtfTracePointContext,
+};
+use monitor_common::{
+    EventKind, ExecEvent, ExitEvent, ForkEvent, KernelOffsets, RING_BUFFER_BYTES,
+    TRACKED_MAX_ENTRIES, fork_counter, lost_category,
+};
+
+/// Member offsets of the running kernel, written by the loader from BTF.
+#[unsafe(no_mangle)]
+static FORKWATCH_OFFSETS: Global<KernelOffsets> = Global::new(KernelOffsets {
+    task_pid: 0,
+    task_tgid: 0,
+    task_mm: 0,
+    task_signal: 0,
+    task_start_boottime: 0,
+    task_exit_code: 0,
+    signal_nr_threads: 0,
+    _pad: 0,
+});
+
+#[map]
+static EVENTS: RingBuf = RingBuf::with_byte_size(RING_BUFFER_BYTES, 0);
+
+/// Processes created by a multithreaded fork that have not exec'd or exited yet
+/// (pid → child start time). Filled here, emptied by exec/exit; the daemon only reads it.
+#[map]
+static TRACKED: HashMap<u32, u64> = HashMap::with_max_entries(TRACKED_MAX_ENTRIES, 0);
+
+#[map]
+static FORK_COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(fork_counter::COUNT, 0);
+
+#[map]
+static LOST_EVENTS: PerCpuArray<u64> = PerCpuArray::with_max_entries(lost_category::COUNT, 0);
+
+#[inline(always)]
+fn count(map: &PerCpuArray<u64>, index: u32) {
+    if let Some(slot) = map.get_ptr_mut(index) {
+        // Per-CPU slot: no other writer can race with this increment.
+        unsafe { *slot += 1 };
+    }
+}
+
+/// Reads a `T` at `base + offset` in kernel memory.
+#[inline(always)]
+unsafe fn read_at<T>(base: *const u8, offset: u32) -> Result<T, i32> {
+    unsafe { bpf_probe_read_kernel(base.add(offset as usize) as *const T) }
+}
+
+#[btf_tracepoint(function = "sched_process_fork")]
+pub fn sched_process_fork(ctx: BtfTracePointContext) -> u32 {
+    // Errors only mean a kernel read failed; there is nothing better to do than to drop the event.
+    let _ = unsafe { on_fork(&ctx) };
+    0
+}
+
+unsafe fn on_fork(ctx: &BtfTracePointContext) -> Result<(), i32> {
+    let offsets = FORKWATCH_OFFSETS.load();
+    // TP_PROTO(struct task_struct *parent, struct task_struct *child); parent is current.
+    let parent: *const u8 = ctx.arg(0);
+    let child: *const u8 = ctx.arg(1);
+
+    let child_pid: i32 = unsafe { read_at(child, offsets.task_pid)? };
+    let child_tgid: i32 = unsafe { read_at(child, offsets.task_tgid)? };
+    if child_pid != child_tgid {
+        count(&FORK_COUNTERS, fork_counter::THREAD);
+        return Ok(());
+    }
+    let parent_mm: u64 = unsafe { read_at(parent, offsets.task_mm)? };
+    if parent_mm == 0 {
+        // A kernel thread spawning a worker (kthreadd, usermodehelper): no user state to inherit.
+        return Ok(());
+    }
+    let child_mm: u64 = unsafe { read_at(child, offsets.task_mm)? };
+    if child_mm == parent_mm {
+        // CLONE_VM without CLONE_THREAD: vfork or posix_spawn. The child runs on the parent's
+        // memory until it execs or exits, which is the safe pattern: count it, never send it
+        // (FORK_FLAG_SHARES_VM is therefore never set by this program).
+        count(&FORK_COUNTERS, fork_counter::SHARED_VM);
+        return Ok(());
+    }
+    let signal: *const u8 = unsafe { read_at(parent, offsets.task_signal)? };
+    let parent_threads: i32 = unsafe { read_at(signal, offsets.signal_nr_threads)? };
+    if parent_threads < 2 {
+        count(&FORK_COUNTERS, fork_counter::SINGLE_THREADED);
+        return Ok(());
+    }
+    count(&FORK_COUNTERS, fork_counter::MULTI_THREADED);
+
+    let Some(mut entry) = EVENTS.reserve::<ForkEvent>(0) else {
+        // Not tracked either: exec/exit events for a child the daemon never saw are useless.
+        count(&LOST_EVENTS, lost_category::FORK);
+        return Ok(());
+    };
+    let child_start_ns: u64 = unsafe { read_at(child, offsets.task_start_boottime) }.unwrap_or(0);
+    let pid = child_pid as u32;
+    if TRACKED.insert(&pid, &child_start_ns, 0).is_err() {
+        count(&FORK_COUNTERS, fork_counter::TRACK_FULL);
+    }
+    let pid_tgid = bpf_get_current_pid_tgid();
+    entry.write(ForkEvent {
+        kind: EventKind::Fork as u32,
+        parent_tgid: (pid_tgid >> 32) as u32,
+        parent_tid: pid_tgid as u32,
+        child_pid: pid,
+        parent_threads: parent_threads as u32,
+        flags: 0,
+        timestamp_ns: unsafe { bpf_ktime_get_boot_ns() },
+        child_start_ns,
+        cgroup_id: unsafe { bpf_get_current_cgroup_id() },
+        comm: bpf_get_current_comm().unwrap_or([0; 16]),
+    });
+    entry.submit(0);
+    Ok(())
+}
+
+#[btf_tracepoint(function = "sched_process_exec")]
+pub fn sched_process_exec(_ctx: BtfTracePointContext) -> u32 {
+    // Runs in the exec'ing task after de_thread(): its pid is the thread-group id.
+    let pid = (bpf_get_current_pid_tgid() >> 32) as u32;
+    if unsafe { TRACKED.get(&pid) }.is_none() {
+        return 0;
+    }
+    // Once exec'd the process no longer carries the parent's state: stop tracking it.
+    let _ = TRACKED.remove(&pid);
+    match EVENTS.reserve::<ExecEvent>(0) {
+        Some(mut entry) => {
+            entry.write(ExecEvent {
+                kind: EventKind::Exec as u32,
+                pid,
+                timestamp_ns: unsafe { bpf_ktime_get_boot_ns() },
+                comm: bpf_get_current_comm().unwrap_or([0; 16]),
+            });
+            entry.submit(0);
+        }
+        None => count(&LOST_EVENTS, lost_category::EXEC),
+    }
+    0
+}
+
+#[btf_tracepoint(function = "sched_process_exit")]
+pub fn sched_process_exit(ctx: BtfTracePointContext) -> u32 {
+    // TP_PROTO(struct task_struct *p, bool group_dead): only the last thread ends the process.
+    let group_dead: u64 = ctx.arg(1);
+    if group_dead & 0xff == 0 {
+        return 0;
+    }
+    let pid = (bpf_get_current_pid_tgid() >> 32) as u32;
+    if unsafe { TRACKED.get(&pid) }.is_none() {
+        return 0;
+    }
+    let _ = TRACKED.remove(&pid);
+    let task: *const u8 = ctx.arg(0);
+    let offsets = FORKWATCH_OFFSETS.load();
+    let exit_code: i32 = unsafe { read_at(task, offsets.task_exit_code) }.unwrap_or(0);
+    match EVENTS.reserve::<ExitEvent>(0) {
+        Some(mut entry) => {
+            entry.write(ExitEvent {
+                kind: EventKind::Exit as u32,
+                pid,
+                timestamp_ns: unsafe { bpf_ktime_get_boot_ns() },
+                exit_code: exit_code as u32,
+                _pad: 0,
+            });
+            entry.submit(0);
+        }
+        None => count(&LOST_EVENTS, lost_category::EXIT),
+    }
+    0
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 4] = *b"GPL\0";

@@ -1,0 +1,176 @@
+//! Command line. Every flag can also come from a `FORKWATCH_*` environment variable (systemd
+//! units and DaemonSets set those); a bad value is a usage error (exit code 2) naming the flag.
+
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use crate::btf_offsets::VMLINUX_BTF;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "forkwatch",
+    version,
+    about = "System-wide fork-hazard monitor: reports multithreaded processes that fork \
+             without exec",
+    args_conflicts_with_subcommands = true
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+    /// Flags of `run`, the default command.
+    #[command(flatten)]
+    pub run: RunArgs,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Watch the host and report findings (the default).
+    Run(RunArgs),
+    /// Preflight: list what the daemon needs and whether this host has it, with the fix for
+    /// each missing piece. Exits non-zero if the daemon cannot run.
+    Check(CommonArgs),
+    /// Start the probes, run a multithreaded fork-without-exec and a fork+exec helper, and check
+    /// that exactly the first is reported.
+    Selftest(CommonArgs),
+    /// Helper processes for `selftest` (internal).
+    #[command(hide = true)]
+    Fixture { name: String },
+}
+
+/// Flags every command that loads the probes takes.
+#[derive(Debug, Clone, Args)]
+pub struct CommonArgs {
+    /// Kernel BTF file to read struct offsets from.
+    #[arg(long, env = "FORKWATCH_BTF", default_value = VMLINUX_BTF)]
+    pub btf: PathBuf,
+    /// Log format on stderr.
+    #[arg(long, env = "FORKWATCH_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct RunArgs {
+    /// Findings format on stdout [default: text on a terminal, json otherwise].
+    #[arg(long, env = "FORKWATCH_FORMAT", value_enum)]
+    pub format: Option<Format>,
+    /// Also append findings as JSON lines to this file (created 0640).
+    #[arg(long, env = "FORKWATCH_OUTPUT")]
+    pub output: Option<PathBuf>,
+    /// How long a child of a multithreaded fork may run before it must have exec'd
+    /// (e.g. 500ms, 2s).
+    #[arg(long, env = "FORKWATCH_EXEC_GRACE", default_value = "1s", value_parser = parse_grace)]
+    pub exec_grace: Duration,
+    /// Address for /metrics, /healthz and /readyz (port 0 picks a free port).
+    #[arg(long, env = "FORKWATCH_METRICS_ADDR", default_value = "127.0.0.1:9571")]
+    pub metrics_addr: SocketAddr,
+    /// Put the full command line in findings; off by default because it may hold secrets.
+    #[arg(long, env = "FORKWATCH_FULL_CMDLINE")]
+    pub full_cmdline: bool,
+    /// Ring-buffer size in bytes: a power of two, at least 4096.
+    #[arg(long, env = "FORKWATCH_RING_BUFFER_SIZE", default_value_t = monitor_common::RING_BUFFER_BYTES, value_parser = parse_ring_size)]
+    pub ring_buffer_size: u32,
+    /// Most children of multithreaded forks tracked at once.
+    #[arg(long, env = "FORKWATCH_MAX_TRACKED", default_value_t = monitor_common::TRACKED_MAX_ENTRIES, value_parser = clap::value_parser!(u32).range(16..=4_194_304))]
+    pub max_tracked: u32,
+    #[command(flatten)]
+    pub common: CommonArgs,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Format {
+    Json,
+    Text,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Json,
+    Text,
+}
+
+fn parse_grace(text: &str) -> Result<Duration, String> {
+    let grace = humantime::parse_duration(text)
+        .map_err(|e| format!("{e} (write a duration such as 500ms or 2s)"))?;
+    if grace < Duration::from_millis(1) || grace > Duration::from_secs(3600) {
+        return Err(format!(
+            "{text} is out of range: the exec grace must be between 1ms and 1h"
+        ));
+    }
+    Ok(grace)
+}
+
+fn parse_ring_size(text: &str) -> Result<u32, String> {
+    let size: u32 = text
+        .parse()
+        .map_err(|_| format!("{text} is not a size in bytes"))?;
+    if !size.is_power_of_two() || size < 4096 {
+        return Err(format!(
+            "{size} is not a power of two of at least 4096 (the kernel requires a multiple of \
+             the page size); try {}",
+            size.max(4096).next_power_of_two()
+        ));
+    }
+    Ok(size)
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::{CommandFactory, error::ErrorKind};
+
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
+        Cli::try_parse_from(std::iter::once("forkwatch").chain(args.iter().copied()))
+    }
+
+    #[test]
+    fn cli_definition_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn defaults() {
+        let cli = parse(&[]).unwrap();
+        assert!(cli.command.is_none());
+        assert_eq!(cli.run.exec_grace, Duration::from_secs(1));
+        assert_eq!(cli.run.metrics_addr.to_string(), "127.0.0.1:9571");
+        assert!(!cli.run.full_cmdline);
+    }
+
+    #[test]
+    fn run_flags_parse() {
+        let cli = parse(&["run", "--exec-grace", "250ms", "--format", "json"]).unwrap();
+        let Some(Command::Run(run)) = cli.command else {
+            panic!("not run");
+        };
+        assert_eq!(run.exec_grace, Duration::from_millis(250));
+        assert_eq!(run.format, Some(Format::Json));
+    }
+
+    #[test]
+    fn bad_values_are_usage_errors_naming_the_problem() {
+        for (args, needle) in [
+            (&["--exec-grace", "soon"][..], "duration"),
+            (&["--exec-grace", "0s"], "between 1ms and 1h"),
+            (&["--exec-grace", "2h"], "between 1ms and 1h"),
+            (&["--ring-buffer-size", "5000"], "power of two"),
+            (&["--ring-buffer-size", "1024"], "at least 4096"),
+            (&["--metrics-addr", "localhost"], "invalid socket address"),
+            (&["--format", "xml"], "xml"),
+            (&["--max-tracked", "1"], "16"),
+        ] {
+            let err = parse(args).unwrap_err();
+            assert!(
+                matches!(err.kind(), ErrorKind::ValueValidation | ErrorKind::InvalidValue),
+                "{args:?}: {err}"
+            );
+            assert_eq!(err.exit_code(), 2);
+            assert!(err.to_string().contains(needle), "{args:?}: {err}");
+        }
+        assert_eq!(
+            parse(&["--no-such-flag"]).unwrap_err().kind(),
+            ErrorKind::UnknownArgument
+        );
+    }
+}

@@ -1,0 +1,113 @@
+//! `forkwatch run`: the long-lived daemon.
+
+use std::{
+    fs::OpenOptions,
+    io::IsTerminal,
+    os::unix::fs::OpenOptionsExt,
+    sync::{Arc, atomic::AtomicBool, atomic::Ordering},
+    time::Duration,
+};
+
+use anyhow::Context as _;
+use tokio::signal::unix::{SignalKind, signal};
+
+use crate::{
+    cli::{Format, RunArgs},
+    http::{self, HttpState},
+    monitor::{Monitor, MonitorOptions},
+    sinks::{JsonSink, Sinks, TextSink},
+    telemetry,
+};
+
+/// How often the kernel counters are pulled into the metrics between scrapes.
+const COUNTER_REFRESH: Duration = Duration::from_secs(5);
+
+pub async fn run(args: RunArgs) -> anyhow::Result<()> {
+    // Everything that can be wrong with the configuration fails before the probes load.
+    let mut sinks = sinks(&args)?;
+    let listener = http::bind(args.metrics_addr).await?;
+    let metrics_addr = listener.local_addr()?;
+    let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let mut sigint = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+
+    let mut monitor = Monitor::start(&MonitorOptions {
+        btf_path: args.common.btf.clone(),
+        ring_buffer_bytes: args.ring_buffer_size,
+        max_tracked: args.max_tracked,
+        exec_grace: args.exec_grace,
+        full_cmdline: args.full_cmdline,
+    })?;
+    let ready = Arc::new(AtomicBool::new(false));
+    let (http_stop, http_stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(http::serve(
+        listener,
+        HttpState {
+            telemetry: monitor.telemetry(),
+            ready: ready.clone(),
+        },
+        async {
+            let _ = http_stopped.await;
+        },
+    ));
+    ready.store(true, Ordering::Release);
+    tracing::info!(
+        %metrics_addr,
+        exec_grace_ms = args.exec_grace.as_millis() as u64,
+        "ready"
+    );
+
+    let telemetry = monitor.telemetry();
+    let mut refresh = tokio::time::interval(COUNTER_REFRESH);
+    loop {
+        tokio::select! {
+            finding = monitor.next_finding() => match finding {
+                Some(finding) => {
+                    telemetry::lock(&telemetry).metrics.finding(&finding);
+                    sinks.emit(&finding);
+                }
+                None => anyhow::bail!("the event pipeline stopped unexpectedly"),
+            },
+            _ = sigterm.recv() => break,
+            _ = sigint.recv() => break,
+            _ = refresh.tick() => telemetry::lock(&telemetry).refresh(),
+        }
+    }
+    tracing::info!("stopping: detaching probes");
+    ready.store(false, Ordering::Release);
+    for finding in monitor.stop().await? {
+        telemetry::lock(&telemetry).metrics.finding(&finding);
+        sinks.emit(&finding);
+    }
+    let _ = http_stop.send(());
+    let _ = server.await;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+fn sinks(args: &RunArgs) -> anyhow::Result<Sinks> {
+    let mut sinks = Sinks::default();
+    let stdout = std::io::stdout();
+    let terminal = stdout.is_terminal();
+    match args.format {
+        Some(Format::Json) => sinks.push(Box::new(JsonSink::new(stdout))),
+        Some(Format::Text) => sinks.push(Box::new(TextSink::new(stdout, terminal))),
+        None if terminal => sinks.push(Box::new(TextSink::new(stdout, true))),
+        None => sinks.push(Box::new(JsonSink::new(stdout))),
+    }
+    if let Some(path) = &args.output {
+        let file = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .mode(0o640)
+            .open(path)
+            .with_context(|| {
+                format!(
+                    "cannot open --output {} for appending; check the directory exists and is \
+                     writable",
+                    path.display()
+                )
+            })?;
+        sinks.push(Box::new(JsonSink::new(file)));
+    }
+    Ok(sinks)
+}

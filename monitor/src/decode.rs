@@ -1,0 +1,192 @@
+//! Ring-buffer records → [`Event`]s. A record is untrusted bytes: a short, unknown or malformed
+//! one is an error value, never a panic.
+
+use std::mem::size_of;
+
+use monitor_common::{COMM_LEN, EventKind, ExecEvent, ExitEvent, FORK_FLAG_SHARES_VM, ForkEvent};
+
+use crate::events::{Event, Exec, Exit, Fork};
+
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+pub enum DecodeError {
+    #[error("record of {0} bytes is too short for an event tag")]
+    NoTag(usize),
+    #[error("unknown event kind {0}")]
+    UnknownKind(u32),
+    #[error("{kind:?} record is {got} bytes, expected at least {want}")]
+    Short {
+        kind: EventKind,
+        got: usize,
+        want: usize,
+    },
+}
+
+pub fn decode(record: &[u8]) -> Result<Event, DecodeError> {
+    let tag: [u8; 4] = record
+        .get(..4)
+        .and_then(|b| b.try_into().ok())
+        .ok_or(DecodeError::NoTag(record.len()))?;
+    let raw_kind = u32::from_ne_bytes(tag);
+    let kind = EventKind::from_u32(raw_kind).ok_or(DecodeError::UnknownKind(raw_kind))?;
+    Ok(match kind {
+        EventKind::Fork => {
+            let e: ForkEvent = read(kind, record)?;
+            Event::Fork(Fork {
+                parent_pid: e.parent_tgid,
+                parent_tid: e.parent_tid,
+                child_pid: e.child_pid,
+                parent_threads: e.parent_threads,
+                shares_vm: e.flags & FORK_FLAG_SHARES_VM != 0,
+                timestamp_ns: e.timestamp_ns,
+                child_start_ns: e.child_start_ns,
+                cgroup_id: e.cgroup_id,
+                comm: comm_to_string(&e.comm),
+            })
+        }
+        EventKind::Exec => {
+            let e: ExecEvent = read(kind, record)?;
+            Event::Exec(Exec {
+                pid: e.pid,
+                timestamp_ns: e.timestamp_ns,
+                comm: comm_to_string(&e.comm),
+            })
+        }
+        EventKind::Exit => {
+            let e: ExitEvent = read(kind, record)?;
+            Event::Exit(Exit {
+                pid: e.pid,
+                timestamp_ns: e.timestamp_ns,
+                exit_code: e.exit_code,
+            })
+        }
+    })
+}
+
+/// Copies a `T` out of the record after checking its length.
+fn read<T: aya::Pod>(kind: EventKind, record: &[u8]) -> Result<T, DecodeError> {
+    let want = size_of::<T>();
+    if record.len() < want {
+        return Err(DecodeError::Short {
+            kind,
+            got: record.len(),
+            want,
+        });
+    }
+    // SAFETY: the length is checked above, `T: Pod` accepts any bit pattern, and
+    // `read_unaligned` makes no assumption about the record's alignment.
+    Ok(unsafe { record.as_ptr().cast::<T>().read_unaligned() })
+}
+
+/// A kernel comm: up to the first NUL, non-UTF-8 bytes replaced (the sinks escape the rest).
+pub fn comm_to_string(comm: &[u8; COMM_LEN]) -> String {
+    let end = comm.iter().position(|&b| b == 0).unwrap_or(COMM_LEN);
+    String::from_utf8_lossy(&comm[..end]).into_owned()
+}
+
+/// Views a wire struct as its bytes, for building records in tests.
+#[cfg(test)]
+pub(crate) fn as_bytes<T: aya::Pod>(value: &T) -> Vec<u8> {
+    // SAFETY: `T: Pod` is plain data with no padding holes of undefined content in our types.
+    unsafe { std::slice::from_raw_parts((value as *const T).cast::<u8>(), size_of::<T>()) }.to_vec()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fork_record() -> ForkEvent {
+        let mut comm = [0u8; COMM_LEN];
+        comm[..7].copy_from_slice(b"python3");
+        ForkEvent {
+            kind: EventKind::Fork as u32,
+            parent_tgid: 100,
+            parent_tid: 101,
+            child_pid: 200,
+            parent_threads: 3,
+            flags: 0,
+            timestamp_ns: 5_000,
+            child_start_ns: 4_999,
+            cgroup_id: 7,
+            comm,
+        }
+    }
+
+    #[test]
+    fn decodes_a_fork() {
+        let Event::Fork(fork) = decode(&as_bytes(&fork_record())).unwrap() else {
+            panic!("not a fork");
+        };
+        assert_eq!(
+            (fork.parent_pid, fork.parent_tid, fork.child_pid),
+            (100, 101, 200)
+        );
+        assert_eq!(fork.parent_threads, 3);
+        assert!(!fork.shares_vm);
+        assert_eq!(fork.comm, "python3");
+    }
+
+    #[test]
+    fn decodes_exec_and_exit() {
+        let exec = ExecEvent {
+            kind: EventKind::Exec as u32,
+            pid: 9,
+            timestamp_ns: 1,
+            comm: *b"true\0\0\0\0\0\0\0\0\0\0\0\0",
+        };
+        assert_eq!(
+            decode(&as_bytes(&exec)).unwrap(),
+            Event::Exec(Exec {
+                pid: 9,
+                timestamp_ns: 1,
+                comm: "true".into()
+            })
+        );
+        let exit = ExitEvent {
+            kind: EventKind::Exit as u32,
+            pid: 9,
+            timestamp_ns: 2,
+            exit_code: 256,
+            _pad: 0,
+        };
+        assert_eq!(
+            decode(&as_bytes(&exit)).unwrap(),
+            Event::Exit(Exit {
+                pid: 9,
+                timestamp_ns: 2,
+                exit_code: 256
+            })
+        );
+    }
+
+    #[test]
+    fn short_unknown_and_empty_records_are_errors() {
+        let bytes = as_bytes(&fork_record());
+        assert!(matches!(
+            decode(&bytes[..bytes.len() - 1]),
+            Err(DecodeError::Short { .. })
+        ));
+        assert_eq!(decode(&[]), Err(DecodeError::NoTag(0)));
+        assert_eq!(decode(&[1, 0]), Err(DecodeError::NoTag(2)));
+        assert_eq!(
+            decode(&99u32.to_ne_bytes()),
+            Err(DecodeError::UnknownKind(99))
+        );
+    }
+
+    #[test]
+    fn every_prefix_of_every_record_decodes_or_errors() {
+        for bytes in [as_bytes(&fork_record())] {
+            for len in 0..=bytes.len() {
+                let _ = decode(&bytes[..len]);
+            }
+        }
+    }
+
+    #[test]
+    fn comm_without_nul_and_invalid_utf8() {
+        assert_eq!(comm_to_string(&[b'a'; COMM_LEN]).len(), COMM_LEN);
+        let mut comm = [0u8; COMM_LEN];
+        comm[0] = 0xff;
+        assert_eq!(comm_to_string(&comm), "\u{fffd}");
+    }
+}

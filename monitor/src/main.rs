@@ -1,0 +1,92 @@
+//! forkwatch: a system-wide fork-hazard monitor.
+//!
+//! Pipeline: probes (kernel programs, loader) → decode (ring-buffer records → events) →
+//! correlator (pure state machine) → enrich (/proc) → sinks (JSON, text) and metrics.
+
+mod btf_offsets;
+mod check;
+mod cli;
+mod clock;
+mod correlator;
+mod daemon;
+mod decode;
+mod enrich;
+mod events;
+mod finding;
+mod fixture;
+mod http;
+mod metrics;
+mod monitor;
+mod pipeline;
+mod probes;
+mod procfs;
+mod selftest;
+mod sinks;
+mod telemetry;
+
+use std::process::ExitCode;
+
+use clap::Parser as _;
+use tracing_subscriber::{EnvFilter, fmt};
+
+use crate::cli::{Cli, Command, LogFormat};
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let command = cli.command.unwrap_or(Command::Run(cli.run));
+    let result = match command {
+        Command::Run(args) => {
+            init_logging(args.common.log_format);
+            runtime().and_then(|rt| rt.block_on(daemon::run(args)))
+        }
+        Command::Check(args) => {
+            init_logging(args.log_format);
+            let items = check::run(&args);
+            return exit(check::print(&items));
+        }
+        Command::Selftest(args) => {
+            init_logging(args.log_format);
+            match runtime().and_then(|rt| rt.block_on(selftest::run(args))) {
+                Ok(passed) => return exit(passed),
+                Err(err) => Err(err),
+            }
+        }
+        Command::Fixture { name } => fixture::run(&name),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            tracing::error!("{err:#}");
+            eprintln!("forkwatch: error: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn exit(success: bool) -> ExitCode {
+    if success {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    // Two workers: the pipeline and the HTTP server; the daemon does little else.
+    Ok(tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?)
+}
+
+/// Logs go to stderr (stdout carries findings). `FORKWATCH_LOG` / `RUST_LOG` set the filter.
+fn init_logging(format: LogFormat) {
+    let filter = EnvFilter::try_from_env("FORKWATCH_LOG")
+        .or_else(|_| EnvFilter::try_from_default_env())
+        .unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let _ = match format {
+        LogFormat::Json => builder.json().try_init(),
+        LogFormat::Text => builder.try_init(),
+    };
+}

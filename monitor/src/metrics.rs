@@ -1,0 +1,213 @@
+//! Prometheus metrics. Labels are bounded sets (finding kinds, severities, fork kinds, event
+//! categories): never a pid, comm, path or command line.
+
+use monitor_common::{fork_counter, lost_category};
+use prometheus::{
+    Encoder, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
+};
+
+use crate::{correlator::Stats, finding::Finding, probes::KernelCounts};
+
+pub struct Metrics {
+    registry: Registry,
+    findings: IntCounterVec,
+    forks: IntCounterVec,
+    lost: IntCounterVec,
+    events: IntCounterVec,
+    decode_errors: IntCounter,
+    tracked: IntGauge,
+    correlator: IntCounterVec,
+    /// The kernel counts as of the last refresh, to turn absolute values into increments.
+    last_kernel: KernelCounts,
+    last_stats: Stats,
+}
+
+/// Fork kinds as exported: `process` is every new process that does not share the parent's
+/// memory (single- and multithreaded parents), `vfork` the CLONE_VM ones (vfork, posix_spawn).
+const FORK_KINDS: [(&str, &[u32]); 3] = [
+    (
+        "process",
+        &[fork_counter::SINGLE_THREADED, fork_counter::MULTI_THREADED],
+    ),
+    ("thread", &[fork_counter::THREAD]),
+    ("vfork", &[fork_counter::SHARED_VM]),
+];
+
+impl Metrics {
+    pub fn new() -> Self {
+        let registry = Registry::new();
+        let counter_vec = |name: &str, help: &str, labels: &[&str]| {
+            let c = IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric");
+            registry
+                .register(Box::new(c.clone()))
+                .expect("unique metric");
+            c
+        };
+        let findings = counter_vec(
+            "forkwatch_findings_total",
+            "Findings reported, by kind and severity.",
+            &["kind", "severity"],
+        );
+        let forks = counter_vec(
+            "forkwatch_forks_total",
+            "Forks seen by the kernel programs: new processes, threads, and vfork/posix_spawn \
+             children.",
+            &["kind"],
+        );
+        let lost = counter_vec(
+            "forkwatch_events_lost_total",
+            "Events dropped because the ring buffer was full, by category.",
+            &["category"],
+        );
+        let events = counter_vec(
+            "forkwatch_events_total",
+            "Events received from the kernel, by category.",
+            &["category"],
+        );
+        let correlator = counter_vec(
+            "forkwatch_correlator_total",
+            "Correlator bookkeeping: unmatched exec/exit events, evicted and replaced children.",
+            &["outcome"],
+        );
+        let decode_errors = IntCounter::new(
+            "forkwatch_decode_errors_total",
+            "Ring-buffer records that could not be decoded.",
+        )
+        .expect("valid metric");
+        registry
+            .register(Box::new(decode_errors.clone()))
+            .expect("unique metric");
+        let tracked = IntGauge::new(
+            "forkwatch_tracked_processes",
+            "Children of multithreaded forks currently tracked (not yet exec'd or exited).",
+        )
+        .expect("valid metric");
+        registry
+            .register(Box::new(tracked.clone()))
+            .expect("unique metric");
+        let build_info = IntGaugeVec::new(
+            Opts::new("forkwatch_build_info", "Build information; always 1."),
+            &["version"],
+        )
+        .expect("valid metric");
+        registry
+            .register(Box::new(build_info.clone()))
+            .expect("unique metric");
+        build_info
+            .with_label_values(&[env!("CARGO_PKG_VERSION")])
+            .set(1);
+        // Export every label value from the start, so rate() works from the first scrape.
+        for (kind, _) in FORK_KINDS {
+            forks.with_label_values(&[kind]);
+        }
+        for category in lost_category::NAMES {
+            lost.with_label_values(&[category]);
+        }
+        for category in ["fork", "exec", "exit"] {
+            events.with_label_values(&[category]);
+        }
+        for outcome in ["unmatched", "evicted", "replaced"] {
+            correlator.with_label_values(&[outcome]);
+        }
+        Self {
+            registry,
+            findings,
+            forks,
+            lost,
+            events,
+            decode_errors,
+            tracked,
+            correlator,
+            last_kernel: KernelCounts::default(),
+            last_stats: Stats::default(),
+        }
+    }
+
+    pub fn finding(&self, finding: &Finding) {
+        self.findings
+            .with_label_values(&[finding.kind.as_str(), finding.severity.as_str()])
+            .inc();
+    }
+
+    pub fn event(&self, category: &str) {
+        self.events.with_label_values(&[category]).inc();
+    }
+
+    pub fn decode_error(&self) {
+        self.decode_errors.inc();
+    }
+
+    pub fn correlator(&mut self, tracked: usize, stats: Stats) {
+        self.tracked.set(tracked as i64);
+        let last = std::mem::replace(&mut self.last_stats, stats);
+        for (outcome, now, before) in [
+            ("unmatched", stats.unmatched, last.unmatched),
+            ("evicted", stats.evicted, last.evicted),
+            ("replaced", stats.replaced, last.replaced),
+        ] {
+            self.correlator
+                .with_label_values(&[outcome])
+                .inc_by(now.saturating_sub(before));
+        }
+    }
+
+    /// Folds a fresh read of the kernel's counters into the exported counters.
+    pub fn kernel(&mut self, now: KernelCounts) {
+        let last = std::mem::replace(&mut self.last_kernel, now);
+        for (kind, indices) in FORK_KINDS {
+            let delta: u64 = indices
+                .iter()
+                .map(|&i| now.forks[i as usize].saturating_sub(last.forks[i as usize]))
+                .sum();
+            self.forks.with_label_values(&[kind]).inc_by(delta);
+        }
+        for (i, category) in lost_category::NAMES.iter().enumerate() {
+            self.lost
+                .with_label_values(&[category])
+                .inc_by(now.lost[i].saturating_sub(last.lost[i]));
+        }
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn render(&self) -> String {
+        let mut out = Vec::new();
+        // Encoding into a Vec cannot fail for well-formed metric families.
+        let _ = TextEncoder::new().encode(&self.registry.gather(), &mut out);
+        String::from_utf8(out).unwrap_or_default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kernel_counters_become_increments() {
+        let mut m = Metrics::new();
+        let mut counts = KernelCounts::default();
+        counts.forks[fork_counter::SINGLE_THREADED as usize] = 5;
+        counts.forks[fork_counter::MULTI_THREADED as usize] = 2;
+        counts.forks[fork_counter::THREAD as usize] = 9;
+        counts.lost[lost_category::EXIT as usize] = 1;
+        m.kernel(counts);
+        m.kernel(counts);
+        let text = m.render();
+        assert!(
+            text.contains("forkwatch_forks_total{kind=\"process\"} 7"),
+            "{text}"
+        );
+        assert!(
+            text.contains("forkwatch_forks_total{kind=\"thread\"} 9"),
+            "{text}"
+        );
+        assert!(
+            text.contains("forkwatch_forks_total{kind=\"vfork\"} 0"),
+            "{text}"
+        );
+        assert!(
+            text.contains("forkwatch_events_lost_total{category=\"exit\"} 1"),
+            "{text}"
+        );
+        assert!(text.contains("forkwatch_build_info{version="), "{text}");
+    }
+}

@@ -1,0 +1,214 @@
+//! Loads the eBPF object, hands it the kernel's struct offsets, and attaches the tp_btf programs.
+//!
+//! Dropping [`Probes`] detaches every program and frees every map: there is nothing pinned, so a
+//! crashed or killed daemon leaves nothing behind in the kernel.
+
+use std::path::{Path, PathBuf};
+
+use aya::{
+    Btf, Ebpf, EbpfError, EbpfLoader, Endianness,
+    maps::{MapData, PerCpuArray, RingBuf},
+    programs::{BtfTracePoint, ProgramError},
+};
+use monitor_common::{OFFSETS_GLOBAL, fork_counter, lost_category, names};
+
+use crate::btf_offsets::{self, OffsetError};
+
+/// The compiled kernel programs, built by build.rs with the pinned nightly.
+static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/forkwatch"));
+
+const NO_PRIVILEGE_HINT: &str = "run forkwatch as root, or with CAP_BPF, CAP_PERFMON, \
+     CAP_SYS_PTRACE and CAP_DAC_READ_SEARCH; `forkwatch check` lists what is missing";
+
+#[derive(Clone, Debug)]
+pub struct ProbeOptions {
+    pub btf_path: PathBuf,
+    pub ring_buffer_bytes: u32,
+    pub max_tracked: u32,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProbeError {
+    #[error(transparent)]
+    Offsets(#[from] OffsetError),
+    #[error("cannot parse kernel BTF at {path}: {source}")]
+    Btf { path: String, source: aya::BtfError },
+    #[error("loading the eBPF object failed: {source}{hint}")]
+    Load {
+        source: Box<EbpfError>,
+        hint: String,
+    },
+    #[error("eBPF program {program} failed to {stage}: {source}{hint}")]
+    Program {
+        program: &'static str,
+        stage: &'static str,
+        source: Box<ProgramError>,
+        hint: String,
+    },
+    #[error("eBPF map {0} is missing from the object (build mismatch)")]
+    MissingMap(&'static str),
+    #[error("eBPF map {name} has an unexpected type: {source}")]
+    Map {
+        name: &'static str,
+        source: aya::maps::MapError,
+    },
+}
+
+/// A hint for errors that mean "not allowed", empty otherwise.
+fn permission_hint(err: &dyn std::error::Error) -> String {
+    let mut text = err.to_string();
+    let mut source = err.source();
+    while let Some(s) = source {
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    let denied = [
+        "Operation not permitted",
+        "Permission denied",
+        "EPERM",
+        "EACCES",
+    ];
+    if denied.iter().any(|d| text.contains(d)) {
+        format!(" ({NO_PRIVILEGE_HINT})")
+    } else {
+        String::new()
+    }
+}
+
+pub struct Probes {
+    ebpf: Ebpf,
+    btf: Btf,
+}
+
+impl Probes {
+    /// Creates the maps and readies the programs, without attaching anything yet.
+    pub fn load(opts: &ProbeOptions) -> Result<Self, ProbeError> {
+        raise_memlock_limit();
+        let offsets = btf_offsets::kernel_offsets(&opts.btf_path)?;
+        tracing::debug!(?offsets, "kernel struct offsets from BTF");
+        let btf = load_btf(&opts.btf_path)?;
+        let ebpf = EbpfLoader::new()
+            .btf(&btf)
+            .override_global(OFFSETS_GLOBAL, &offsets, true)
+            .map_max_entries(names::EVENTS, opts.ring_buffer_bytes)
+            .map_max_entries(names::TRACKED, opts.max_tracked)
+            .load(OBJECT)
+            .map_err(|source| {
+                let hint = permission_hint(&source);
+                ProbeError::Load {
+                    source: Box::new(source),
+                    hint,
+                }
+            })?;
+        Ok(Self { ebpf, btf })
+    }
+
+    /// Verifies and attaches one program (see `names::PROGRAMS`).
+    pub fn attach(&mut self, program: &'static str, tracepoint: &str) -> Result<(), ProbeError> {
+        let error = |stage, source: ProgramError| ProbeError::Program {
+            program,
+            stage,
+            hint: permission_hint(&source),
+            source: Box::new(source),
+        };
+        let prog: &mut BtfTracePoint = self
+            .ebpf
+            .program_mut(program)
+            .ok_or(ProgramError::NotLoaded)
+            .map_err(|e| error("be found in the object", e))?
+            .try_into()
+            .map_err(|e| error("be a tp_btf program", e))?;
+        prog.load(tracepoint, &self.btf)
+            .map_err(|e| error("load (verifier)", e))?;
+        prog.attach().map_err(|e| error("attach", e))?;
+        Ok(())
+    }
+
+    pub fn attach_all(&mut self) -> Result<(), ProbeError> {
+        for (program, tracepoint) in names::PROGRAMS {
+            self.attach(program, tracepoint)?;
+            tracing::debug!(program, tracepoint, "attached");
+        }
+        Ok(())
+    }
+
+    /// The ring buffer the programs write events to. Can be taken once.
+    pub fn take_events(&mut self) -> Result<RingBuf<MapData>, ProbeError> {
+        let map = self
+            .ebpf
+            .take_map(names::EVENTS)
+            .ok_or(ProbeError::MissingMap(names::EVENTS))?;
+        RingBuf::try_from(map).map_err(|source| ProbeError::Map {
+            name: names::EVENTS,
+            source,
+        })
+    }
+
+    /// The in-kernel counters (forks by kind, lost events). Can be taken once.
+    pub fn take_counters(&mut self) -> Result<KernelCounters, ProbeError> {
+        let mut per_cpu = |name: &'static str| {
+            let map = self
+                .ebpf
+                .take_map(name)
+                .ok_or(ProbeError::MissingMap(name))?;
+            PerCpuArray::try_from(map).map_err(|source| ProbeError::Map { name, source })
+        };
+        Ok(KernelCounters {
+            forks: per_cpu(names::FORK_COUNTERS)?,
+            lost: per_cpu(names::LOST_EVENTS)?,
+        })
+    }
+}
+
+fn load_btf(path: &Path) -> Result<Btf, ProbeError> {
+    Btf::parse_file(path, Endianness::default()).map_err(|source| ProbeError::Btf {
+        path: path.display().to_string(),
+        source,
+    })
+}
+
+/// Kernels before 5.11 charge BPF maps to RLIMIT_MEMLOCK; newer ones use memory cgroups and
+/// ignore it. Raising it may be refused (containers): warn and go on, loading says if it matters.
+fn raise_memlock_limit() {
+    let unlimited = libc::rlimit {
+        rlim_cur: libc::RLIM_INFINITY,
+        rlim_max: libc::RLIM_INFINITY,
+    };
+    // SAFETY: setrlimit reads a valid rlimit struct.
+    if unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &unlimited) } != 0 {
+        tracing::warn!(
+            err = %std::io::Error::last_os_error(),
+            "could not raise RLIMIT_MEMLOCK; on kernels before 5.11 loading may fail"
+        );
+    }
+}
+
+/// Sums of the per-CPU counters, as of one read.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct KernelCounts {
+    pub forks: [u64; fork_counter::COUNT as usize],
+    pub lost: [u64; lost_category::COUNT as usize],
+}
+
+pub struct KernelCounters {
+    forks: PerCpuArray<MapData, u64>,
+    lost: PerCpuArray<MapData, u64>,
+}
+
+impl KernelCounters {
+    pub fn read(&self) -> KernelCounts {
+        let mut counts = KernelCounts::default();
+        sum_into(&self.forks, &mut counts.forks);
+        sum_into(&self.lost, &mut counts.lost);
+        counts
+    }
+}
+
+fn sum_into(map: &PerCpuArray<MapData, u64>, out: &mut [u64]) {
+    for (index, slot) in out.iter_mut().enumerate() {
+        // A failed read leaves the counter where it was; the next scrape tries again.
+        if let Ok(values) = map.get(&(index as u32), 0) {
+            *slot = values.iter().sum();
+        }
+    }
+}

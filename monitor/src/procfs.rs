@@ -1,0 +1,165 @@
+//! Best-effort reads of /proc that make a finding actionable: the executable, argv[0], and the
+//! names of the parent's threads (they tell which library owned them: `gai-async`,
+//! `ruby-timer-thr`, `grpc_global_tim`...).
+//!
+//! Everything here may fail (the process exited, pid reused, hidepid): every field is optional
+//! and a failure is never an error.
+
+use std::{
+    fs,
+    path::{Path, PathBuf},
+};
+
+/// What the daemon learns about a fork when its event arrives, a few hundred microseconds after
+/// the fork itself. The parent's threads may have changed in between; the kernel's thread count
+/// in the event is exact, the names are as close as userspace can get.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ForkContext {
+    /// The parent process's name (its main thread's comm).
+    pub parent_comm: Option<String>,
+    /// Names of the parent's threads other than the one that forked, in tid order.
+    pub thread_names: Vec<String>,
+    pub exe: Option<String>,
+    pub cmdline: Vec<String>,
+}
+
+pub struct ProcFs {
+    root: PathBuf,
+}
+
+impl Default for ProcFs {
+    fn default() -> Self {
+        Self::new("/proc")
+    }
+}
+
+impl ProcFs {
+    pub fn new(root: impl Into<PathBuf>) -> Self {
+        Self { root: root.into() }
+    }
+
+    fn path(&self, pid: u32, leaf: &str) -> PathBuf {
+        self.root.join(pid.to_string()).join(leaf)
+    }
+
+    /// Snapshot for a fork of `child` by thread `parent_tid` of `parent`.
+    pub fn fork_context(&self, parent: u32, parent_tid: u32, child: u32) -> ForkContext {
+        // Until it execs the child runs the parent's executable with the parent's argv; read the
+        // child first (it is what the finding is about) and fall back to the parent.
+        let exe = self.exe(child).or_else(|| self.exe(parent));
+        let mut cmdline = self.cmdline(child);
+        if cmdline.is_empty() {
+            cmdline = self.cmdline(parent);
+        }
+        ForkContext {
+            parent_comm: self.comm(parent),
+            thread_names: self.thread_names(parent, parent_tid),
+            exe,
+            cmdline,
+        }
+    }
+
+    pub fn comm(&self, pid: u32) -> Option<String> {
+        read_trimmed(&self.path(pid, "comm"))
+    }
+
+    pub fn exe(&self, pid: u32) -> Option<String> {
+        fs::read_link(self.path(pid, "exe"))
+            .ok()
+            .map(|p| p.to_string_lossy().into_owned())
+    }
+
+    pub fn cmdline(&self, pid: u32) -> Vec<String> {
+        let Ok(raw) = fs::read(self.path(pid, "cmdline")) else {
+            return Vec::new();
+        };
+        raw.split(|&b| b == 0)
+            .filter(|arg| !arg.is_empty())
+            .map(|arg| String::from_utf8_lossy(arg).into_owned())
+            .collect()
+    }
+
+    /// Names of every thread of `pid` except `skip_tid`, in tid order.
+    pub fn thread_names(&self, pid: u32, skip_tid: u32) -> Vec<String> {
+        let Ok(entries) = fs::read_dir(self.path(pid, "task")) else {
+            return Vec::new();
+        };
+        let mut tids: Vec<u32> = entries
+            .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+            .filter(|&tid| tid != skip_tid)
+            .collect();
+        tids.sort_unstable();
+        tids.into_iter()
+            .filter_map(|tid| read_trimmed(&self.path(pid, &format!("task/{tid}/comm"))))
+            .collect()
+    }
+
+    /// Start time of `pid` in clock ticks since boot (field 22 of /proc/pid/stat).
+    pub fn start_ticks(&self, pid: u32) -> Option<u64> {
+        let stat = fs::read_to_string(self.path(pid, "stat")).ok()?;
+        parse_start_ticks(&stat)
+    }
+
+    /// Whether `pid` is still the process that started at `start_ns` (CLOCK_BOOTTIME), so that
+    /// nothing read from /proc is attributed to a process that merely reused the pid.
+    pub fn is_same_process(&self, pid: u32, start_ns: u64) -> bool {
+        let Some(ticks) = self.start_ticks(pid) else {
+            return false;
+        };
+        let hz = clock_ticks_per_second();
+        let expected = start_ns / (1_000_000_000 / hz);
+        ticks.abs_diff(expected) <= 1
+    }
+}
+
+fn read_trimmed(path: &Path) -> Option<String> {
+    let raw = fs::read(path).ok()?;
+    let text = String::from_utf8_lossy(&raw);
+    Some(text.trim_end_matches('\n').to_owned())
+}
+
+/// Field 22 of /proc/pid/stat. The comm (field 2) is in parentheses and may itself contain
+/// spaces and parentheses, so parse from the last ')'.
+fn parse_start_ticks(stat: &str) -> Option<u64> {
+    let after_comm = &stat[stat.rfind(')')? + 1..];
+    // after_comm starts at field 3; field 22 is the 20th from there.
+    after_comm.split_whitespace().nth(19)?.parse().ok()
+}
+
+fn clock_ticks_per_second() -> u64 {
+    // SAFETY: sysconf has no memory-safety preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    u64::try_from(hz).ok().filter(|&hz| hz > 0).unwrap_or(100)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn start_ticks_survives_hostile_comm() {
+        let stat = "42 (a) b (c)) S 1 42 42 0 -1 4194560 100 0 0 0 0 0 0 0 20 0 1 0 123456 1 2";
+        assert_eq!(parse_start_ticks(stat), Some(123_456));
+        assert_eq!(parse_start_ticks("42 (x"), None);
+        assert_eq!(parse_start_ticks(""), None);
+    }
+
+    #[test]
+    fn reads_this_process() {
+        let proc = ProcFs::default();
+        let me = std::process::id();
+        assert!(proc.exe(me).is_some());
+        assert!(!proc.cmdline(me).is_empty());
+        assert!(proc.comm(me).is_some());
+        let ticks = proc.start_ticks(me).expect("own start time");
+        let start_ns = ticks * (1_000_000_000 / clock_ticks_per_second());
+        assert!(proc.is_same_process(me, start_ns));
+        assert!(!proc.is_same_process(me, start_ns + 10_000_000_000));
+    }
+
+    #[test]
+    fn a_vanished_process_gives_empty_context() {
+        let proc = ProcFs::new("/nonexistent-proc");
+        assert_eq!(proc.fork_context(1, 1, 2), ForkContext::default());
+    }
+}

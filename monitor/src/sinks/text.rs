@@ -1,0 +1,142 @@
+use std::{
+    fmt::Write as _,
+    io::{self, Write},
+};
+
+use super::Sink;
+use crate::finding::{Details, Finding, Severity};
+
+/// A readable line per finding, for a human at a terminal.
+pub struct TextSink<W> {
+    out: W,
+    color: bool,
+}
+
+impl<W: Write> TextSink<W> {
+    pub fn new(out: W, color: bool) -> Self {
+        Self { out, color }
+    }
+}
+
+impl<W: Write + Send> Sink for TextSink<W> {
+    fn emit(&mut self, finding: &Finding) -> io::Result<()> {
+        let line = render(finding, self.color);
+        self.out.write_all(line.as_bytes())?;
+        self.out.flush()
+    }
+}
+
+pub fn render(f: &Finding, color: bool) -> String {
+    let (on, off) = match (color, f.severity) {
+        (false, _) => ("", ""),
+        (true, Severity::Critical) => ("\x1b[1;31m", "\x1b[0m"),
+        (true, Severity::Warning) => ("\x1b[1;33m", "\x1b[0m"),
+        (true, Severity::Info) => ("\x1b[1;36m", "\x1b[0m"),
+    };
+    let mut line = format!(
+        "{time} {on}{severity:<8}{off} {kind} pid {pid} ({comm}) parent {ppid} ({pcomm})",
+        time = f.time,
+        severity = f.severity.as_str().to_uppercase(),
+        kind = f.kind.as_str(),
+        pid = f.pid,
+        comm = escape(&f.comm),
+        ppid = f.parent_pid,
+        pcomm = escape(&f.parent_comm),
+    );
+    match &f.details {
+        Details::MtForkNoExec(d) => {
+            let _ = write!(
+                line,
+                ": forked by a process with {} threads",
+                d.parent_threads
+            );
+            if !d.thread_names.is_empty() {
+                let names: Vec<String> = d.thread_names.iter().map(|n| escape(n)).collect();
+                let _ = write!(line, " [{}]", names.join(", "));
+            }
+            if d.exited_without_exec {
+                let _ = write!(line, ", exited without exec after {} ms", d.ms_without_exec);
+            } else if let Some(ms) = d.exec_after_ms {
+                let _ = write!(
+                    line,
+                    ", exec'd only after {ms} ms (grace {} ms)",
+                    d.grace_ms
+                );
+            } else {
+                let _ = write!(line, ", no exec within {} ms", d.grace_ms);
+            }
+        }
+    }
+    if let Some(exe) = &f.exe {
+        let _ = write!(line, " exe={}", escape(exe));
+    }
+    line.push('\n');
+    line
+}
+
+/// Makes process-controlled text safe for a terminal: control characters (escape sequences,
+/// newlines, carriage returns) become visible escapes instead of acting on the terminal.
+pub fn escape(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        if c.is_control() {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::finding::{Kind, MtForkNoExecDetails, SCHEMA_VERSION};
+
+    fn finding(comm: &str) -> Finding {
+        Finding {
+            schema: SCHEMA_VERSION,
+            kind: Kind::MtForkNoExec,
+            severity: Severity::Warning,
+            time: "2026-11-27T10:00:00.000Z".into(),
+            pid: 2,
+            comm: comm.into(),
+            parent_pid: 1,
+            parent_comm: "python3".into(),
+            exe: Some("/usr/bin/python3".into()),
+            argv0: Some("python3".into()),
+            cmdline: None,
+            cgroup_id: 1,
+            details: Details::MtForkNoExec(MtForkNoExecDetails {
+                parent_tid: 1,
+                parent_threads: 2,
+                thread_names: vec!["worker".into()],
+                exited_without_exec: true,
+                exit_code: Some(0),
+                exec_after_ms: None,
+                ms_without_exec: 12,
+                grace_ms: 1000,
+            }),
+        }
+    }
+
+    #[test]
+    fn renders_one_readable_line() {
+        let line = render(&finding("python3"), false);
+        assert_eq!(
+            line,
+            "2026-11-27T10:00:00.000Z WARNING  mt_fork_no_exec pid 2 (python3) parent 1 \
+             (python3): forked by a process with 2 threads [worker], exited without exec after \
+             12 ms exe=/usr/bin/python3\n"
+        );
+        assert!(render(&finding("x"), true).contains("\x1b[1;33mWARNING"));
+    }
+
+    #[test]
+    fn hostile_names_cannot_drive_the_terminal() {
+        let line = render(&finding("evil\x1b]0;pwned\x07\nFAKE"), false);
+        assert_eq!(line.matches('\n').count(), 1, "{line}");
+        assert!(!line.contains('\x1b') && !line.contains('\x07'), "{line}");
+        assert!(line.contains("evil\\u{1b}]0;pwned\\u{7}\\nFAKE"), "{line}");
+    }
+}

@@ -153,3 +153,38 @@ mod pod {
     unsafe impl aya::Pod for super::ExitEvent {}
     unsafe impl aya::Pod for super::KernelOffsets {}
 }
+
+#[cfg(test)]
+mod tests {
+    use core::mem::{align_of, offset_of, size_of};
+
+    use super::*;
+
+    #[test]
+    fn every_record_starts_with_its_kind_tag() {
+        assert_eq!(offset_of!(ForkEvent, kind), 0);
+        assert_eq!(offset_of!(ExecEvent, kind), 0);
+        assert_eq!(offset_of!(ExitEvent, kind), 0);
+        for kind in [EventKind::Fork, EventKind::Exec, EventKind::Exit] {
+            assert_eq!(EventKind::from_u32(kind as u32), Some(kind));
+        }
+        assert_eq!(EventKind::from_u32(0), None);
+    }
+
+    #[test]
+    fn records_have_no_implicit_padding() {
+        // Explicit padding keeps every byte the kernel writes initialized and the layout equal
+        // on both sides; the sizes below are the sums of the fields.
+        assert_eq!(size_of::<ForkEvent>(), 6 * 4 + 3 * 8 + COMM_LEN);
+        assert_eq!(size_of::<ExecEvent>(), 2 * 4 + 8 + COMM_LEN);
+        assert_eq!(size_of::<ExitEvent>(), 2 * 4 + 8 + 2 * 4);
+        assert_eq!(size_of::<KernelOffsets>(), 8 * 4);
+        assert_eq!(align_of::<ForkEvent>(), 8);
+    }
+
+    #[test]
+    fn ring_buffer_default_is_a_power_of_two_page_multiple() {
+        assert!(RING_BUFFER_BYTES.is_power_of_two() && RING_BUFFER_BYTES >= 4096);
+        assert_eq!(lost_category::NAMES.len(), lost_category::COUNT as usize);
+    }
+}

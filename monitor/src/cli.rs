@@ -162,7 +162,10 @@ mod tests {
         ] {
             let err = parse(args).unwrap_err();
             assert!(
-                matches!(err.kind(), ErrorKind::ValueValidation | ErrorKind::InvalidValue),
+                matches!(
+                    err.kind(),
+                    ErrorKind::ValueValidation | ErrorKind::InvalidValue
+                ),
                 "{args:?}: {err}"
             );
             assert_eq!(err.exit_code(), 2);

@@ -1,0 +1,312 @@
+//! End-to-end, as root: the real daemon, real eBPF, real processes; assertions on JSON findings.
+//! `mt_fork_no_exec` must name exactly the multithreaded fork-without-exec, and the normal
+//! patterns (fork+exec, posix_spawn, vfork, single-threaded fork, thread creation) stay quiet.
+
+mod harness;
+
+use std::{
+    io::Write,
+    process::{Command, Stdio},
+    time::Duration,
+};
+
+use harness::{BINARY, Daemon, GRACE_MS, privileged, run_forker, run_python};
+
+const FINDING_TIMEOUT: Duration = Duration::from_secs(10);
+
+#[test]
+fn multithreaded_fork_without_exec_is_reported_once_at_exit() {
+    if !privileged() {
+        return;
+    }
+    let daemon = Daemon::start(&[]);
+    let run = run_forker("mt-fork-no-exec", &["3", "50"]);
+    let finding = daemon.expect_finding(run.child(), FINDING_TIMEOUT);
+    assert_eq!(finding["schema"], 1);
+    assert_eq!(finding["kind"], "mt_fork_no_exec");
+    assert_eq!(finding["severity"], "warning");
+    assert_eq!(finding["parent_pid"], run.parent());
+    assert_eq!(finding["parent_tid"], run.parent(), "main thread forked");
+    assert_eq!(finding["parent_threads"], 3);
+    assert_eq!(finding["exited_without_exec"], true);
+    assert_eq!(finding["exit_code"], 0);
+    assert_eq!(finding["comm"], "forker");
+    assert_eq!(finding["parent_comm"], "forker");
+    assert!(
+        finding["exe"].as_str().unwrap().ends_with("/forker"),
+        "{finding}"
+    );
+    assert!(
+        finding["argv0"].as_str().unwrap().ends_with("forker"),
+        "{finding}"
+    );
+    assert!(
+        finding.get("cmdline").is_none(),
+        "no command line without --full-cmdline"
+    );
+    let names: Vec<&str> = finding["thread_names"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| n.as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["fw-worker-0", "fw-worker-1"]);
+    assert!(humantime::parse_rfc3339(finding["time"].as_str().unwrap()).is_ok());
+    let ms = finding["ms_without_exec"].as_u64().unwrap();
+    assert!((40..GRACE_MS).contains(&ms), "child lived ~50 ms, got {ms}");
+
+    // Exactly one finding for this child, even after everything pending was decided.
+    daemon.barrier();
+    assert_eq!(daemon.findings_for(run.child()).len(), 1);
+    assert!(daemon.findings_for(run.parent()).is_empty());
+}
+
+#[test]
+fn child_still_running_without_exec_is_reported_at_the_deadline() {
+    if !privileged() {
+        return;
+    }
+    let daemon = Daemon::start(&["--full-cmdline"]);
+    let child_ms = (GRACE_MS * 3).to_string();
+    let run = run_forker("mt-fork-no-exec", &["2", &child_ms]);
+    let finding = daemon.expect_finding(run.child(), FINDING_TIMEOUT);
+    assert_eq!(finding["exited_without_exec"], false);
+    assert_eq!(finding["exit_code"], serde_json::Value::Null);
+    assert_eq!(finding["ms_without_exec"], GRACE_MS);
+    assert_eq!(finding["grace_ms"], GRACE_MS);
+    assert_eq!(finding["parent_threads"], 2);
+    assert_eq!(
+        finding["cmdline"][1], "mt-fork-no-exec",
+        "--full-cmdline: {finding}"
+    );
+    // The finding is emitted at the deadline, while the child still runs; its later exit adds
+    // nothing.
+    daemon.barrier();
+    assert_eq!(daemon.findings_for(run.child()).len(), 1);
+}
+
+#[test]
+fn python_thread_then_os_fork_is_reported() {
+    if !privileged() {
+        return;
+    }
+    let daemon = Daemon::start(&[]);
+    let run = run_python("thread_fork.py", &["0.05"]);
+    let finding = daemon.expect_finding(run.child(), FINDING_TIMEOUT);
+    assert_eq!(finding["kind"], "mt_fork_no_exec");
+    assert_eq!(finding["parent_pid"], run.parent());
+    assert!(
+        finding["parent_threads"].as_u64().unwrap() >= 2,
+        "{finding}"
+    );
+    assert_eq!(finding["exited_without_exec"], true);
+    assert!(
+        finding["exe"].as_str().unwrap().contains("python"),
+        "{finding}"
+    );
+}
+
+#[test]
+fn normal_patterns_stay_quiet() {
+    if !privileged() {
+        return;
+    }
+    let daemon = Daemon::start(&[]);
+    let fork_exec = run_forker("mt-fork-exec", &["4"]);
+    let single = run_forker("st-fork", &["1", "50"]);
+    let spawn = run_forker("mt-posix-spawn", &["4"]);
+    let vfork = run_forker("mt-vfork", &["4"]);
+    // Exits without exec, as a vfork child whose exec failed does: quiet because it shares the
+    // parent's memory (CLONE_VM) and so inherits no copied state.
+    let vfork_exit = run_forker("mt-vfork-exit", &["4"]);
+    let burst = run_forker("thread-burst", &[]);
+    daemon.assert_quiet(
+        "fork+exec, single-threaded fork, posix_spawn, vfork, thread burst",
+        &[
+            fork_exec.child(),
+            fork_exec.parent(),
+            single.child(),
+            spawn.child(),
+            vfork.child(),
+            vfork_exit.child(),
+            burst.parent(),
+        ],
+    );
+}
+
+#[test]
+fn metrics_pass_promtool_and_count_findings_and_forks() {
+    if !privileged() {
+        return;
+    }
+    let daemon = Daemon::start(&[]);
+    assert_eq!(daemon.get("/healthz").0, 200);
+    assert_eq!(daemon.get("/readyz").0, 200);
+    let run = run_forker("mt-fork-no-exec", &["3", "10"]);
+    run_forker("thread-burst", &[]);
+    daemon.expect_finding(run.child(), FINDING_TIMEOUT);
+
+    let (status, body) = daemon.get("/metrics");
+    assert_eq!(status, 200);
+    let counter = |series: &str| -> u64 {
+        body.lines()
+            .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no {series} in\n{body}"))
+    };
+    assert!(
+        counter("forkwatch_findings_total{kind=\"mt_fork_no_exec\",severity=\"warning\"}") >= 1
+    );
+    assert!(
+        counter("forkwatch_forks_total{kind=\"thread\"}") >= 1000,
+        "thread burst counted"
+    );
+    assert!(counter("forkwatch_forks_total{kind=\"process\"}") >= 1);
+    assert_eq!(counter("forkwatch_events_lost_total{category=\"fork\"}"), 0);
+    assert!(body.contains("forkwatch_build_info{version="));
+    assert!(body.contains("forkwatch_tracked_processes"));
+
+    let mut promtool = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("promtool (cargo xtask setup installs Debian's prometheus package)");
+    promtool
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(body.as_bytes())
+        .unwrap();
+    let out = promtool.wait_with_output().unwrap();
+    let lint = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        out.status.success() && lint.trim().is_empty(),
+        "promtool: {lint}"
+    );
+}
+
+#[test]
+fn sigterm_detaches_and_exits_zero_within_a_second() {
+    if !privileged() {
+        return;
+    }
+    let daemon = Daemon::start(&[]);
+    // A finding already decided when the signal arrives is still written out.
+    let run = run_forker("mt-fork-no-exec", &["2", "10"]);
+    daemon.expect_finding(run.child(), FINDING_TIMEOUT);
+    let (code, took) = daemon.terminate();
+    assert_eq!(code, Some(0));
+    assert!(took < Duration::from_secs(1), "took {took:?}");
+}
+
+#[test]
+fn selftest_and_check_pass() {
+    if !privileged() {
+        return;
+    }
+    let selftest = Command::new(BINARY).arg("selftest").output().unwrap();
+    let stdout = String::from_utf8_lossy(&selftest.stdout);
+    assert!(
+        selftest.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&selftest.stderr)
+    );
+    assert!(stdout.contains("selftest: passed"), "{stdout}");
+
+    let check = Command::new(BINARY).arg("check").output().unwrap();
+    let stdout = String::from_utf8_lossy(&check.stdout);
+    assert!(check.status.success(), "{stdout}");
+    for probe in [
+        "sched_process_fork",
+        "sched_process_exec",
+        "sched_process_exit",
+    ] {
+        assert!(
+            stdout.contains(&format!("[ ok ] probe {probe}")),
+            "{stdout}"
+        );
+    }
+}
+
+#[test]
+fn bad_environment_gets_a_clear_error_not_a_panic() {
+    if !privileged() {
+        return;
+    }
+    // No BTF at the given path.
+    let out = Command::new(BINARY)
+        .args([
+            "run",
+            "--btf",
+            "/nonexistent/vmlinux",
+            "--metrics-addr",
+            "127.0.0.1:0",
+        ])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("CONFIG_DEBUG_INFO_BTF"), "{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+
+    // Not root: drop to nobody with no capabilities.
+    let out = Command::new("setpriv")
+        .args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "--inh-caps=-all",
+        ])
+        .args([BINARY, "run", "--metrics-addr", "127.0.0.1:0"])
+        .output()
+        .expect("setpriv (util-linux)");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("run forkwatch as root"), "{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+
+    let out = Command::new("setpriv")
+        .args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "--inh-caps=-all",
+        ])
+        .args([BINARY, "check"])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{stdout}");
+    assert!(
+        stdout.contains("[FAIL] privileges: missing CAP_BPF, CAP_PERFMON"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("fix: run as root"), "{stdout}");
+}
+
+#[test]
+fn usage_errors_exit_2_naming_the_flag() {
+    // Needs no privileges: flags are validated before anything is loaded.
+    let out = Command::new(BINARY)
+        .args(["run", "--ring-buffer-size", "5000"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("--ring-buffer-size") && stderr.contains("power of two"),
+        "{stderr}"
+    );
+    let out = Command::new(BINARY)
+        .env("FORKWATCH_EXEC_GRACE", "forever")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("--exec-grace"), "{stderr}");
+}

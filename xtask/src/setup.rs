@@ -1,0 +1,141 @@
+//! Idempotent machine set-up: each step checks first and installs only what is missing.
+//!
+//! Pins, and why (see DEVELOPERS.md):
+//! - the eBPF nightly (monitor-ebpf/rust-toolchain.toml) ships LLVM 22.1.8; later nightlies use
+//!   LLVM 23, which bpf-linker 0.13 rejects ("Invalid record");
+//! - bpf-linker 0.13.0 is built against Debian's LLVM 22 (llvm-22-dev) to match it.
+
+use std::{path::Path, process::Command};
+
+use anyhow::{Context as _, bail};
+
+use crate::cmd;
+
+/// rust-src for `-Z build-std=core`; clippy to lint the eBPF crate for its own target.
+const EBPF_COMPONENTS: [&str; 2] = ["rust-src", "clippy"];
+const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
+const BPF_LINKER_VERSION: &str = "0.13.0";
+/// Debian packages: LLVM for bpf-linker; a C compiler, Python and promtool for the tests.
+const APT_PACKAGES: [(&str, &str); 4] = [
+    ("llvm-22-dev", "/usr/lib/llvm-22/bin/llvm-config"),
+    ("gcc", "/usr/bin/cc"),
+    ("python3", "/usr/bin/python3"),
+    ("prometheus", "/usr/bin/promtool"),
+];
+
+pub fn setup() -> anyhow::Result<()> {
+    apt_packages()?;
+    ebpf_toolchain()?;
+    bpf_linker()?;
+    eprintln!("xtask: setup complete");
+    Ok(())
+}
+
+fn apt_packages() -> anyhow::Result<()> {
+    let missing: Vec<&str> = APT_PACKAGES
+        .iter()
+        .filter(|(_, probe)| !Path::new(probe).exists())
+        .map(|(package, _)| *package)
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    let install = format!(
+        "apt-get update && apt-get install -y --no-install-recommends {}",
+        missing.join(" ")
+    );
+    if !Path::new("/usr/bin/apt-get").exists() {
+        bail!(
+            "missing {}; this is not a Debian/Ubuntu host: install LLVM 22 development files, a C \
+             compiler, python3 and promtool with your package manager",
+            missing.join(", ")
+        );
+    }
+    if !cmd::is_root() {
+        bail!(
+            "missing Debian packages {missing:?}; install them as root:\n    sudo sh -c '{install}'"
+        );
+    }
+    cmd::run_with(Command::new("apt-get").arg("update"))?;
+    cmd::run_with(
+        Command::new("apt-get")
+            .args(["install", "-y", "--no-install-recommends"])
+            .args(&missing)
+            .env("DEBIAN_FRONTEND", "noninteractive"),
+    )
+}
+
+/// The channel pinned in monitor-ebpf/rust-toolchain.toml.
+pub fn ebpf_channel() -> anyhow::Result<String> {
+    let path = cmd::workspace_root().join("monitor-ebpf/rust-toolchain.toml");
+    let text = std::fs::read_to_string(&path).with_context(|| path.display().to_string())?;
+    text.lines()
+        .find_map(|line| {
+            let value = line
+                .trim()
+                .strip_prefix("channel")?
+                .trim()
+                .strip_prefix('=')?;
+            Some(value.trim().trim_matches('"').to_owned())
+        })
+        .with_context(|| format!("no channel in {}", path.display()))
+}
+
+fn ebpf_toolchain() -> anyhow::Result<()> {
+    let channel = ebpf_channel()?;
+    let installed = cmd::output("rustup", &["toolchain", "list"]).unwrap_or_default();
+    let has_toolchain = installed.lines().any(|l| l.starts_with(&channel));
+    let installed_components = if has_toolchain {
+        cmd::output(
+            "rustup",
+            &["component", "list", "--installed", "--toolchain", &channel],
+        )
+        .unwrap_or_default()
+    } else {
+        String::new()
+    };
+    if EBPF_COMPONENTS
+        .iter()
+        .all(|c| installed_components.lines().any(|l| l.starts_with(c)))
+    {
+        return Ok(());
+    }
+    let mut install = Command::new("rustup");
+    install.args(["toolchain", "install", &channel, "--profile", "minimal"]);
+    for component in EBPF_COMPONENTS {
+        install.args(["--component", component]);
+    }
+    cmd::run_with(&mut install)
+}
+
+fn bpf_linker() -> anyhow::Result<()> {
+    if let Some(version) = cmd::output("bpf-linker", &["--version"])
+        && version.contains(BPF_LINKER_VERSION)
+        && linked_against_llvm_22()
+    {
+        return Ok(());
+    }
+    cmd::run_with(
+        Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned()))
+            .args([
+                "install",
+                "bpf-linker",
+                "--version",
+                BPF_LINKER_VERSION,
+                "--locked",
+                "--force",
+                "--no-default-features",
+                "--features",
+                "llvm-22",
+            ])
+            .env("LLVM_PREFIX", LLVM_PREFIX),
+    )
+}
+
+/// bpf-linker links libLLVM dynamically; a build against another LLVM fails on our bitcode.
+fn linked_against_llvm_22() -> bool {
+    let Some(path) = cmd::output("sh", &["-c", "command -v bpf-linker"]) else {
+        return false;
+    };
+    cmd::output("ldd", &[path.trim()]).is_some_and(|libs| libs.contains("libLLVM.so.22"))
+}

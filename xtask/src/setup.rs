@@ -15,13 +15,9 @@ use crate::cmd;
 const EBPF_COMPONENTS: [&str; 2] = ["rust-src", "clippy"];
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
 const BPF_LINKER_VERSION: &str = "0.13.0";
-/// Debian packages: LLVM for bpf-linker; a C compiler, Python and promtool for the tests.
-const APT_PACKAGES: [(&str, &str); 4] = [
-    ("llvm-22-dev", "/usr/lib/llvm-22/bin/llvm-config"),
-    ("gcc", "/usr/bin/cc"),
-    ("python3", "/usr/bin/python3"),
-    ("prometheus", "/usr/bin/promtool"),
-];
+/// Debian packages: LLVM 22 development files (libLLVM.so, which bpf-linker links) and, for the
+/// tests, a C compiler, Python and promtool.
+const APT_PACKAGES: [&str; 4] = ["llvm-22-dev", "gcc", "python3", "prometheus"];
 
 pub fn setup() -> anyhow::Result<()> {
     apt_packages()?;
@@ -32,10 +28,12 @@ pub fn setup() -> anyhow::Result<()> {
 }
 
 fn apt_packages() -> anyhow::Result<()> {
+    // Ask dpkg about the packages themselves: probing for a file is fooled by files that other
+    // packages ship (llvm-config comes with llvm-22, but libLLVM.so only with llvm-22-dev).
     let missing: Vec<&str> = APT_PACKAGES
         .iter()
-        .filter(|(_, probe)| !Path::new(probe).exists())
-        .map(|(package, _)| *package)
+        .copied()
+        .filter(|package| !dpkg_installed(package))
         .collect();
     if missing.is_empty() {
         return Ok(());
@@ -63,6 +61,11 @@ fn apt_packages() -> anyhow::Result<()> {
             .args(&missing)
             .env("DEBIAN_FRONTEND", "noninteractive"),
     )
+}
+
+fn dpkg_installed(package: &str) -> bool {
+    cmd::output("dpkg-query", &["-W", "-f=${Status}", package])
+        .is_some_and(|status| status.trim() == "install ok installed")
 }
 
 /// The channel pinned in monitor-ebpf/rust-toolchain.toml.

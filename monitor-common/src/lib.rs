@@ -16,6 +16,10 @@ pub enum EventKind {
     Fork = 1,
     Exec = 2,
     Exit = 3,
+    /// A tracked process created a thread.
+    ThreadCreated = 4,
+    /// A thread (not the last one) of a tracked process exited.
+    ThreadExited = 5,
 }
 
 impl EventKind {
@@ -24,6 +28,8 @@ impl EventKind {
             1 => Some(Self::Fork),
             2 => Some(Self::Exec),
             3 => Some(Self::Exit),
+            4 => Some(Self::ThreadCreated),
+            5 => Some(Self::ThreadExited),
             _ => None,
         }
     }
@@ -80,6 +86,72 @@ pub struct ExitEvent {
     pub _pad: u32,
 }
 
+/// A thread of a tracked process was created or exited ([`EventKind::ThreadCreated`] /
+/// [`EventKind::ThreadExited`]); the daemon keeps each tracked process's thread count from these.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ThreadEvent {
+    pub kind: u32,
+    pub pid: u32,
+    pub tid: u32,
+    pub _pad: u32,
+    pub timestamp_ns: u64,
+}
+
+/// Syscall numbers (x86_64) of the futex waits the sched_switch program recognizes.
+pub mod syscall {
+    pub const FUTEX: u32 = 202;
+    pub const FUTEX_WAITV: u32 = 449;
+    pub const FUTEX_WAIT: u32 = 455;
+}
+
+/// `futex(2)` operations and flags (linux/futex.h).
+pub mod futex {
+    pub const WAIT: u32 = 0;
+    pub const LOCK_PI: u32 = 6;
+    pub const WAIT_BITSET: u32 = 9;
+    pub const WAIT_REQUEUE_PI: u32 = 11;
+    pub const LOCK_PI2: u32 = 13;
+    pub const PRIVATE_FLAG: u32 = 128;
+    pub const CLOCK_REALTIME: u32 = 256;
+    /// `op & CMD_MASK` is the command.
+    pub const CMD_MASK: u32 = !(PRIVATE_FLAG | CLOCK_REALTIME);
+    /// futex2 (`futex_wait`, `futex_waitv`) flag for a process-private futex.
+    pub const FUTEX2_PRIVATE: u32 = 128;
+
+    /// Whether a `futex(2)` op blocks waiting for a futex word to change or a lock to be free.
+    pub const fn is_wait(op: u32) -> bool {
+        matches!(
+            op & CMD_MASK,
+            WAIT | WAIT_BITSET | LOCK_PI | LOCK_PI2 | WAIT_REQUEUE_PI
+        )
+    }
+}
+
+/// `BlockedWait::flags`: the futex is process-private (no other process can wake it).
+pub const BLOCKED_PRIVATE: u32 = 1 << 0;
+/// `BlockedWait::flags`: the wait has a timeout.
+pub const BLOCKED_TIMEOUT: u32 = 1 << 1;
+
+/// Value of the `BLOCKED` map (key: tid): a thread of a tracked process that went to sleep in a
+/// futex wait and has not been woken since. Written by sched_switch, deleted by sched_wakeup;
+/// the daemon scans the map instead of receiving an event per sleep, so busy lock traffic in a
+/// tracked process costs no ring-buffer bandwidth.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BlockedWait {
+    pub pid: u32,
+    /// The syscall: [`syscall::FUTEX`], [`syscall::FUTEX_WAIT`] or [`syscall::FUTEX_WAITV`].
+    pub syscall: u32,
+    /// The futex address (for futex_waitv, the first waiter's).
+    pub uaddr: u64,
+    /// `futex(2)` op, or the futex2 flags.
+    pub op: u32,
+    pub flags: u32,
+    /// CLOCK_BOOTTIME ns when the thread went to sleep.
+    pub since_ns: u64,
+}
+
 /// Kernel struct member offsets, read from the running kernel's BTF at load time and written into
 /// the programs' read-only data (`EbpfLoader::override_global`). Never hard-coded: they move
 /// between kernel versions and configs.
@@ -93,7 +165,13 @@ pub struct KernelOffsets {
     pub task_start_boottime: u32,
     pub task_exit_code: u32,
     pub signal_nr_threads: u32,
-    pub _pad: u32,
+    /// `struct pt_regs` members holding the syscall number and arguments 1, 2, 4 and 5 (on
+    /// x86_64: orig_ax, di, si, r10, r8).
+    pub regs_syscall_nr: u32,
+    pub regs_arg1: u32,
+    pub regs_arg2: u32,
+    pub regs_arg4: u32,
+    pub regs_arg5: u32,
 }
 
 /// Name of the global in the eBPF object that holds [`KernelOffsets`].
@@ -121,8 +199,9 @@ pub mod lost_category {
     pub const FORK: u32 = 0;
     pub const EXEC: u32 = 1;
     pub const EXIT: u32 = 2;
-    pub const COUNT: u32 = 3;
-    pub const NAMES: [&str; COUNT as usize] = ["fork", "exec", "exit"];
+    pub const THREAD: u32 = 3;
+    pub const COUNT: u32 = 4;
+    pub const NAMES: [&str; COUNT as usize] = ["fork", "exec", "exit", "thread"];
 }
 
 /// Map and program names, shared so the loader cannot drift from the object.
@@ -131,16 +210,21 @@ pub mod names {
     pub const TRACKED: &str = "TRACKED";
     pub const FORK_COUNTERS: &str = "FORK_COUNTERS";
     pub const LOST_EVENTS: &str = "LOST_EVENTS";
+    pub const BLOCKED: &str = "BLOCKED";
     /// (program name in the object, tp_btf tracepoint it attaches to).
-    pub const PROGRAMS: [(&str, &str); 3] = [
+    pub const PROGRAMS: [(&str, &str); 5] = [
         ("sched_process_fork", "sched_process_fork"),
         ("sched_process_exec", "sched_process_exec"),
         ("sched_process_exit", "sched_process_exit"),
+        ("sched_switch", "sched_switch"),
+        ("sched_wakeup", "sched_wakeup"),
     ];
 }
 
 /// Default capacity of the tracked-process map.
 pub const TRACKED_MAX_ENTRIES: u32 = 65_536;
+/// Capacity of the `BLOCKED` map: threads of tracked processes asleep in a futex wait.
+pub const BLOCKED_MAX_ENTRIES: u32 = 16_384;
 /// Default ring-buffer size in bytes (a power of two, a multiple of the page size).
 pub const RING_BUFFER_BYTES: u32 = 1 << 20;
 
@@ -152,6 +236,8 @@ mod pod {
     unsafe impl aya::Pod for super::ExecEvent {}
     unsafe impl aya::Pod for super::ExitEvent {}
     unsafe impl aya::Pod for super::KernelOffsets {}
+    unsafe impl aya::Pod for super::ThreadEvent {}
+    unsafe impl aya::Pod for super::BlockedWait {}
 }
 
 #[cfg(test)]
@@ -165,7 +251,14 @@ mod tests {
         assert_eq!(offset_of!(ForkEvent, kind), 0);
         assert_eq!(offset_of!(ExecEvent, kind), 0);
         assert_eq!(offset_of!(ExitEvent, kind), 0);
-        for kind in [EventKind::Fork, EventKind::Exec, EventKind::Exit] {
+        assert_eq!(offset_of!(ThreadEvent, kind), 0);
+        for kind in [
+            EventKind::Fork,
+            EventKind::Exec,
+            EventKind::Exit,
+            EventKind::ThreadCreated,
+            EventKind::ThreadExited,
+        ] {
             assert_eq!(EventKind::from_u32(kind as u32), Some(kind));
         }
         assert_eq!(EventKind::from_u32(0), None);
@@ -178,8 +271,25 @@ mod tests {
         assert_eq!(size_of::<ForkEvent>(), 6 * 4 + 3 * 8 + COMM_LEN);
         assert_eq!(size_of::<ExecEvent>(), 2 * 4 + 8 + COMM_LEN);
         assert_eq!(size_of::<ExitEvent>(), 2 * 4 + 8 + 2 * 4);
-        assert_eq!(size_of::<KernelOffsets>(), 8 * 4);
+        assert_eq!(size_of::<KernelOffsets>(), 12 * 4);
+        assert_eq!(size_of::<ThreadEvent>(), 4 * 4 + 8);
+        assert_eq!(size_of::<BlockedWait>(), 2 * 4 + 8 + 2 * 4 + 8);
         assert_eq!(align_of::<ForkEvent>(), 8);
+    }
+
+    #[test]
+    fn futex_waits_are_recognized_with_any_flags() {
+        for op in [0, 9, 6, 13, 11] {
+            assert!(futex::is_wait(op));
+            assert!(futex::is_wait(op | futex::PRIVATE_FLAG));
+            assert!(futex::is_wait(
+                op | futex::PRIVATE_FLAG | futex::CLOCK_REALTIME
+            ));
+        }
+        // FUTEX_WAKE (1), FUTEX_UNLOCK_PI (7), FUTEX_WAKE_OP (5) do not block.
+        for op in [1, 7, 5, 1 | futex::PRIVATE_FLAG] {
+            assert!(!futex::is_wait(op));
+        }
     }
 
     #[test]

@@ -48,9 +48,21 @@ pub fn kernel_offsets(path: &Path) -> Result<KernelOffsets, OffsetError> {
         task_start_boottime: finder.offset("task_struct", "start_boottime")?,
         task_exit_code: finder.offset("task_struct", "exit_code")?,
         signal_nr_threads: finder.offset("signal_struct", "nr_threads")?,
-        _pad: 0,
+        regs_syscall_nr: finder.offset("pt_regs", SYSCALL_REGS[0])?,
+        regs_arg1: finder.offset("pt_regs", SYSCALL_REGS[1])?,
+        regs_arg2: finder.offset("pt_regs", SYSCALL_REGS[2])?,
+        regs_arg4: finder.offset("pt_regs", SYSCALL_REGS[3])?,
+        regs_arg5: finder.offset("pt_regs", SYSCALL_REGS[4])?,
     })
 }
+
+/// `struct pt_regs` members with the syscall number and arguments 1, 2, 4, 5 (the x86_64 syscall
+/// ABI: rdi, rsi, rdx, r10, r8, r9; the number in orig_ax). Other architectures name them
+/// differently (arm64 keeps them in an array), and are not supported yet.
+#[cfg(target_arch = "x86_64")]
+const SYSCALL_REGS: [&str; 5] = ["orig_ax", "di", "si", "r10", "r8"];
+#[cfg(not(target_arch = "x86_64"))]
+compile_error!("forkwatch reads syscall registers from x86_64 pt_regs; port SYSCALL_REGS first");
 
 struct OffsetFinder<'a> {
     btf: &'a Btf,
@@ -143,6 +155,10 @@ mod tests {
         assert_eq!(offsets.task_tgid, offsets.task_pid + 4);
         assert!(offsets.task_signal > offsets.task_pid);
         assert!(offsets.signal_nr_threads > 0);
+        // x86_64 pt_regs: r10 .. r8 .. si, di, orig_ax are 8-byte slots in this order.
+        assert_eq!(offsets.regs_arg5, offsets.regs_arg4 + 16);
+        assert_eq!(offsets.regs_arg1, offsets.regs_arg2 + 8);
+        assert_eq!(offsets.regs_syscall_nr, offsets.regs_arg1 + 8);
     }
 
     #[test]

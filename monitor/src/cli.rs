@@ -61,6 +61,10 @@ pub struct RunArgs {
     /// (e.g. 500ms, 2s).
     #[arg(long, env = "FORKWATCH_EXEC_GRACE", default_value = "1s", value_parser = parse_grace)]
     pub exec_grace: Duration,
+    /// How long a tracked child must be blocked in a futex wait before it is reported
+    /// (e.g. 1s).
+    #[arg(long, env = "FORKWATCH_DEADLOCK_AFTER", default_value = "1s", value_parser = parse_deadlock_after)]
+    pub deadlock_after: Duration,
     /// Address for /metrics, /healthz and /readyz (port 0 picks a free port).
     #[arg(long, env = "FORKWATCH_METRICS_ADDR", default_value = "127.0.0.1:9571")]
     pub metrics_addr: SocketAddr,
@@ -90,14 +94,33 @@ pub enum LogFormat {
 }
 
 fn parse_grace(text: &str) -> Result<Duration, String> {
-    let grace = humantime::parse_duration(text)
+    parse_duration_in(text, "the exec grace", Duration::from_millis(1), "1ms")
+}
+
+fn parse_deadlock_after(text: &str) -> Result<Duration, String> {
+    parse_duration_in(
+        text,
+        "the deadlock delay",
+        Duration::from_millis(10),
+        "10ms",
+    )
+}
+
+/// A duration between `min` and one hour.
+fn parse_duration_in(
+    text: &str,
+    what: &str,
+    min: Duration,
+    min_text: &str,
+) -> Result<Duration, String> {
+    let value = humantime::parse_duration(text)
         .map_err(|e| format!("{e} (write a duration such as 500ms or 2s)"))?;
-    if grace < Duration::from_millis(1) || grace > Duration::from_secs(3600) {
+    if value < min || value > Duration::from_secs(3600) {
         return Err(format!(
-            "{text} is out of range: the exec grace must be between 1ms and 1h"
+            "{text} is out of range: {what} must be between {min_text} and 1h"
         ));
     }
-    Ok(grace)
+    Ok(value)
 }
 
 fn parse_ring_size(text: &str) -> Result<u32, String> {
@@ -154,6 +177,7 @@ mod tests {
             (&["--exec-grace", "soon"][..], "duration"),
             (&["--exec-grace", "0s"], "between 1ms and 1h"),
             (&["--exec-grace", "2h"], "between 1ms and 1h"),
+            (&["--deadlock-after", "1ms"], "between 10ms and 1h"),
             (&["--ring-buffer-size", "5000"], "power of two"),
             (&["--ring-buffer-size", "1024"], "at least 4096"),
             (&["--metrics-addr", "localhost"], "invalid socket address"),

@@ -8,12 +8,29 @@
 //! parent with ≥ 2 live threads, which exits without exec, or has not exec'd within the grace
 //! window. Decided at the exit or at the deadline, whichever comes first.
 //!
+//! Rule `inherited_lock_deadlock`: a tracked child (forked from a multithreaded parent, not
+//! exec'd) whose only thread has been asleep in a futex wait with no timeout on a
+//! process-private futex for `deadlock_after`. Nothing but a signal can ever wake it: no other
+//! thread exists in the child and no other process can reach a private futex. Certain.
+//! `possible_inherited_lock_wait` is the same wait with something that could still end it (a
+//! timeout, a shared futex, other threads); for a multithreaded child only when the parent was
+//! waiting on the same address at the fork, because idle worker threads of a child wait forever
+//! legitimately. Each once per (process, futex address).
+//!
+//! Rule `threads_after_mt_fork`: such a child creates a thread. Once per process.
+//!
 //! Each tracked child carries an opaque context `C` (what the daemon read from /proc when the
-//! fork arrived), handed back with the decision.
+//! fork arrived), handed back with the decision; [`ForkEvidence`] is the part the rules read.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap, HashSet};
 
-use crate::events::{Event, Exit, Fork};
+use crate::events::{BlockedWait, Event, Exit, Fork, ThreadChange};
+
+/// What the rules need from the fork-time context.
+pub trait ForkEvidence {
+    /// Futex addresses some thread of the parent was waiting on at the fork.
+    fn parent_futex_waits(&self) -> &[u64];
+}
 
 #[derive(Clone, Copy, Debug)]
 pub struct Config {
@@ -24,6 +41,8 @@ pub struct Config {
     pub reorder_slack_ns: u64,
     /// Most children tracked at once; beyond it the oldest are evicted (and counted).
     pub max_tracked: usize,
+    /// How long a futex wait must last before it is reported.
+    pub deadlock_after_ns: u64,
 }
 
 /// How a tracked child ended up violating the rule.
@@ -46,9 +65,56 @@ pub struct MtForkNoExec<C> {
     pub decided_ns: u64,
 }
 
+/// Why a long futex wait might still end.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WaitReason {
+    /// The wait has a timeout.
+    Timeout,
+    /// The futex is shared: another process can wake it.
+    SharedFutex,
+    /// The child has other threads that could release the lock.
+    Multithreaded,
+}
+
+impl WaitReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Timeout => "timeout",
+            Self::SharedFutex => "shared_futex",
+            Self::Multithreaded => "multithreaded",
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LockWait<C> {
+    pub fork: Fork,
+    pub context: C,
+    pub wait: BlockedWait,
+    pub blocked_ns: u64,
+    /// Live threads of the child when decided.
+    pub threads: u32,
+    pub contended_in_parent_at_fork: bool,
+    /// Empty: a certain deadlock. Otherwise what could still end the wait.
+    pub reasons: Vec<WaitReason>,
+    pub decided_ns: u64,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ThreadsAfterMtFork<C> {
+    pub fork: Fork,
+    pub context: C,
+    /// The new thread.
+    pub tid: u32,
+    pub threads: u32,
+    pub decided_ns: u64,
+}
+
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Decision<C> {
     MtForkNoExec(MtForkNoExec<C>),
+    LockWait(LockWait<C>),
+    ThreadsAfterMtFork(ThreadsAfterMtFork<C>),
 }
 
 /// Counters about the correlator's own health, for metrics.
@@ -70,6 +136,13 @@ struct Tracked<C> {
     deadline_ns: u64,
     /// The finding for this child has been emitted; it stays tracked until exec or exit.
     reported: bool,
+    /// Live threads (the child starts with one).
+    threads: u32,
+    threads_reported: bool,
+    /// Futex addresses already reported for this child.
+    reported_waits: HashSet<u64>,
+    /// Of those, the ones reported as certain deadlocks.
+    deadlocked_on: HashSet<u64>,
 }
 
 pub struct Correlator<C> {
@@ -80,9 +153,11 @@ pub struct Correlator<C> {
     /// (fork time, pid) of every tracked child, for evicting the oldest.
     by_age: BTreeSet<(u64, u32)>,
     stats: Stats,
+    /// Tracked processes whose certain deadlock was still in place at the last scan.
+    deadlocked: usize,
 }
 
-impl<C: Clone> Correlator<C> {
+impl<C: Clone + ForkEvidence> Correlator<C> {
     pub fn new(config: Config) -> Self {
         Self {
             config,
@@ -90,7 +165,13 @@ impl<C: Clone> Correlator<C> {
             deadlines: BTreeSet::new(),
             by_age: BTreeSet::new(),
             stats: Stats::default(),
+            deadlocked: 0,
         }
+    }
+
+    /// Processes still blocked on a reported certain deadlock, as of the last scan.
+    pub fn deadlocked(&self) -> usize {
+        self.deadlocked
     }
 
     pub fn tracked(&self) -> usize {
@@ -117,7 +198,60 @@ impl<C: Clone> Correlator<C> {
             }
             Event::Exec(exec) => self.on_exec(exec.pid, exec.timestamp_ns),
             Event::Exit(exit) => self.on_exit(exit),
+            Event::Thread(change) => self.on_thread(change),
         }
+    }
+
+    /// Feeds a scan of every thread of a tracked process currently asleep in a futex wait.
+    pub fn on_blocked(&mut self, waits: &[BlockedWait], now_ns: u64) -> Vec<Decision<C>> {
+        let mut decisions = Vec::new();
+        let mut deadlocked = HashSet::new();
+        for wait in waits {
+            let Some(t) = self.tracked.get_mut(&wait.pid) else {
+                continue;
+            };
+            if t.deadlocked_on.contains(&wait.uaddr) {
+                deadlocked.insert(wait.pid);
+            }
+            let blocked_ns = now_ns.saturating_sub(wait.since_ns);
+            if blocked_ns < self.config.deadlock_after_ns || t.reported_waits.contains(&wait.uaddr)
+            {
+                continue;
+            }
+            let contended = t.context.parent_futex_waits().contains(&wait.uaddr);
+            let mut reasons = Vec::new();
+            if wait.has_timeout {
+                reasons.push(WaitReason::Timeout);
+            }
+            if !wait.private {
+                reasons.push(WaitReason::SharedFutex);
+            }
+            if t.threads > 1 {
+                if !contended {
+                    // Other threads may well release it, and idle worker threads wait forever
+                    // by design: without evidence from the parent this is noise.
+                    continue;
+                }
+                reasons.push(WaitReason::Multithreaded);
+            }
+            t.reported_waits.insert(wait.uaddr);
+            if reasons.is_empty() {
+                t.deadlocked_on.insert(wait.uaddr);
+                deadlocked.insert(wait.pid);
+            }
+            decisions.push(Decision::LockWait(LockWait {
+                fork: t.fork.clone(),
+                context: t.context.clone(),
+                wait: *wait,
+                blocked_ns,
+                threads: t.threads,
+                contended_in_parent_at_fork: contended,
+                reasons,
+                decided_ns: now_ns,
+            }));
+        }
+        self.deadlocked = deadlocked.len();
+        decisions
     }
 
     /// Decides every child whose grace window closed (plus the reorder slack) by `now_ns`.
@@ -167,8 +301,35 @@ impl<C: Clone> Correlator<C> {
                 context,
                 deadline_ns,
                 reported: false,
+                threads: 1,
+                threads_reported: false,
+                reported_waits: HashSet::new(),
+                deadlocked_on: HashSet::new(),
             },
         );
+    }
+
+    fn on_thread(&mut self, change: ThreadChange) -> Vec<Decision<C>> {
+        let Some(t) = self.tracked.get_mut(&change.pid) else {
+            self.stats.unmatched += 1;
+            return Vec::new();
+        };
+        if !change.created {
+            t.threads = t.threads.saturating_sub(1).max(1);
+            return Vec::new();
+        }
+        t.threads += 1;
+        if t.threads_reported {
+            return Vec::new();
+        }
+        t.threads_reported = true;
+        vec![Decision::ThreadsAfterMtFork(ThreadsAfterMtFork {
+            fork: t.fork.clone(),
+            context: t.context.clone(),
+            tid: change.tid,
+            threads: t.threads,
+            decided_ns: change.timestamp_ns,
+        })]
     }
 
     fn on_exec(&mut self, pid: u32, timestamp_ns: u64) -> Vec<Decision<C>> {
@@ -225,13 +386,36 @@ mod tests {
     const MS: u64 = 1_000_000;
     const GRACE: u64 = 1_000 * MS;
     const SLACK: u64 = 20 * MS;
+    const DEADLOCK: u64 = 1_000 * MS;
 
-    fn correlator() -> Correlator<&'static str> {
-        Correlator::new(Config {
+    /// Test contexts carry no fork-time evidence...
+    impl ForkEvidence for &'static str {
+        fn parent_futex_waits(&self) -> &[u64] {
+            &[]
+        }
+    }
+
+    /// ...except these, whose parent was waiting on address 0x1000 at the fork.
+    #[derive(Clone, Debug, PartialEq, Eq)]
+    struct Contended;
+
+    impl ForkEvidence for Contended {
+        fn parent_futex_waits(&self) -> &[u64] {
+            &[0x1000]
+        }
+    }
+
+    fn config(max_tracked: usize) -> Config {
+        Config {
             exec_grace_ns: GRACE,
             reorder_slack_ns: SLACK,
-            max_tracked: 1_000,
-        })
+            max_tracked,
+            deadlock_after_ns: DEADLOCK,
+        }
+    }
+
+    fn correlator() -> Correlator<&'static str> {
+        Correlator::new(config(1_000))
     }
 
     fn fork(child: u32, at: u64, threads: u32) -> Event {
@@ -264,10 +448,45 @@ mod tests {
         })
     }
 
-    fn outcomes(decisions: &[Decision<&str>]) -> Vec<(u32, Outcome)> {
+    fn outcomes<C: std::fmt::Debug>(decisions: &[Decision<C>]) -> Vec<(u32, Outcome)> {
         decisions
             .iter()
-            .map(|Decision::MtForkNoExec(d)| (d.fork.child_pid, d.outcome))
+            .map(|d| match d {
+                Decision::MtForkNoExec(d) => (d.fork.child_pid, d.outcome),
+                other => panic!("not an mt_fork_no_exec decision: {other:?}"),
+            })
+            .collect::<Vec<_>>()
+    }
+
+    fn thread(pid: u32, tid: u32, created: bool) -> Event {
+        Event::Thread(ThreadChange {
+            pid,
+            tid,
+            created,
+            timestamp_ns: 5,
+        })
+    }
+
+    fn wait(pid: u32, uaddr: u64, since: u64) -> BlockedWait {
+        BlockedWait {
+            pid,
+            tid: pid,
+            syscall: 202,
+            uaddr,
+            op: 0x80,
+            private: true,
+            has_timeout: false,
+            since_ns: since,
+        }
+    }
+
+    fn lock_waits<C: Clone + std::fmt::Debug>(decisions: Vec<Decision<C>>) -> Vec<LockWait<C>> {
+        decisions
+            .into_iter()
+            .map(|d| match d {
+                Decision::LockWait(w) => w,
+                other => panic!("not a lock wait: {other:?}"),
+            })
             .collect()
     }
 
@@ -286,7 +505,9 @@ mod tests {
                 }
             )]
         );
-        let Decision::MtForkNoExec(finding) = &d[0];
+        let Decision::MtForkNoExec(finding) = &d[0] else {
+            panic!()
+        };
         assert_eq!(finding.context, "ctx");
         assert_eq!(finding.fork.parent_threads, 3);
         assert_eq!(c.tracked(), 0);
@@ -301,7 +522,9 @@ mod tests {
         assert!(c.tick(100 + GRACE + SLACK - 1).is_empty());
         let d = c.tick(100 + GRACE + SLACK);
         assert_eq!(outcomes(&d), [(20, Outcome::NoExecWithinGrace)]);
-        let Decision::MtForkNoExec(finding) = &d[0];
+        let Decision::MtForkNoExec(finding) = &d[0] else {
+            panic!()
+        };
         assert_eq!(finding.decided_ns, 100 + GRACE);
         assert_eq!(c.next_wakeup_ns(), None);
         // Still tracked until it execs or exits, but never reported twice.
@@ -434,11 +657,7 @@ mod tests {
 
     #[test]
     fn memory_is_bounded_by_evicting_the_oldest() {
-        let mut c = Correlator::new(Config {
-            exec_grace_ns: GRACE,
-            reorder_slack_ns: SLACK,
-            max_tracked: 2,
-        });
+        let mut c = Correlator::new(config(2));
         c.on_event(fork(20, 0, 2), "");
         c.on_event(fork(21, 1, 2), "");
         c.on_event(fork(22, 2, 2), "");
@@ -449,6 +668,102 @@ mod tests {
             .map(|(p, _)| p)
             .collect();
         assert_eq!(pids, [21, 22]);
+    }
+
+    #[test]
+    fn single_threaded_private_untimed_wait_is_a_certain_deadlock_once() {
+        let mut c = correlator();
+        c.on_event(fork(20, 0, 3), "");
+        let w = wait(20, 0x1000, 10 * MS);
+        // Not yet: blocked for less than deadlock_after.
+        assert!(c.on_blocked(&[w], 10 * MS + DEADLOCK - 1).is_empty());
+        let found = lock_waits(c.on_blocked(&[w], 10 * MS + DEADLOCK));
+        assert_eq!(found.len(), 1);
+        assert!(found[0].reasons.is_empty(), "certain");
+        assert_eq!(found[0].blocked_ns, DEADLOCK);
+        assert_eq!(found[0].threads, 1);
+        assert!(!found[0].contended_in_parent_at_fork);
+        assert_eq!(c.deadlocked(), 1);
+        // Once per (process, address), however often it is scanned.
+        assert!(c.on_blocked(&[w], 100 * DEADLOCK).is_empty());
+        assert_eq!(c.deadlocked(), 1);
+        // Woken (gone from the scan): the gauge drops, nothing new is reported.
+        assert!(c.on_blocked(&[], 101 * DEADLOCK).is_empty());
+        assert_eq!(c.deadlocked(), 0);
+        // A second address in the same process is a new finding.
+        assert_eq!(
+            c.on_blocked(&[wait(20, 0x2000, 0)], 200 * DEADLOCK).len(),
+            1
+        );
+    }
+
+    #[test]
+    fn timeout_or_shared_futex_is_only_possible() {
+        let mut c = correlator();
+        c.on_event(fork(20, 0, 2), "");
+        c.on_event(fork(21, 0, 2), "");
+        let timed = BlockedWait {
+            has_timeout: true,
+            ..wait(20, 0x1000, 0)
+        };
+        let shared = BlockedWait {
+            private: false,
+            ..wait(21, 0x1000, 0)
+        };
+        let found = lock_waits(c.on_blocked(&[timed, shared], DEADLOCK));
+        assert_eq!(found[0].reasons, [WaitReason::Timeout]);
+        assert_eq!(found[1].reasons, [WaitReason::SharedFutex]);
+        assert_eq!(c.deadlocked(), 0);
+    }
+
+    #[test]
+    fn multithreaded_child_waits_need_evidence_from_the_parent() {
+        let mut c = Correlator::new(config(10));
+        c.on_event(fork(20, 0, 2), Contended);
+        c.on_event(fork(21, 0, 2), Contended);
+        for pid in [20, 21] {
+            let d = c.on_event(thread(pid, pid + 100, true), Contended);
+            assert_eq!(d.len(), 1, "threads_after_mt_fork");
+        }
+        // 0x2000: the parent was not waiting on it at the fork (an idle worker): quiet.
+        assert!(c.on_blocked(&[wait(20, 0x2000, 0)], DEADLOCK).is_empty());
+        // 0x1000: the parent was, so it is reported as possible.
+        let found = lock_waits(c.on_blocked(&[wait(21, 0x1000, 0)], DEADLOCK));
+        assert_eq!(found[0].reasons, [WaitReason::Multithreaded]);
+        assert!(found[0].contended_in_parent_at_fork);
+        assert_eq!(found[0].threads, 2);
+    }
+
+    #[test]
+    fn a_thread_that_exits_makes_the_child_single_threaded_again() {
+        let mut c = correlator();
+        c.on_event(fork(20, 0, 2), "");
+        let d = c.on_event(thread(20, 120, true), "");
+        let [Decision::ThreadsAfterMtFork(t)] = d.as_slice() else {
+            panic!("{d:?}")
+        };
+        assert_eq!((t.tid, t.threads), (120, 2));
+        assert!(
+            c.on_event(thread(20, 121, true), "").is_empty(),
+            "once per process"
+        );
+        c.on_event(thread(20, 120, false), "");
+        c.on_event(thread(20, 121, false), "");
+        let found = lock_waits(c.on_blocked(&[wait(20, 0x1000, 0)], DEADLOCK));
+        assert!(
+            found[0].reasons.is_empty(),
+            "single-threaded again: certain"
+        );
+    }
+
+    #[test]
+    fn waits_of_untracked_or_execd_processes_are_ignored() {
+        let mut c = correlator();
+        assert!(c.on_blocked(&[wait(99, 0x1000, 0)], DEADLOCK).is_empty());
+        c.on_event(fork(20, 0, 2), "");
+        c.on_event(exec(20, 1), "");
+        assert!(c.on_blocked(&[wait(20, 0x1000, 0)], DEADLOCK).is_empty());
+        assert!(c.on_event(thread(77, 78, true), "").is_empty());
     }
 
     #[test]

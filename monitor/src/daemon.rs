@@ -35,6 +35,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         ring_buffer_bytes: args.ring_buffer_size,
         max_tracked: args.max_tracked,
         exec_grace: args.exec_grace,
+        deadlock_after: args.deadlock_after,
         full_cmdline: args.full_cmdline,
     })?;
     let ready = Arc::new(AtomicBool::new(false));

@@ -3,9 +3,11 @@
 
 use std::mem::size_of;
 
-use monitor_common::{COMM_LEN, EventKind, ExecEvent, ExitEvent, FORK_FLAG_SHARES_VM, ForkEvent};
+use monitor_common::{
+    COMM_LEN, EventKind, ExecEvent, ExitEvent, FORK_FLAG_SHARES_VM, ForkEvent, ThreadEvent,
+};
 
-use crate::events::{Event, Exec, Exit, Fork};
+use crate::events::{Event, Exec, Exit, Fork, ThreadChange};
 
 #[derive(Debug, PartialEq, Eq, thiserror::Error)]
 pub enum DecodeError {
@@ -57,6 +59,15 @@ pub fn decode(record: &[u8]) -> Result<Event, DecodeError> {
                 pid: e.pid,
                 timestamp_ns: e.timestamp_ns,
                 exit_code: e.exit_code,
+            })
+        }
+        EventKind::ThreadCreated | EventKind::ThreadExited => {
+            let e: ThreadEvent = read(kind, record)?;
+            Event::Thread(ThreadChange {
+                pid: e.pid,
+                tid: e.tid,
+                created: kind == EventKind::ThreadCreated,
+                timestamp_ns: e.timestamp_ns,
             })
         }
     })

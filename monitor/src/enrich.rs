@@ -1,11 +1,21 @@
 //! Correlator decisions → findings, with what /proc still has to say about the processes.
 
+use monitor_common::{futex, syscall};
+
 use crate::{
     clock,
-    correlator::{Decision, MtForkNoExec, Outcome},
-    finding::{Details, Finding, Kind, MtForkNoExecDetails, SCHEMA_VERSION},
+    correlator::{Decision, LockWait, MtForkNoExec, Outcome, ThreadsAfterMtFork},
+    events::Fork,
+    finding::{
+        Details, Finding, Kind, LockWaitDetails, MtForkNoExecDetails, SCHEMA_VERSION,
+        ThreadsAfterMtForkDetails,
+    },
     procfs::{ForkContext, ProcFs},
+    stack,
 };
+
+/// Frames of a blocked thread's stack worth showing.
+const MAX_STACK_FRAMES: usize = 32;
 
 #[derive(Clone, Copy, Debug)]
 pub struct EnrichOptions {
@@ -17,16 +27,21 @@ pub struct EnrichOptions {
 pub fn finding(decision: Decision<ForkContext>, proc: &ProcFs, opts: EnrichOptions) -> Finding {
     match decision {
         Decision::MtForkNoExec(d) => mt_fork_no_exec(d, proc, opts),
+        Decision::LockWait(d) => lock_wait(d, proc, opts),
+        Decision::ThreadsAfterMtFork(d) => threads_after_mt_fork(d, proc, opts),
     }
 }
 
-fn mt_fork_no_exec(d: MtForkNoExec<ForkContext>, proc: &ProcFs, opts: EnrichOptions) -> Finding {
-    let MtForkNoExec {
-        fork,
-        context,
-        outcome,
-        decided_ns,
-    } = d;
+/// The fields every finding about a tracked child has.
+fn common(
+    kind: Kind,
+    fork: &Fork,
+    context: ForkContext,
+    decided_ns: u64,
+    proc: &ProcFs,
+    opts: EnrichOptions,
+    details: Details,
+) -> Finding {
     let pid = fork.child_pid;
     // A still-running child may have renamed itself (prctl) since the fork; only trust /proc if
     // the pid still belongs to the same process.
@@ -35,21 +50,16 @@ fn mt_fork_no_exec(d: MtForkNoExec<ForkContext>, proc: &ProcFs, opts: EnrichOpti
         .then(|| proc.comm(pid))
         .flatten()
         .unwrap_or_else(|| fork.comm.clone());
-    let (exited_without_exec, exit_code, exec_after_ns) = match outcome {
-        Outcome::ExitedWithoutExec { exit_code, .. } => (true, Some(exit_code as i32), None),
-        Outcome::NoExecWithinGrace => (false, None, None),
-        Outcome::ExecAfterGrace { after_ns } => (false, None, Some(after_ns)),
-    };
     let ForkContext {
         parent_comm,
-        thread_names,
         exe,
         cmdline,
+        ..
     } = context;
     Finding {
         schema: SCHEMA_VERSION,
-        kind: Kind::MtForkNoExec,
-        severity: Kind::MtForkNoExec.severity(),
+        kind,
+        severity: kind.severity(),
         time: clock::rfc3339_of_boot_ns(decided_ns),
         pid,
         comm,
@@ -59,43 +69,152 @@ fn mt_fork_no_exec(d: MtForkNoExec<ForkContext>, proc: &ProcFs, opts: EnrichOpti
         argv0: cmdline.first().cloned(),
         cmdline: opts.full_cmdline.then_some(cmdline),
         cgroup_id: fork.cgroup_id,
-        details: Details::MtForkNoExec(MtForkNoExecDetails {
-            parent_tid: fork.parent_tid,
-            parent_threads: fork.parent_threads,
-            thread_names,
-            exited_without_exec,
-            exit_code,
-            exec_after_ms: exec_after_ns.map(|ns| ns / 1_000_000),
-            ms_without_exec: decided_ns.saturating_sub(fork.timestamp_ns) / 1_000_000,
-            grace_ms: opts.exec_grace_ms,
-        }),
+        details,
+    }
+}
+
+fn mt_fork_no_exec(d: MtForkNoExec<ForkContext>, proc: &ProcFs, opts: EnrichOptions) -> Finding {
+    let (exited_without_exec, exit_code, exec_after_ns) = match d.outcome {
+        Outcome::ExitedWithoutExec { exit_code, .. } => (true, Some(exit_code as i32), None),
+        Outcome::NoExecWithinGrace => (false, None, None),
+        Outcome::ExecAfterGrace { after_ns } => (false, None, Some(after_ns)),
+    };
+    let details = Details::MtForkNoExec(MtForkNoExecDetails {
+        parent_tid: d.fork.parent_tid,
+        parent_threads: d.fork.parent_threads,
+        thread_names: d.context.thread_names.clone(),
+        exited_without_exec,
+        exit_code,
+        exec_after_ms: exec_after_ns.map(|ns| ns / 1_000_000),
+        ms_without_exec: d.decided_ns.saturating_sub(d.fork.timestamp_ns) / 1_000_000,
+        grace_ms: opts.exec_grace_ms,
+    });
+    common(
+        Kind::MtForkNoExec,
+        &d.fork,
+        d.context,
+        d.decided_ns,
+        proc,
+        opts,
+        details,
+    )
+}
+
+fn lock_wait(d: LockWait<ForkContext>, proc: &ProcFs, opts: EnrichOptions) -> Finding {
+    let kind = if d.reasons.is_empty() {
+        Kind::InheritedLockDeadlock
+    } else {
+        Kind::PossibleInheritedLockWait
+    };
+    // The thread holds still while blocked, so its stack can be read from outside; if it woke in
+    // the meantime (or the pid was reused) there is no stack to show.
+    let frames = if proc.is_same_process(d.wait.pid, d.fork.child_start_ns) {
+        stack::blocked_thread_stack(d.wait.pid, d.wait.tid, MAX_STACK_FRAMES).unwrap_or_else(
+            |err| {
+                tracing::debug!(%err, pid = d.wait.pid, "no stack for the blocked thread");
+                Vec::new()
+            },
+        )
+    } else {
+        Vec::new()
+    };
+    let reasons: Vec<&str> = d.reasons.iter().map(|r| r.as_str()).collect();
+    let details = Details::LockWait(LockWaitDetails {
+        tid: d.wait.tid,
+        futex_addr: format!("{:#x}", d.wait.uaddr),
+        futex_op: futex_op_name(d.wait.syscall, d.wait.op),
+        blocked_ms: d.blocked_ns / 1_000_000,
+        threads: d.threads,
+        contended_in_parent_at_fork: d.contended_in_parent_at_fork,
+        reason: (!reasons.is_empty()).then(|| reasons.join(",")),
+        stack_summary: (!frames.is_empty()).then(|| stack::format_stack(&frames)),
+        stack: frames,
+    });
+    common(kind, &d.fork, d.context, d.decided_ns, proc, opts, details)
+}
+
+fn threads_after_mt_fork(
+    d: ThreadsAfterMtFork<ForkContext>,
+    proc: &ProcFs,
+    opts: EnrichOptions,
+) -> Finding {
+    let details = Details::ThreadsAfterMtFork(ThreadsAfterMtForkDetails {
+        tid: d.tid,
+        threads: d.threads,
+        parent_threads: d.fork.parent_threads,
+    });
+    common(
+        Kind::ThreadsAfterMtFork,
+        &d.fork,
+        d.context,
+        d.decided_ns,
+        proc,
+        opts,
+        details,
+    )
+}
+
+/// A readable name for the wait: "FUTEX_WAIT_PRIVATE", "FUTEX_WAIT_BITSET_PRIVATE|
+/// FUTEX_CLOCK_REALTIME", "futex_wait", ...
+pub fn futex_op_name(nr: u32, op: u32) -> String {
+    match nr {
+        syscall::FUTEX => {
+            let command = match op & futex::CMD_MASK {
+                futex::WAIT => "FUTEX_WAIT".to_owned(),
+                futex::WAIT_BITSET => "FUTEX_WAIT_BITSET".to_owned(),
+                futex::LOCK_PI => "FUTEX_LOCK_PI".to_owned(),
+                futex::LOCK_PI2 => "FUTEX_LOCK_PI2".to_owned(),
+                futex::WAIT_REQUEUE_PI => "FUTEX_WAIT_REQUEUE_PI".to_owned(),
+                other => format!("FUTEX_OP_{other}"),
+            };
+            let mut name = command;
+            if op & futex::PRIVATE_FLAG != 0 {
+                name.push_str("_PRIVATE");
+            }
+            if op & futex::CLOCK_REALTIME != 0 {
+                name.push_str("|FUTEX_CLOCK_REALTIME");
+            }
+            name
+        }
+        syscall::FUTEX_WAIT => "futex_wait".to_owned(),
+        syscall::FUTEX_WAITV => "futex_waitv".to_owned(),
+        other => format!("syscall_{other}"),
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::events::Fork;
+    use crate::{correlator::WaitReason, events::BlockedWait};
+
+    fn fork() -> Fork {
+        Fork {
+            parent_pid: 4_000_000,
+            parent_tid: 4_000_001,
+            child_pid: 4_000_002,
+            parent_threads: 3,
+            shares_vm: false,
+            timestamp_ns: 1_000_000_000,
+            child_start_ns: 1_000_000_000,
+            cgroup_id: 9,
+            comm: "gai-async".into(),
+        }
+    }
+
+    fn context() -> ForkContext {
+        ForkContext {
+            parent_comm: Some("ruby".into()),
+            thread_names: vec!["ruby-timer-thr".into()],
+            exe: Some("/usr/bin/ruby".into()),
+            cmdline: vec!["ruby".into(), "--secret=hunter2".into()],
+            parent_futex_waits: vec![],
+        }
+    }
 
     fn decision(outcome: Outcome) -> Decision<ForkContext> {
         Decision::MtForkNoExec(MtForkNoExec {
-            fork: Fork {
-                parent_pid: 4_000_000,
-                parent_tid: 4_000_001,
-                child_pid: 4_000_002,
-                parent_threads: 3,
-                shares_vm: false,
-                timestamp_ns: 1_000_000_000,
-                child_start_ns: 1_000_000_000,
-                cgroup_id: 9,
-                comm: "gai-async".into(),
-            },
-            context: ForkContext {
-                parent_comm: Some("ruby".into()),
-                thread_names: vec!["ruby-timer-thr".into()],
-                exe: Some("/usr/bin/ruby".into()),
-                cmdline: vec!["ruby".into(), "--secret=hunter2".into()],
-            },
+            fork: fork(),
+            context: context(),
             outcome,
             decided_ns: 1_250_000_000,
         })
@@ -106,6 +225,10 @@ mod tests {
             full_cmdline,
             exec_grace_ms: 1_000,
         }
+    }
+
+    fn json(f: &Finding) -> serde_json::Value {
+        serde_json::from_str(&f.to_json_line()).unwrap()
     }
 
     #[test]
@@ -121,7 +244,7 @@ mod tests {
         assert_eq!(f.parent_comm, "ruby");
         assert_eq!(f.argv0.as_deref(), Some("ruby"));
         assert_eq!(f.cmdline, None);
-        let json: serde_json::Value = serde_json::from_str(&f.to_json_line()).unwrap();
+        let json = json(&f);
         assert_eq!(json["kind"], "mt_fork_no_exec");
         assert_eq!(json["severity"], "warning");
         assert_eq!(json["schema"], 1);
@@ -143,10 +266,67 @@ mod tests {
         let outcome = Outcome::ExecAfterGrace {
             after_ns: 1_200_000_000,
         };
-        let f = finding(decision(outcome), &proc, opts(true));
-        let json: serde_json::Value = serde_json::from_str(&f.to_json_line()).unwrap();
+        let json = json(&finding(decision(outcome), &proc, opts(true)));
         assert_eq!(json["cmdline"][1], "--secret=hunter2");
         assert_eq!(json["exec_after_ms"], 1_200);
         assert_eq!(json["exited_without_exec"], false);
+    }
+
+    fn lock_decision(reasons: Vec<WaitReason>) -> Decision<ForkContext> {
+        Decision::LockWait(LockWait {
+            fork: fork(),
+            context: context(),
+            wait: BlockedWait {
+                pid: 4_000_002,
+                tid: 4_000_002,
+                syscall: 202,
+                uaddr: 0x55d0_c0a0,
+                op: 0x80,
+                private: true,
+                has_timeout: false,
+                since_ns: 0,
+            },
+            blocked_ns: 1_500_000_000,
+            threads: 1,
+            contended_in_parent_at_fork: true,
+            reasons,
+            decided_ns: 2_500_000_000,
+        })
+    }
+
+    #[test]
+    fn certain_and_possible_lock_waits() {
+        let proc = ProcFs::new("/nonexistent-proc");
+        let certain = json(&finding(lock_decision(vec![]), &proc, opts(false)));
+        assert_eq!(certain["kind"], "inherited_lock_deadlock");
+        assert_eq!(certain["severity"], "critical");
+        assert_eq!(certain["futex_addr"], "0x55d0c0a0");
+        assert_eq!(certain["futex_op"], "FUTEX_WAIT_PRIVATE");
+        assert_eq!(certain["blocked_ms"], 1_500);
+        assert_eq!(certain["contended_in_parent_at_fork"], true);
+        assert!(certain.get("reason").is_none());
+        assert_eq!(
+            certain["stack"],
+            serde_json::json!([]),
+            "process gone: no stack"
+        );
+
+        let reasons = vec![WaitReason::Timeout, WaitReason::SharedFutex];
+        let possible = json(&finding(lock_decision(reasons), &proc, opts(false)));
+        assert_eq!(possible["kind"], "possible_inherited_lock_wait");
+        assert_eq!(possible["severity"], "warning");
+        assert_eq!(possible["reason"], "timeout,shared_futex");
+    }
+
+    #[test]
+    fn futex_op_names() {
+        assert_eq!(futex_op_name(202, 0x80), "FUTEX_WAIT_PRIVATE");
+        assert_eq!(
+            futex_op_name(202, 0x189),
+            "FUTEX_WAIT_BITSET_PRIVATE|FUTEX_CLOCK_REALTIME"
+        );
+        assert_eq!(futex_op_name(202, 6), "FUTEX_LOCK_PI");
+        assert_eq!(futex_op_name(455, 0x82), "futex_wait");
+        assert_eq!(futex_op_name(449, 0), "futex_waitv");
     }
 }

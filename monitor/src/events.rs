@@ -36,9 +36,63 @@ pub struct Exit {
     pub exit_code: u32,
 }
 
+/// A thread of a tracked process was created or exited.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ThreadChange {
+    pub pid: u32,
+    pub tid: u32,
+    pub created: bool,
+    pub timestamp_ns: u64,
+}
+
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Event {
     Fork(Fork),
     Exec(Exec),
     Exit(Exit),
+    Thread(ThreadChange),
+}
+
+impl Event {
+    /// Metrics label of the event's category.
+    pub fn category(&self) -> &'static str {
+        match self {
+            Self::Fork(_) => "fork",
+            Self::Exec(_) => "exec",
+            Self::Exit(_) => "exit",
+            Self::Thread(_) => "thread",
+        }
+    }
+}
+
+/// A thread of a tracked process asleep in a futex wait, as found in the kernel's BLOCKED map.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BlockedWait {
+    pub pid: u32,
+    pub tid: u32,
+    /// The syscall number (futex, futex_wait, futex_waitv).
+    pub syscall: u32,
+    pub uaddr: u64,
+    /// futex(2) op or futex2 flags.
+    pub op: u32,
+    /// Process-private futex: no other process can wake it.
+    pub private: bool,
+    pub has_timeout: bool,
+    /// CLOCK_BOOTTIME ns when the thread went to sleep.
+    pub since_ns: u64,
+}
+
+impl BlockedWait {
+    pub fn from_kernel(tid: u32, raw: &monitor_common::BlockedWait) -> Self {
+        Self {
+            pid: raw.pid,
+            tid,
+            syscall: raw.syscall,
+            uaddr: raw.uaddr,
+            op: raw.op,
+            private: raw.flags & monitor_common::BLOCKED_PRIVATE != 0,
+            has_timeout: raw.flags & monitor_common::BLOCKED_TIMEOUT != 0,
+            since_ns: raw.since_ns,
+        }
+    }
 }

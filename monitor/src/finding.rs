@@ -33,18 +33,34 @@ impl Severity {
 #[serde(rename_all = "snake_case")]
 pub enum Kind {
     MtForkNoExec,
+    InheritedLockDeadlock,
+    PossibleInheritedLockWait,
+    ThreadsAfterMtFork,
 }
 
 impl Kind {
+    pub const ALL: [Kind; 4] = [
+        Self::MtForkNoExec,
+        Self::InheritedLockDeadlock,
+        Self::PossibleInheritedLockWait,
+        Self::ThreadsAfterMtFork,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             Self::MtForkNoExec => "mt_fork_no_exec",
+            Self::InheritedLockDeadlock => "inherited_lock_deadlock",
+            Self::PossibleInheritedLockWait => "possible_inherited_lock_wait",
+            Self::ThreadsAfterMtFork => "threads_after_mt_fork",
         }
     }
 
     pub fn severity(self) -> Severity {
         match self {
-            Self::MtForkNoExec => Severity::Warning,
+            Self::InheritedLockDeadlock => Severity::Critical,
+            Self::MtForkNoExec | Self::PossibleInheritedLockWait | Self::ThreadsAfterMtFork => {
+                Severity::Warning
+            }
         }
     }
 }
@@ -77,6 +93,40 @@ pub struct Finding {
 #[serde(untagged)]
 pub enum Details {
     MtForkNoExec(MtForkNoExecDetails),
+    LockWait(LockWaitDetails),
+    ThreadsAfterMtFork(ThreadsAfterMtForkDetails),
+}
+
+/// `inherited_lock_deadlock` and `possible_inherited_lock_wait`.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct LockWaitDetails {
+    /// The blocked thread.
+    pub tid: u32,
+    /// Address of the futex word in the process ("0x7f12..."); the same address in the parent.
+    pub futex_addr: String,
+    /// The futex operation, e.g. "FUTEX_WAIT_PRIVATE" (futex2 calls: "futex_wait", ...).
+    pub futex_op: String,
+    pub blocked_ms: u64,
+    /// Live threads of the process when decided.
+    pub threads: u32,
+    /// Some thread of the parent was waiting on the same address at the fork.
+    pub contended_in_parent_at_fork: bool,
+    /// For `possible_inherited_lock_wait`: what could still end the wait (comma-separated:
+    /// "timeout", "shared_futex", "multithreaded").
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// The blocked thread's user stack, innermost first ("a ← b ← c").
+    pub stack_summary: Option<String>,
+    pub stack: Vec<crate::stack::Frame>,
+}
+
+/// `threads_after_mt_fork`.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct ThreadsAfterMtForkDetails {
+    /// The thread the child created.
+    pub tid: u32,
+    pub threads: u32,
+    pub parent_threads: u32,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize)]

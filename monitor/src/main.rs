@@ -22,6 +22,7 @@ mod probes;
 mod procfs;
 mod selftest;
 mod sinks;
+mod stack;
 mod telemetry;
 
 use std::process::ExitCode;

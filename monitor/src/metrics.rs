@@ -6,7 +6,11 @@ use prometheus::{
     Encoder, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
-use crate::{correlator::Stats, finding::Finding, probes::KernelCounts};
+use crate::{
+    correlator::Stats,
+    finding::{Finding, Kind},
+    probes::KernelCounts,
+};
 
 pub struct Metrics {
     registry: Registry,
@@ -16,6 +20,7 @@ pub struct Metrics {
     events: IntCounterVec,
     decode_errors: IntCounter,
     tracked: IntGauge,
+    deadlocked: IntGauge,
     correlator: IntCounterVec,
     /// The kernel counts as of the last refresh, to turn absolute values into increments.
     last_kernel: KernelCounts,
@@ -85,6 +90,14 @@ impl Metrics {
         registry
             .register(Box::new(tracked.clone()))
             .expect("unique metric");
+        let deadlocked = IntGauge::new(
+            "forkwatch_deadlocked_processes",
+            "Processes blocked right now on a reported inherited-lock deadlock.",
+        )
+        .expect("valid metric");
+        registry
+            .register(Box::new(deadlocked.clone()))
+            .expect("unique metric");
         let build_info = IntGaugeVec::new(
             Opts::new("forkwatch_build_info", "Build information; always 1."),
             &["version"],
@@ -103,8 +116,11 @@ impl Metrics {
         for category in lost_category::NAMES {
             lost.with_label_values(&[category]);
         }
-        for category in ["fork", "exec", "exit"] {
+        for category in ["fork", "exec", "exit", "thread"] {
             events.with_label_values(&[category]);
+        }
+        for kind in Kind::ALL {
+            findings.with_label_values(&[kind.as_str(), kind.severity().as_str()]);
         }
         for outcome in ["unmatched", "evicted", "replaced"] {
             correlator.with_label_values(&[outcome]);
@@ -117,6 +133,7 @@ impl Metrics {
             events,
             decode_errors,
             tracked,
+            deadlocked,
             correlator,
             last_kernel: KernelCounts::default(),
             last_stats: Stats::default(),
@@ -137,8 +154,9 @@ impl Metrics {
         self.decode_errors.inc();
     }
 
-    pub fn correlator(&mut self, tracked: usize, stats: Stats) {
+    pub fn correlator(&mut self, tracked: usize, deadlocked: usize, stats: Stats) {
         self.tracked.set(tracked as i64);
+        self.deadlocked.set(deadlocked as i64);
         let last = std::mem::replace(&mut self.last_stats, stats);
         for (outcome, now, before) in [
             ("unmatched", stats.unmatched, last.unmatched),
@@ -209,5 +227,11 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("forkwatch_build_info{version="), "{text}");
+        let critical =
+            "forkwatch_findings_total{kind=\"inherited_lock_deadlock\",severity=\"critical\"} 0";
+        assert!(
+            text.contains(critical),
+            "every kind exported from the start: {text}"
+        );
     }
 }

@@ -31,6 +31,7 @@ pub struct MonitorOptions {
     pub ring_buffer_bytes: u32,
     pub max_tracked: u32,
     pub exec_grace: Duration,
+    pub deadlock_after: Duration,
     pub full_cmdline: bool,
 }
 
@@ -52,6 +53,7 @@ impl Monitor {
             max_tracked: opts.max_tracked,
         })?;
         let events = probes.take_events()?;
+        let blocked = probes.take_blocked()?;
         let telemetry = Telemetry::shared(Some(probes.take_counters()?));
         let grace_ns = u64::try_from(opts.exec_grace.as_nanos()).unwrap_or(u64::MAX);
         let config = PipelineConfig {
@@ -59,6 +61,8 @@ impl Monitor {
                 exec_grace_ns: grace_ns,
                 reorder_slack_ns: REORDER_SLACK.as_nanos() as u64,
                 max_tracked: opts.max_tracked as usize,
+                deadlock_after_ns: u64::try_from(opts.deadlock_after.as_nanos())
+                    .unwrap_or(u64::MAX),
             },
             enrich: EnrichOptions {
                 full_cmdline: opts.full_cmdline,
@@ -66,7 +70,7 @@ impl Monitor {
             },
         };
         let (tx, findings) = mpsc::unbounded_channel();
-        let pipeline = Pipeline::new(events, config, tx, telemetry.clone())?;
+        let pipeline = Pipeline::new(events, blocked, config, tx, telemetry.clone())?;
         // Attach only once the consumer exists, so the first events are not lost to a full
         // buffer; the pipeline starts polling as soon as the task runs.
         probes.attach_all()?;

@@ -10,7 +10,7 @@ use std::{
     time::Duration,
 };
 
-use aya::maps::{MapData, RingBuf};
+use aya::maps::{HashMap as BpfHashMap, MapData, RingBuf};
 use tokio::{
     io::{Interest, unix::AsyncFd},
     sync::mpsc,
@@ -21,7 +21,7 @@ use crate::{
     correlator::{self, Correlator},
     decode,
     enrich::{self, EnrichOptions},
-    events::Event,
+    events::{BlockedWait, Event},
     finding::Finding,
     procfs::{ForkContext, ProcFs},
     telemetry::{self, Telemetry},
@@ -33,8 +33,15 @@ pub struct PipelineConfig {
     pub enrich: EnrichOptions,
 }
 
+/// How often the kernel's map of blocked threads is scanned while something is tracked. A
+/// deadlock is reported at most this long after `--deadlock-after`.
+const BLOCKED_SCAN_INTERVAL: Duration = Duration::from_millis(100);
+
+pub type BlockedMap = BpfHashMap<MapData, u32, monitor_common::BlockedWait>;
+
 pub struct Pipeline {
     events: AsyncFd<RingBuf<MapData>>,
+    blocked: BlockedMap,
     correlator: Correlator<ForkContext>,
     proc: ProcFs,
     enrich: EnrichOptions,
@@ -45,6 +52,7 @@ pub struct Pipeline {
 impl Pipeline {
     pub fn new(
         events: RingBuf<MapData>,
+        blocked: BlockedMap,
         config: PipelineConfig,
         findings: mpsc::UnboundedSender<Finding>,
         telemetry: Arc<Mutex<Telemetry>>,
@@ -54,6 +62,7 @@ impl Pipeline {
             // as the AsyncFd owns the ring buffer.
             events: unsafe { AsyncFd::register_with_interest(events, Interest::READABLE) }
                 .map_err(|e| std::io::Error::other(e.to_string()))?,
+            blocked,
             correlator: Correlator::new(config.correlator),
             proc: ProcFs::default(),
             enrich: config.enrich,
@@ -66,6 +75,8 @@ impl Pipeline {
     /// event that reached the ring buffer is lost on a clean stop.
     pub async fn run(mut self, shutdown: impl Future<Output = ()>) -> std::io::Result<()> {
         tokio::pin!(shutdown);
+        let mut scan = tokio::time::interval(BLOCKED_SCAN_INTERVAL);
+        scan.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
         loop {
             let wakeup = self
                 .correlator
@@ -80,6 +91,7 @@ impl Pipeline {
                     self.drain();
                 }
                 () = sleep_or_forever(wakeup) => {}
+                _ = scan.tick() => self.scan_blocked(),
             }
             let decisions = self.correlator.tick(clock::boot_ns());
             self.decide(decisions);
@@ -105,21 +117,43 @@ impl Pipeline {
                 }
             }
         }
+        self.update_gauges();
+    }
+
+    /// Feeds the correlator every tracked thread now asleep in a futex wait. Only tracked
+    /// processes' threads are ever in the map, so with nothing tracked there is nothing to read
+    /// (the empty scan still clears the deadlocked gauge of processes that went away).
+    fn scan_blocked(&mut self) {
+        let waits: Vec<BlockedWait> = if self.correlator.tracked() == 0 {
+            Vec::new()
+        } else {
+            self.blocked
+                .iter()
+                .filter_map(Result::ok)
+                .map(|(tid, wait)| BlockedWait::from_kernel(tid, &wait))
+                .collect()
+        };
+        let decisions = self.correlator.on_blocked(&waits, clock::boot_ns());
+        self.decide(decisions);
+        self.update_gauges();
+    }
+
+    fn update_gauges(&self) {
         let (tracked, stats) = (self.correlator.tracked(), self.correlator.stats());
-        self.telemetry().metrics.correlator(tracked, stats);
+        let deadlocked = self.correlator.deadlocked();
+        self.telemetry()
+            .metrics
+            .correlator(tracked, deadlocked, stats);
     }
 
     fn handle(&mut self, event: Event) {
-        let (category, context) = match &event {
-            Event::Fork(f) => (
-                "fork",
-                self.proc
-                    .fork_context(f.parent_pid, f.parent_tid, f.child_pid),
-            ),
-            Event::Exec(_) => ("exec", ForkContext::default()),
-            Event::Exit(_) => ("exit", ForkContext::default()),
+        let context = match &event {
+            Event::Fork(f) => self
+                .proc
+                .fork_context(f.parent_pid, f.parent_tid, f.child_pid),
+            _ => ForkContext::default(),
         };
-        self.telemetry().metrics.event(category);
+        self.telemetry().metrics.event(event.category());
         let decisions = self.correlator.on_event(event, context);
         self.decide(decisions);
     }

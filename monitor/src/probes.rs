@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 
 use aya::{
     Btf, Ebpf, EbpfError, EbpfLoader, Endianness,
-    maps::{MapData, PerCpuArray, RingBuf},
+    maps::{HashMap as BpfHashMap, MapData, PerCpuArray, RingBuf},
     programs::{BtfTracePoint, ProgramError},
 };
 use monitor_common::{OFFSETS_GLOBAL, fork_counter, lost_category, names};
@@ -140,6 +140,20 @@ impl Probes {
             .ok_or(ProbeError::MissingMap(names::EVENTS))?;
         RingBuf::try_from(map).map_err(|source| ProbeError::Map {
             name: names::EVENTS,
+            source,
+        })
+    }
+
+    /// The map of tracked threads asleep in a futex wait. Can be taken once.
+    pub fn take_blocked(
+        &mut self,
+    ) -> Result<BpfHashMap<MapData, u32, monitor_common::BlockedWait>, ProbeError> {
+        let map = self
+            .ebpf
+            .take_map(names::BLOCKED)
+            .ok_or(ProbeError::MissingMap(names::BLOCKED))?;
+        BpfHashMap::try_from(map).map_err(|source| ProbeError::Map {
+            name: names::BLOCKED,
             source,
         })
     }

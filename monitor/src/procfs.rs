@@ -21,6 +21,15 @@ pub struct ForkContext {
     pub thread_names: Vec<String>,
     pub exe: Option<String>,
     pub cmdline: Vec<String>,
+    /// Futex addresses the parent's other threads were waiting on (see
+    /// [`ProcFs::futex_waits`] for how exact that is).
+    pub parent_futex_waits: Vec<u64>,
+}
+
+impl crate::correlator::ForkEvidence for ForkContext {
+    fn parent_futex_waits(&self) -> &[u64] {
+        &self.parent_futex_waits
+    }
 }
 
 pub struct ProcFs {
@@ -56,7 +65,42 @@ impl ProcFs {
             thread_names: self.thread_names(parent, parent_tid),
             exe,
             cmdline,
+            parent_futex_waits: self.futex_waits(parent, parent_tid),
         }
+    }
+
+    /// Futex addresses that threads of `pid` (other than `skip_tid`) are blocked on, from
+    /// /proc/pid/task/*/syscall.
+    ///
+    /// How exact: this runs when the fork event reaches the daemon, typically well under a
+    /// millisecond after the fork, not at the fork itself. A thread that started or stopped
+    /// waiting in between is misreported, so the result is evidence, never proof; and a thread
+    /// that holds a lock without waiting (the usual culprit) shows nothing here at all.
+    pub fn futex_waits(&self, pid: u32, skip_tid: u32) -> Vec<u64> {
+        let mut waits: Vec<u64> = self
+            .tids(pid)
+            .into_iter()
+            .filter(|&tid| tid != skip_tid)
+            .filter_map(|tid| {
+                let line = fs::read_to_string(self.path(pid, &format!("task/{tid}/syscall")));
+                parse_futex_wait(&line.ok()?)
+            })
+            .collect();
+        waits.sort_unstable();
+        waits.dedup();
+        waits
+    }
+
+    /// Thread ids of `pid`, ascending.
+    fn tids(&self, pid: u32) -> Vec<u32> {
+        let Ok(entries) = fs::read_dir(self.path(pid, "task")) else {
+            return Vec::new();
+        };
+        let mut tids: Vec<u32> = entries
+            .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+            .collect();
+        tids.sort_unstable();
+        tids
     }
 
     pub fn comm(&self, pid: u32) -> Option<String> {
@@ -81,15 +125,9 @@ impl ProcFs {
 
     /// Names of every thread of `pid` except `skip_tid`, in tid order.
     pub fn thread_names(&self, pid: u32, skip_tid: u32) -> Vec<String> {
-        let Ok(entries) = fs::read_dir(self.path(pid, "task")) else {
-            return Vec::new();
-        };
-        let mut tids: Vec<u32> = entries
-            .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+        self.tids(pid)
+            .into_iter()
             .filter(|&tid| tid != skip_tid)
-            .collect();
-        tids.sort_unstable();
-        tids.into_iter()
             .filter_map(|tid| read_trimmed(&self.path(pid, &format!("task/{tid}/comm"))))
             .collect()
     }
@@ -110,6 +148,23 @@ impl ProcFs {
         let expected = start_ns / (1_000_000_000 / hz);
         ticks.abs_diff(expected) <= 1
     }
+}
+
+/// The futex address of a /proc/.../syscall line ("nr arg1 ... arg6 sp pc", hex args) when the
+/// thread is blocked in a futex wait: futex(2) with a waiting op, or futex_wait(2). futex_waitv's
+/// first argument is an array in the process's memory, not an address, so it is left out.
+fn parse_futex_wait(line: &str) -> Option<u64> {
+    let mut fields = line.split_whitespace();
+    let nr: u32 = fields.next()?.parse().ok()?;
+    let hex = |f: Option<&str>| u64::from_str_radix(f?.strip_prefix("0x")?, 16).ok();
+    let uaddr = hex(fields.next())?;
+    let op = hex(fields.next())?;
+    let waiting = match nr {
+        monitor_common::syscall::FUTEX => monitor_common::futex::is_wait(op as u32),
+        monitor_common::syscall::FUTEX_WAIT => true,
+        _ => false,
+    };
+    waiting.then_some(uaddr)
 }
 
 fn read_trimmed(path: &Path) -> Option<String> {
@@ -142,6 +197,25 @@ mod tests {
         assert_eq!(parse_start_ticks(stat), Some(123_456));
         assert_eq!(parse_start_ticks("42 (x"), None);
         assert_eq!(parse_start_ticks(""), None);
+    }
+
+    #[test]
+    fn futex_waits_are_recognized_in_syscall_lines() {
+        let wait = "202 0x55d0c0a0 0x80 0x2 0x0 0x0 0x0 0x7ffd1234 0x7f0012";
+        assert_eq!(parse_futex_wait(wait), Some(0x55d0_c0a0));
+        let bitset = "202 0x1000 0x189 0x0 0x0 0x0 0xffffffff 0x7ffd1234 0x7f0012";
+        assert_eq!(parse_futex_wait(bitset), Some(0x1000));
+        // FUTEX_WAKE, another syscall, a running thread, garbage.
+        assert_eq!(
+            parse_futex_wait("202 0x1000 0x81 0x1 0x0 0x0 0x0 0x1 0x2"),
+            None
+        );
+        assert_eq!(
+            parse_futex_wait("230 0x0 0x0 0x7ffd 0x0 0x0 0x0 0x1 0x2"),
+            None
+        );
+        assert_eq!(parse_futex_wait("running"), None);
+        assert_eq!(parse_futex_wait("202 zz"), None);
     }
 
     #[test]

@@ -16,6 +16,7 @@ use crate::{
 };
 
 const GRACE: Duration = Duration::from_millis(300);
+const DEADLOCK_AFTER: Duration = Duration::from_millis(300);
 
 pub async fn run(args: CommonArgs) -> anyhow::Result<bool> {
     let mut monitor = Monitor::start(&MonitorOptions {
@@ -23,21 +24,28 @@ pub async fn run(args: CommonArgs) -> anyhow::Result<bool> {
         ring_buffer_bytes: monitor_common::RING_BUFFER_BYTES,
         max_tracked: 1024,
         exec_grace: GRACE,
+        deadlock_after: DEADLOCK_AFTER,
         full_cmdline: false,
     })?;
     println!("selftest: probes loaded and attached");
     let hazard = run_fixture(fixture::MT_FORK_NO_EXEC)?;
     let safe = run_fixture(fixture::MT_FORK_EXEC)?;
+    let deadlocked = run_fixture(fixture::MT_FORK_DEADLOCK)?;
+    let _kill = KillOnDrop(deadlocked);
     let fixtures_done = Instant::now();
 
-    // The hazard is decided when its child exits; the safe child is decided (quietly) at its
-    // deadline. Wait past that deadline with margin, or stop early once both are certain.
+    // The hazard is decided when its child exits, the deadlock after DEADLOCK_AFTER; the safe
+    // child is decided (quietly) at its deadline. Wait past that deadline with margin, or stop
+    // early once everything is certain.
     let quiet_until = fixtures_done + GRACE + Duration::from_millis(500);
-    let give_up = fixtures_done + GRACE + Duration::from_secs(3);
+    let give_up = fixtures_done + GRACE.max(DEADLOCK_AFTER) + Duration::from_secs(3);
     let mut findings: Vec<Finding> = Vec::new();
     loop {
         let now = Instant::now();
-        let seen = findings.iter().any(|f| f.pid == hazard);
+        let seen = findings.iter().any(|f| f.pid == hazard)
+            && findings
+                .iter()
+                .any(|f| f.pid == deadlocked && f.kind == Kind::InheritedLockDeadlock);
         if now >= give_up || (seen && now >= quiet_until) {
             break;
         }
@@ -50,20 +58,24 @@ pub async fn run(args: CommonArgs) -> anyhow::Result<bool> {
     }
     findings.extend(monitor.stop().await?);
 
-    let count = |pid: u32| {
+    let count = |pid: u32, kind: Kind| {
         findings
             .iter()
-            .filter(|f| f.pid == pid && f.kind == Kind::MtForkNoExec)
+            .filter(|f| f.pid == pid && f.kind == kind)
             .count()
     };
     let checks = [
         (
             format!("multithreaded fork without exec (child {hazard}) reported once"),
-            count(hazard) == 1,
+            count(hazard, Kind::MtForkNoExec) == 1,
         ),
         (
             format!("multithreaded fork + exec (child {safe}) not reported"),
-            count(safe) == 0,
+            findings.iter().all(|f| f.pid != safe),
+        ),
+        (
+            format!("child {deadlocked} blocked on an inherited lock reported as a deadlock"),
+            count(deadlocked, Kind::InheritedLockDeadlock) == 1,
         ),
     ];
     let mut passed = true;
@@ -73,6 +85,16 @@ pub async fn run(args: CommonArgs) -> anyhow::Result<bool> {
     }
     println!("selftest: {}", if passed { "passed" } else { "FAILED" });
     Ok(passed)
+}
+
+/// Kills a pid on drop: the deadlocked child never ends by itself.
+struct KillOnDrop(u32);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        // SAFETY: kill has no memory-safety preconditions.
+        unsafe { libc::kill(self.0 as i32, libc::SIGKILL) };
+    }
 }
 
 /// Runs `forkwatch fixture NAME` and returns the pid of the child it forked.

@@ -66,6 +66,29 @@ pub fn render(f: &Finding, color: bool) -> String {
                 let _ = write!(line, ", no exec within {} ms", d.grace_ms);
             }
         }
+        Details::LockWait(d) => {
+            let _ = write!(
+                line,
+                ": thread {} blocked {} ms in {} on {}",
+                d.tid, d.blocked_ms, d.futex_op, d.futex_addr
+            );
+            if d.contended_in_parent_at_fork {
+                line.push_str(" (the parent was waiting on it at the fork)");
+            }
+            if let Some(reason) = &d.reason {
+                let _ = write!(line, ", could still end: {reason}");
+            }
+            if let Some(stack) = &d.stack_summary {
+                let _ = write!(line, ", stack: {}", escape(stack));
+            }
+        }
+        Details::ThreadsAfterMtFork(d) => {
+            let _ = write!(
+                line,
+                ": created thread {} without exec after a fork from {} threads",
+                d.tid, d.parent_threads
+            );
+        }
     }
     if let Some(exe) = &f.exe {
         let _ = write!(line, " exe={}", escape(exe));

@@ -139,15 +139,40 @@ impl Daemon {
 
     /// Waits for a finding about `pid`; panics with the daemon's log after `timeout`.
     pub fn expect_finding(&self, pid: u32, timeout: Duration) -> Value {
-        let found = self.wait(timeout, |out| out.findings.iter().any(|f| f["pid"] == pid));
-        match found {
-            Some(view) => view.findings.into_iter().find(|f| f["pid"] == pid).unwrap(),
+        self.expect(pid, None, timeout)
+    }
+
+    /// Waits for a finding of `kind` about `pid`.
+    pub fn expect_kind(&self, pid: u32, kind: &str, timeout: Duration) -> Value {
+        self.expect(pid, Some(kind), timeout)
+    }
+
+    fn expect(&self, pid: u32, kind: Option<&str>, timeout: Duration) -> Value {
+        let matches = |f: &Value| f["pid"] == pid && kind.is_none_or(|k| f["kind"] == k);
+        match self.wait(timeout, |out| out.findings.iter().any(matches)) {
+            Some(view) => view.findings.into_iter().find(matches).unwrap(),
             None => panic!(
-                "no finding for pid {pid} within {timeout:?}; findings: {:?}\nlog:\n{}",
+                "no {kind:?} finding for pid {pid} within {timeout:?}; findings: {:?}\nlog:\n{}",
                 self.findings(),
                 self.log()
             ),
         }
+    }
+
+    /// Findings of `kind` about `pid`.
+    pub fn findings_of(&self, pid: u32, kind: &str) -> Vec<Value> {
+        self.findings_for(pid)
+            .into_iter()
+            .filter(|f| f["kind"] == kind)
+            .collect()
+    }
+
+    /// The value of a metric series (`name{labels}`) from /metrics.
+    pub fn metric(&self, series: &str) -> f64 {
+        let (_, body) = self.get("/metrics");
+        body.lines()
+            .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no {series} in\n{body}"))
     }
 
     /// Proves the daemon has decided everything that happened before this call: a control
@@ -252,15 +277,20 @@ pub fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
 
 /// What a fixture printed: `key=value` words.
 pub struct FixtureRun {
-    pub values: HashMap<String, u32>,
+    pub values: HashMap<String, String>,
 }
 
 impl FixtureRun {
-    pub fn get(&self, key: &str) -> u32 {
-        *self
-            .values
+    pub fn text(&self, key: &str) -> &str {
+        self.values
             .get(key)
             .unwrap_or_else(|| panic!("fixture printed no {key}: {:?}", self.values))
+    }
+
+    pub fn get(&self, key: &str) -> u32 {
+        let text = self.text(key);
+        text.parse()
+            .unwrap_or_else(|_| panic!("fixture's {key}={text} is not a number"))
     }
 
     pub fn parent(&self) -> u32 {
@@ -276,24 +306,61 @@ fn fixtures_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
 }
 
-/// The C fixture, compiled once per test binary into cargo's temporary directory.
-fn forker() -> &'static Path {
-    static FORKER: OnceLock<PathBuf> = OnceLock::new();
-    FORKER.get_or_init(|| {
-        let out = Path::new(env!("CARGO_TARGET_TMPDIR")).join("forker");
-        let status = Command::new("cc")
-            .args(["-O1", "-Wall", "-Wextra", "-Werror", "-pthread", "-o"])
-            .arg(&out)
-            .arg(fixtures_dir().join("forker.c"))
-            .status()
-            .expect("run cc (cargo xtask setup installs it)");
-        assert!(status.success(), "compiling forker.c failed");
-        out
-    })
+/// A C fixture (`tests/fixtures/NAME.c`), compiled once per test binary into cargo's temporary
+/// directory, with debug info so that reported stacks can name its functions.
+fn compiled(name: &str) -> PathBuf {
+    static BUILT: OnceLock<Mutex<HashMap<String, PathBuf>>> = OnceLock::new();
+    let mut built = BUILT.get_or_init(Default::default).lock().unwrap();
+    built
+        .entry(name.to_owned())
+        .or_insert_with(|| {
+            let out = Path::new(env!("CARGO_TARGET_TMPDIR")).join(name);
+            let status = Command::new("cc")
+                .args(["-O1", "-g", "-Wall", "-Wextra", "-Werror", "-pthread", "-o"])
+                .arg(&out)
+                .arg(fixtures_dir().join(format!("{name}.c")))
+                .status()
+                .expect("run cc (cargo xtask setup installs it)");
+            assert!(status.success(), "compiling {name}.c failed");
+            out
+        })
+        .clone()
 }
 
 pub fn run_forker(mode: &str, args: &[&str]) -> FixtureRun {
-    run_fixture(Command::new(forker()).arg(mode).args(args))
+    run_fixture(Command::new(compiled("forker")).arg(mode).args(args))
+}
+
+/// Runs `locker MODE`; its child is left running (and killed when the run is dropped).
+pub fn run_locker(mode: &str) -> LeftRunning {
+    LeftRunning(run_fixture(Command::new(compiled("locker")).arg(mode)))
+}
+
+/// Kills a pid on drop (a deadlocked child a test started indirectly).
+pub struct KillOnDrop(pub u32);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        signal(self.0, libc::SIGKILL);
+    }
+}
+
+/// A fixture run whose child outlives it (a deadlocked child): killed on drop.
+pub struct LeftRunning(pub FixtureRun);
+
+impl std::ops::Deref for LeftRunning {
+    type Target = FixtureRun;
+    fn deref(&self) -> &FixtureRun {
+        &self.0
+    }
+}
+
+impl Drop for LeftRunning {
+    fn drop(&mut self) {
+        if let Some(child) = self.0.values.get("child").and_then(|c| c.parse().ok()) {
+            drop(KillOnDrop(child));
+        }
+    }
 }
 
 pub fn run_python(script: &str, args: &[&str]) -> FixtureRun {
@@ -305,20 +372,46 @@ pub fn run_python(script: &str, args: &[&str]) -> FixtureRun {
 }
 
 fn run_fixture(cmd: &mut Command) -> FixtureRun {
-    let out = cmd.output().expect("run fixture");
-    let stdout = String::from_utf8_lossy(&out.stdout);
+    // Wait for the fixture to exit, not for its stdout to close: a child it leaves running
+    // (deadlocked on purpose) holds the pipe open for as long as it lives.
+    let mut child = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot run fixture {cmd:?}: {e}"));
+    let stdout = lines_of(child.stdout.take().expect("stdout"));
+    let stderr = lines_of(child.stderr.take().expect("stderr"));
+    let status = child.wait().expect("wait for fixture");
+    // Everything it printed is in the pipes now; take what arrives promptly.
+    let collect = |lines: std::sync::mpsc::Receiver<String>| {
+        std::iter::from_fn(|| lines.recv_timeout(Duration::from_millis(200)).ok())
+            .collect::<Vec<_>>()
+            .join("\n")
+    };
+    let (stdout, stderr) = (collect(stdout), collect(stderr));
     assert!(
-        out.status.success(),
-        "fixture {cmd:?} failed ({}): {stdout}{}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
+        status.success(),
+        "fixture {cmd:?} failed ({status}): {stdout}{stderr}"
     );
     let values = stdout
         .split_whitespace()
         .filter_map(|word| {
             let (key, value) = word.split_once('=')?;
-            Some((key.to_owned(), value.parse().ok()?))
+            Some((key.to_owned(), value.to_owned()))
         })
         .collect();
     FixtureRun { values }
+}
+
+/// Lines of a stream, read on a thread of their own.
+fn lines_of(stream: impl Read + Send + 'static) -> std::sync::mpsc::Receiver<String> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stream).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    rx
 }

@@ -1,0 +1,684 @@
+//! User-space call stacks of threads blocked in a syscall.
+//!
+//! A thread sleeping in a syscall (say, a futex wait on a lock inherited across `fork`) holds
+//! still, so its user registers and stack can be read from the outside without ptrace: the kernel
+//! exposes the user sp and pc in `/proc/<pid>/task/<tid>/syscall`, and the stack words are
+//! readable through `/proc/<pid>/mem`. Debian's glibc is built without frame pointers, so the
+//! stack is walked with the modules' `.eh_frame` CFI (framehop), then every frame is symbolized
+//! (blazesym).
+
+// Only the x86_64 path uses the parsing helpers; elsewhere the API just reports the arch.
+#![cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+
+use std::fs::File;
+use std::io;
+
+/// One frame of a user stack.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct Frame {
+    /// Instruction address in the process (the pc for frame 0, the return address for callers).
+    pub address: u64,
+    /// Function name, demangled, when a symbol covers the address.
+    pub function: Option<String>,
+    /// File name (not the full path) of the module (executable or shared library), e.g. "libc.so.6".
+    pub module: Option<String>,
+    /// Offset of the address into the function when `function` is known, else into the module (file offset-based / module-relative).
+    pub offset: u64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StackError {
+    /// Only constructed off x86_64; kept everywhere so callers match the same enum.
+    #[cfg_attr(target_arch = "x86_64", allow(dead_code))]
+    #[error("user stack unwinding is only implemented for x86_64")]
+    UnsupportedArchitecture,
+    #[error("invalid process or thread id 0")]
+    InvalidId,
+    #[error("cannot read {path}: {source}")]
+    Proc {
+        path: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error("thread {tid} is not blocked in a syscall from user space ({path} reads {line:?})")]
+    NotBlocked {
+        tid: u32,
+        path: String,
+        line: String,
+    },
+    #[error("cannot parse {path}: {line:?}")]
+    MalformedSyscall { path: String, line: String },
+}
+
+/// Unwinds the user stack of thread `tid` of process `pid` (blocked in a syscall) from the
+/// registers in /proc/<pid>/task/<tid>/syscall (its last two fields are the user sp and pc) and the
+/// stack memory read from /proc/<pid>/mem, using the modules' .eh_frame CFI (framehop), then
+/// symbolizes every frame (blazesym). At most `max_frames` frames, innermost first.
+pub fn blocked_thread_stack(
+    pid: u32,
+    tid: u32,
+    max_frames: usize,
+) -> Result<Vec<Frame>, StackError> {
+    #[cfg(target_arch = "x86_64")]
+    {
+        imp::blocked_thread_stack(pid, tid, max_frames)
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = (pid, tid, max_frames);
+        Err(StackError::UnsupportedArchitecture)
+    }
+}
+
+/// "a ← b ← c" using function names (or "module+0xoffset" / "0xaddress" when unknown).
+pub fn format_stack(frames: &[Frame]) -> String {
+    let names: Vec<String> = frames
+        .iter()
+        .map(|f| match (&f.function, &f.module) {
+            (Some(function), _) => function.clone(),
+            (None, Some(module)) => format!("{module}+{:#x}", f.offset),
+            (None, None) => format!("{:#x}", f.address),
+        })
+        .collect();
+    names.join(" ← ")
+}
+
+/// Registers of a thread sleeping in the kernel, as far as /proc tells them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct UserRegs {
+    sp: u64,
+    pc: u64,
+}
+
+/// Why a syscall line yielded no registers; the caller turns this into a `StackError`.
+#[derive(Debug, PartialEq, Eq)]
+enum SyscallLine {
+    NotBlocked,
+    Malformed,
+}
+
+/// Parses `/proc/<pid>/task/<tid>/syscall`: `nr a0 a1 a2 a3 a4 a5 sp pc` while in a syscall,
+/// `-1 sp pc` when blocked outside one (e.g. in a page fault: the user registers are just as
+/// still, so it is accepted), `running` otherwise.
+fn parse_syscall_line(line: &str) -> Result<UserRegs, SyscallLine> {
+    let fields: Vec<&str> = line.split_whitespace().collect();
+    let valid_len = match fields.first() {
+        None => return Err(SyscallLine::Malformed),
+        Some(&"running") => return Err(SyscallLine::NotBlocked),
+        Some(&"-1") => 3,
+        Some(nr) if nr.parse::<u64>().is_ok() => 9,
+        Some(_) => return Err(SyscallLine::Malformed),
+    };
+    if fields.len() < valid_len {
+        return Err(SyscallLine::NotBlocked);
+    }
+    let hex = |s: &str| u64::from_str_radix(s.strip_prefix("0x")?, 16).ok();
+    let (Some(sp), Some(pc)) = (hex(fields[valid_len - 2]), hex(fields[valid_len - 1])) else {
+        return Err(SyscallLine::Malformed);
+    };
+    // Kernel threads have no user registers: nothing to unwind.
+    if sp == 0 || pc == 0 {
+        return Err(SyscallLine::NotBlocked);
+    }
+    Ok(UserRegs { sp, pc })
+}
+
+/// One line of /proc/<pid>/maps.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Mapping {
+    start: u64,
+    end: u64,
+    executable: bool,
+    /// File offset of `start`.
+    offset: u64,
+    inode: u64,
+    /// Path or pseudo-name ("[vdso]"), possibly suffixed " (deleted)"; None for anonymous memory.
+    path: Option<String>,
+}
+
+impl Mapping {
+    /// File name shown in frames: the last path component, or the pseudo-name itself.
+    fn module_name(&self) -> Option<String> {
+        let path = self.path.as_deref()?;
+        let path = path.strip_suffix(" (deleted)").unwrap_or(path);
+        let name = path.rsplit('/').next().unwrap_or(path);
+        (!name.is_empty()).then(|| name.to_string())
+    }
+
+    fn contains(&self, address: u64) -> bool {
+        (self.start..self.end).contains(&address)
+    }
+}
+
+/// Parses `start-end perms offset dev inode [path]`; None for anything else.
+fn parse_maps_line(line: &str) -> Option<Mapping> {
+    // The path is the rest of the line after the inode and its padding; it may contain spaces.
+    let mut rest = line;
+    let mut next_field = || {
+        let trimmed = rest.trim_start();
+        let end = trimmed.find(' ').unwrap_or(trimmed.len());
+        let (field, tail) = trimmed.split_at(end);
+        rest = tail;
+        (!field.is_empty()).then_some(field)
+    };
+    let (range, perms, offset, _dev, inode) = (
+        next_field()?,
+        next_field()?,
+        next_field()?,
+        next_field()?,
+        next_field()?,
+    );
+    let (start, end) = range.split_once('-')?;
+    let start = u64::from_str_radix(start, 16).ok()?;
+    let end = u64::from_str_radix(end, 16).ok()?;
+    if start >= end {
+        return None;
+    }
+    let path = rest.trim_start();
+    Some(Mapping {
+        start,
+        end,
+        executable: perms.as_bytes().get(2) == Some(&b'x'),
+        offset: u64::from_str_radix(offset, 16).ok()?,
+        inode: inode.parse().ok()?,
+        path: (!path.is_empty()).then(|| path.to_string()),
+    })
+}
+
+/// Reads a /proc file as text; lossy, because mapped file names need not be UTF-8.
+fn read_proc(path: String) -> Result<String, StackError> {
+    match std::fs::read(&path) {
+        Ok(bytes) => Ok(String::from_utf8_lossy(&bytes).into_owned()),
+        Err(source) => Err(StackError::Proc { path, source }),
+    }
+}
+
+fn open_proc(path: String) -> Result<File, StackError> {
+    File::open(&path).map_err(|source| StackError::Proc { path, source })
+}
+
+#[cfg(target_arch = "x86_64")]
+mod imp {
+    use std::ops::Range;
+    use std::os::unix::fs::{FileExt as _, MetadataExt as _};
+    use std::path::Path;
+
+    use blazesym::symbolize::source::{Elf, Process, Source};
+    use blazesym::symbolize::{Input, Reason, Symbolized, Symbolizer};
+    use framehop::x86_64::{CacheX86_64, UnwindRegsX86_64, UnwinderX86_64};
+    use framehop::{ExplicitModuleSectionInfo, FrameAddress, Module, Unwinder as _};
+    use object::read::elf::ElfFile64;
+    use object::{Object as _, ObjectSection as _, ObjectSegment as _, ReadCache};
+
+    use super::*;
+
+    /// What symbolization needs to know about a loaded module beyond blazesym's own view.
+    struct ModuleInfo {
+        avma: Range<u64>,
+        /// avma - svma.
+        bias: u64,
+        /// GNU build id, which names the separate debug file.
+        build_id: Option<Vec<u8>>,
+    }
+
+    pub(super) fn blocked_thread_stack(
+        pid: u32,
+        tid: u32,
+        max_frames: usize,
+    ) -> Result<Vec<Frame>, StackError> {
+        // blazesym reads pid 0 as "this process"; /proc has no task 0 either.
+        if pid == 0 || tid == 0 {
+            return Err(StackError::InvalidId);
+        }
+        let path = format!("/proc/{pid}/task/{tid}/syscall");
+        let line = read_proc(path.clone())?;
+        let line = line.trim().to_string();
+        let regs = parse_syscall_line(&line).map_err(|why| match why {
+            SyscallLine::NotBlocked => StackError::NotBlocked { tid, path, line },
+            SyscallLine::Malformed => StackError::MalformedSyscall { path, line },
+        })?;
+        let maps: Vec<Mapping> = read_proc(format!("/proc/{pid}/maps"))?
+            .lines()
+            .filter_map(parse_maps_line)
+            .collect();
+        let mem = open_proc(format!("/proc/{pid}/mem"))?;
+
+        let mut unwinder = UnwinderX86_64::<Vec<u8>>::new();
+        let mut modules = Vec::new();
+        for mapping in maps.iter().filter(|m| m.executable) {
+            if let Some((module, info)) = load_module(pid, mapping) {
+                unwinder.add_module(module);
+                modules.push(info);
+            }
+        }
+        let addresses = unwind(&unwinder, regs, &mem, max_frames);
+        Ok(symbolize(pid, &addresses, &maps, &modules))
+    }
+
+    /// Walks the stack with CFI; returns the pc followed by return addresses.
+    fn unwind(
+        unwinder: &UnwinderX86_64<Vec<u8>>,
+        regs: UserRegs,
+        mem: &File,
+        max: usize,
+    ) -> Vec<u64> {
+        let mut cache = CacheX86_64::new();
+        let mut read_stack = |addr: u64| {
+            let mut word = [0u8; 8];
+            mem.read_exact_at(&mut word, addr).map_err(|_| ())?;
+            Ok(u64::from_le_bytes(word))
+        };
+        // bp is not in /proc/.../syscall; 0 makes any frame-pointer fallback fail fast instead
+        // of following garbage. Code with CFI does not need it unless its CFA is rbp-based.
+        let mut uregs = UnwindRegsX86_64::new(regs.pc, regs.sp, 0);
+        let mut frame = FrameAddress::InstructionPointer(regs.pc);
+        let mut addresses = vec![regs.pc];
+        while addresses.len() < max {
+            let sp_before = uregs.sp();
+            let return_address =
+                match unwinder.unwind_frame(frame, &mut uregs, &mut cache, &mut read_stack) {
+                    Ok(Some(ra)) => ra,
+                    // Ok(None): the CFI marks the outermost frame (e.g. _start).
+                    Ok(None) | Err(_) => break,
+                };
+            // Stacks grow down, so each caller's sp must be above its callee's; anything else is
+            // a corrupt stack or a loop.
+            if uregs.sp() <= sp_before {
+                break;
+            }
+            let Some(next) = FrameAddress::from_return_address(return_address) else {
+                break; // a zero return address ends the chain
+            };
+            addresses.push(return_address);
+            frame = next;
+        }
+        addresses.truncate(max);
+        addresses
+    }
+
+    /// Builds the framehop module for one executable mapping; None when its file or CFI is
+    /// unavailable (frames in it then end the walk, which beats a wrong stack).
+    fn load_module(pid: u32, mapping: &Mapping) -> Option<(Module<Vec<u8>>, ModuleInfo)> {
+        let file = open_mapped_file(pid, mapping)?;
+        // ReadCache reads only the headers and the sections asked for, not the whole (possibly
+        // huge) file, and bounds-checks every read against the file size.
+        let data = ReadCache::new(file);
+        let elf = ElfFile64::<object::Endianness, _>::parse(&data).ok()?;
+
+        // The executable PT_LOAD segment that this mapping was created from gives the load
+        // bias: file offset X lives at start + (X - offset) in memory and at
+        // p_vaddr + (X - p_offset) in the ELF, so bias = start - offset + p_offset - p_vaddr.
+        let map_len = mapping.end - mapping.start;
+        let segment = elf.segments().find(|s| {
+            let (p_offset, p_filesz) = s.file_range();
+            s.permissions().executable()
+                && p_offset < mapping.offset.saturating_add(map_len)
+                && mapping.offset < p_offset.saturating_add(p_filesz)
+        })?;
+        let (p_offset, _) = segment.file_range();
+        let bias = mapping
+            .start
+            .checked_sub(mapping.offset)?
+            .checked_add(p_offset)?
+            .checked_sub(segment.address())?;
+
+        let range = |name: &str| -> Option<Range<u64>> {
+            let s = elf.section_by_name(name)?;
+            Some(s.address()..s.address().checked_add(s.size())?)
+        };
+        let bytes = |name: &str| Some(elf.section_by_name(name)?.data().ok()?.to_vec());
+        // For ELF, framehop's svma base is 0 and module-relative addresses are svmas; the
+        // section addresses resolve pc-/text-/data-relative pointer encodings in the CFI.
+        // .text bytes are only used for Mach-O prologue analysis, so they are not loaded.
+        let sections = ExplicitModuleSectionInfo {
+            base_svma: 0,
+            text_svma: range(".text"),
+            got_svma: range(".got"),
+            eh_frame_svma: range(".eh_frame"),
+            eh_frame: bytes(".eh_frame"),
+            eh_frame_hdr_svma: range(".eh_frame_hdr"),
+            eh_frame_hdr: bytes(".eh_frame_hdr"),
+            ..Default::default()
+        };
+        let avma = mapping.start..mapping.end;
+        let name = mapping.path.clone().unwrap_or_default();
+        let module = Module::new(name, avma.clone(), bias, sections);
+        let build_id = elf.build_id().ok().flatten().map(<[u8]>::to_vec);
+        Some((
+            module,
+            ModuleInfo {
+                avma,
+                bias,
+                build_id,
+            },
+        ))
+    }
+
+    /// Opens the file behind a mapping. The path is resolved through /proc/<pid>/root so it
+    /// names the file in the process's mount namespace (containers); if that is not the mapped
+    /// file (replaced, deleted, other namespace), /proc/<pid>/map_files/ has the mapped inode.
+    fn open_mapped_file(pid: u32, mapping: &Mapping) -> Option<File> {
+        let by_path = mapping
+            .path
+            .as_deref()
+            .filter(|p| p.starts_with('/'))
+            .and_then(|p| File::open(format!("/proc/{pid}/root{p}")).ok());
+        let is_mapped_inode = |f: &File| f.metadata().is_ok_and(|m| m.ino() == mapping.inode);
+        match by_path {
+            Some(file) if is_mapped_inode(&file) => Some(file),
+            by_path => File::open(format!(
+                "/proc/{pid}/map_files/{:x}-{:x}",
+                mapping.start, mapping.end
+            ))
+            .ok()
+            // Inode numbers can differ through overlay filesystems; the path is still the
+            // best guess when map_files is not accessible.
+            .or(by_path),
+        }
+    }
+
+    /// Names every address; symbolization failures leave `function` empty rather than
+    /// losing the unwound stack.
+    fn symbolize(
+        pid: u32,
+        addresses: &[u64],
+        maps: &[Mapping],
+        modules: &[ModuleInfo],
+    ) -> Vec<Frame> {
+        if addresses.is_empty() {
+            return Vec::new();
+        }
+        // A return address points after the call, possibly past the end of the caller (calls
+        // to noreturn functions), so callers are looked up one byte earlier.
+        let lookups: Vec<u64> = addresses
+            .iter()
+            .enumerate()
+            .map(|(i, &a)| if i == 0 { a } else { a.saturating_sub(1) })
+            .collect();
+        let symbolizer = Symbolizer::builder()
+            .enable_code_info(false)
+            .enable_inlined_fns(false)
+            .build();
+        let process = |debug_syms: bool| {
+            let mut process = Process::new(pid.into());
+            process.debug_syms = debug_syms;
+            // perf maps describe JIT code, which has no CFI to get here; skip reading them.
+            process.perf_map = false;
+            Source::Process(process)
+        };
+        // A module whose debug info blazesym cannot read (Debian's libc6-dbg ships
+        // zlib-compressed DWARF, and blazesym's zlib feature is off) fails the whole batch.
+        // Then name each address on its own, falling back to the ELF symbol tables.
+        let single = |source: &Source, input| {
+            symbolizer
+                .symbolize_single(source, input)
+                .unwrap_or(Symbolized::Unknown(Reason::IgnoredError))
+        };
+        let mut symbols = symbolizer
+            .symbolize(&process(true), Input::AbsAddr(&lookups))
+            .unwrap_or_else(|_| {
+                let (with_dwarf, without) = (process(true), process(false));
+                lookups
+                    .iter()
+                    .map(|&addr| match single(&with_dwarf, Input::AbsAddr(addr)) {
+                        Symbolized::Unknown(_) => single(&without, Input::AbsAddr(addr)),
+                        found => found,
+                    })
+                    .collect()
+            });
+        // Stripped libraries keep only exported symbols (glibc's __lll_lock_wait is not one).
+        // The separate debug file named by the build id still has the full .symtab, readable
+        // even when its DWARF is not.
+        for (symbol, &lookup) in symbols.iter_mut().zip(&lookups) {
+            if matches!(symbol, Symbolized::Sym(_)) {
+                continue;
+            }
+            let Some(module) = modules.iter().find(|m| m.avma.contains(&lookup)) else {
+                continue;
+            };
+            if let Some(path) = module
+                .build_id
+                .as_deref()
+                .and_then(|id| debug_file(pid, id))
+            {
+                let mut elf = Elf::new(path);
+                elf.debug_syms = false;
+                if let Some(svma) = lookup.checked_sub(module.bias) {
+                    *symbol = single(&Source::Elf(elf), Input::VirtOffset(svma));
+                }
+            }
+        }
+
+        addresses
+            .iter()
+            .zip(&lookups)
+            .zip(&symbols)
+            .map(|((&address, &lookup), symbol)| {
+                let mapping = maps.iter().find(|m| m.contains(lookup));
+                let module = mapping.and_then(Mapping::module_name);
+                match symbol {
+                    Symbolized::Sym(sym) => Frame {
+                        address,
+                        function: Some(sym.name.to_string()),
+                        module,
+                        offset: sym.offset as u64 + (address - lookup),
+                    },
+                    Symbolized::Unknown(_) => Frame {
+                        address,
+                        function: None,
+                        offset: mapping.map_or(0, |m| (address - m.start).saturating_add(m.offset)),
+                        module,
+                    },
+                }
+            })
+            .collect()
+    }
+
+    /// The debug file for a build id, as installed by Debian's -dbg/-dbgsym packages: first in
+    /// the process's own mount namespace, then on the host (the build id makes either match).
+    fn debug_file(pid: u32, build_id: &[u8]) -> Option<String> {
+        let (first, rest) = build_id.split_first()?;
+        let rest: String = rest.iter().map(|b| format!("{b:02x}")).collect();
+        let path = format!("/usr/lib/debug/.build-id/{first:02x}/{rest}.debug");
+        [format!("/proc/{pid}/root{path}"), path]
+            .into_iter()
+            .find(|p| Path::new(p).is_file())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_syscall_lines() {
+        let line = "202 0x55d0c0a0 0x80 0x2 0x0 0x0 0x0 0x7ffd12345678 0x7f0123456789\n";
+        assert_eq!(
+            parse_syscall_line(line),
+            Ok(UserRegs {
+                sp: 0x7ffd_1234_5678,
+                pc: 0x7f01_2345_6789
+            })
+        );
+        assert_eq!(
+            parse_syscall_line("-1 0x7ffd00001000 0x401000"),
+            Ok(UserRegs {
+                sp: 0x7ffd_0000_1000,
+                pc: 0x40_1000
+            })
+        );
+        assert_eq!(
+            parse_syscall_line("running\n"),
+            Err(SyscallLine::NotBlocked)
+        );
+        assert_eq!(
+            parse_syscall_line("202 0x1 0x2"),
+            Err(SyscallLine::NotBlocked)
+        );
+        assert_eq!(parse_syscall_line(""), Err(SyscallLine::Malformed));
+        assert_eq!(
+            parse_syscall_line("202 0x0 0x0 0x0 0x0 0x0 0x0 zz 0x1"),
+            Err(SyscallLine::Malformed)
+        );
+        assert_eq!(
+            parse_syscall_line("0 0x0 0x0 0x0 0x0 0x0 0x0 0x0 0x0"),
+            Err(SyscallLine::NotBlocked)
+        );
+    }
+
+    #[test]
+    fn parses_maps_lines() {
+        let line = "7f0123400000-7f0123595000 r-xp 00026000 fd:01 1234567                    /usr/lib/x86_64-linux-gnu/libc.so.6";
+        let m = parse_maps_line(line).unwrap();
+        assert_eq!(
+            m,
+            Mapping {
+                start: 0x7f01_2340_0000,
+                end: 0x7f01_2359_5000,
+                executable: true,
+                offset: 0x26000,
+                inode: 1_234_567,
+                path: Some("/usr/lib/x86_64-linux-gnu/libc.so.6".into()),
+            }
+        );
+        assert_eq!(m.module_name().as_deref(), Some("libc.so.6"));
+
+        let anon = parse_maps_line("7ffd0000-7ffd1000 rw-p 00000000 00:00 0 ").unwrap();
+        assert_eq!(
+            (anon.executable, anon.module_name(), anon.path),
+            (false, None, None)
+        );
+
+        let odd = parse_maps_line("1000-2000 r-xp 0 08:01 42 /tmp/my prog (deleted)").unwrap();
+        assert_eq!(odd.module_name().as_deref(), Some("my prog"));
+        let vdso = parse_maps_line("1000-2000 r-xp 00000000 00:00 0  [vdso]").unwrap();
+        assert_eq!(vdso.module_name().as_deref(), Some("[vdso]"));
+
+        for bad in [
+            "",
+            "garbage",
+            "2000-1000 r-xp 0 0:0 0",
+            "1000-zz r-xp 0 0:0 0 /x",
+        ] {
+            assert_eq!(parse_maps_line(bad), None, "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn formats_frames() {
+        let frames = [
+            Frame {
+                address: 0x10,
+                function: Some("f".into()),
+                module: Some("a.so".into()),
+                offset: 4,
+            },
+            Frame {
+                address: 0x20,
+                function: None,
+                module: Some("b.so".into()),
+                offset: 0x1f,
+            },
+            Frame {
+                address: 0x30,
+                function: None,
+                module: None,
+                offset: 0,
+            },
+        ];
+        assert_eq!(format_stack(&frames), "f ← b.so+0x1f ← 0x30");
+        assert_eq!(format_stack(&[]), "");
+    }
+
+    #[test]
+    fn nonexistent_pid_is_an_error() {
+        // Above the kernel's maximum pid_max (2^22), so it cannot exist.
+        assert!(blocked_thread_stack(0x7fff_fff0, 0x7fff_fff0, 8).is_err());
+        assert!(blocked_thread_stack(0, 0, 8).is_err());
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn unwinds_self_deadlocked_c_program() {
+        use std::process::Command;
+        use std::time::{Duration, Instant};
+
+        /// Kills the child even when an assertion fails.
+        struct KillOnDrop(std::process::Child);
+        impl Drop for KillOnDrop {
+            fn drop(&mut self) {
+                let _ = self.0.kill();
+                let _ = self.0.wait();
+            }
+        }
+
+        const PROGRAM: &str = r#"
+#include <pthread.h>
+static pthread_mutex_t lock = PTHREAD_MUTEX_INITIALIZER;
+__attribute__((noinline)) void holder_path(void) {
+    pthread_mutex_lock(&lock);
+    pthread_mutex_lock(&lock); /* non-recursive: blocks forever in futex wait */
+    __asm__ volatile("" ::: "memory");
+}
+int main(void) {
+    holder_path();
+    return 0;
+}
+"#;
+        let dir = std::env::temp_dir().join(format!("stack-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let (source, binary) = (dir.join("deadlock.c"), dir.join("deadlock"));
+        std::fs::write(&source, PROGRAM).unwrap();
+        let status = Command::new("cc")
+            .args(["-O1", "-g", "-pthread", "-o"])
+            .arg(&binary)
+            .arg(&source)
+            .status()
+            .expect("run cc");
+        assert!(status.success(), "cc failed");
+
+        let child = KillOnDrop(Command::new(&binary).spawn().unwrap());
+        let pid = child.0.id();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let line = std::fs::read_to_string(format!("/proc/{pid}/syscall")).unwrap();
+            if line.split_whitespace().next() == Some("202") {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "child never blocked in futex: {line}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+
+        let frames = blocked_thread_stack(pid, pid, 32).unwrap();
+        drop(child);
+        let _ = std::fs::remove_dir_all(&dir);
+        let stack = format_stack(&frames);
+        println!("{stack}");
+        println!("{frames:#x?}");
+
+        let position = |needle: &str, exact: bool| {
+            frames
+                .iter()
+                .position(|f| {
+                    f.function.as_deref().is_some_and(|n| {
+                        if exact {
+                            n == needle
+                        } else {
+                            n.contains(needle)
+                        }
+                    })
+                })
+                .unwrap_or_else(|| panic!("{needle} not in {stack}"))
+        };
+        let (lock, holder, main) = (
+            position("pthread_mutex_lock", false),
+            position("holder_path", true),
+            position("main", true),
+        );
+        assert!(lock < holder && holder < main, "wrong order: {stack}");
+        assert_eq!(frames[holder].module.as_deref(), Some("deadlock"));
+    }
+}

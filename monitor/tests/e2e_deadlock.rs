@@ -1,0 +1,188 @@
+//! End-to-end, as root: inherited-lock deadlocks. A parent thread holds a lock across fork();
+//! the child blocks on it forever. The real daemon must report exactly that as
+//! `inherited_lock_deadlock` (with the blocked thread's symbolized stack), report the waits that
+//! could still end only as `possible_inherited_lock_wait`, and stay quiet otherwise.
+
+mod harness;
+
+use std::time::{Duration, Instant};
+
+use harness::{Daemon, privileged, run_forker, run_locker, run_python};
+
+const DEADLOCK_AFTER_MS: u64 = 500;
+const TIMEOUT: Duration = Duration::from_secs(10);
+
+fn daemon() -> Daemon {
+    Daemon::start(&["--deadlock-after", &format!("{DEADLOCK_AFTER_MS}ms")])
+}
+
+fn lock_findings(daemon: &Daemon, pid: u32) -> Vec<serde_json::Value> {
+    daemon
+        .findings_for(pid)
+        .into_iter()
+        .filter(|f| f["kind"].as_str().unwrap().contains("lock"))
+        .collect()
+}
+
+#[test]
+fn c_child_locking_an_inherited_mutex_is_a_certain_deadlock() {
+    if !privileged() {
+        return;
+    }
+    let daemon = daemon();
+    let run = run_locker("deadlock");
+    let child = run.child();
+    let f = daemon.expect_kind(child, "inherited_lock_deadlock", TIMEOUT);
+    assert_eq!(f["severity"], "critical");
+    assert_eq!(f["parent_pid"], run.parent());
+    assert_eq!(f["tid"], child);
+    assert_eq!(
+        f["futex_addr"],
+        run.text("lock"),
+        "the inherited mutex: {f}"
+    );
+    assert_eq!(f["futex_op"], "FUTEX_WAIT_PRIVATE");
+    assert_eq!(f["threads"], 1);
+    assert!(
+        f["blocked_ms"].as_u64().unwrap() >= DEADLOCK_AFTER_MS,
+        "{f}"
+    );
+    // The parent's lock-waiter thread was blocked on the same mutex at the fork.
+    assert_eq!(f["contended_in_parent_at_fork"], true, "{f}");
+    assert!(f.get("reason").is_none());
+    let stack = f["stack_summary"].as_str().unwrap_or_default();
+    let lock = stack.find("pthread_mutex_lock");
+    let own = stack.find("child_takes_inherited_lock");
+    let main = stack.find("main");
+    assert!(
+        lock.is_some() && own > lock && main > own,
+        "stack must show pthread_mutex_lock ← child_takes_inherited_lock ← main: {stack}"
+    );
+    assert_eq!(f["stack"][1]["module"], "libc.so.6", "{f}");
+
+    // The gauge counts it while it is blocked, and drops once the process is gone.
+    assert_eq!(daemon.metric("forkwatch_deadlocked_processes"), 1.0);
+    drop(run); // SIGKILL
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while daemon.metric("forkwatch_deadlocked_processes") != 0.0 {
+        assert!(
+            Instant::now() < deadline,
+            "gauge stayed up after the process died"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    daemon.barrier();
+    assert_eq!(
+        lock_findings(&daemon, child).len(),
+        1,
+        "once per process and address"
+    );
+    assert!(
+        daemon.metric(
+            "forkwatch_findings_total{kind=\"inherited_lock_deadlock\",severity=\"critical\"}"
+        ) >= 1.0
+    );
+}
+
+#[test]
+fn python_lock_held_by_a_thread_across_os_fork_is_a_certain_deadlock() {
+    if !privileged() {
+        return;
+    }
+    let daemon = daemon();
+    let run = run_python("lock_fork.py", &[]);
+    let child = run.child();
+    let _kill = harness::KillOnDrop(child);
+    let f = daemon.expect_kind(child, "inherited_lock_deadlock", TIMEOUT);
+    assert_eq!(f["severity"], "critical");
+    assert_eq!(f["threads"], 1);
+    assert!(
+        f["futex_op"]
+            .as_str()
+            .unwrap()
+            .ends_with("PRIVATE|FUTEX_CLOCK_REALTIME"),
+        "{f}"
+    );
+    assert!(f["exe"].as_str().unwrap().contains("python"), "{f}");
+}
+
+#[test]
+fn a_wait_with_a_timeout_is_never_critical() {
+    if !privileged() {
+        return;
+    }
+    let daemon = daemon();
+    let run = run_locker("timed-wait"); // the child waits 1.5 s, then exits
+    let f = daemon.expect_kind(run.child(), "possible_inherited_lock_wait", TIMEOUT);
+    assert_eq!(f["severity"], "warning");
+    assert_eq!(f["reason"], "timeout");
+    daemon.barrier();
+    assert!(
+        daemon
+            .findings_of(run.child(), "inherited_lock_deadlock")
+            .is_empty()
+    );
+}
+
+#[test]
+fn a_process_shared_mutex_the_parent_releases_is_at_most_a_warning() {
+    if !privileged() {
+        return;
+    }
+    let daemon = daemon();
+    let run = run_locker("pshared"); // returns once the parent released it and reaped the child
+    let found = lock_findings(&daemon, run.child());
+    daemon.barrier();
+    let found = if found.is_empty() {
+        lock_findings(&daemon, run.child())
+    } else {
+        found
+    };
+    assert_eq!(
+        found.len(),
+        1,
+        "blocked ~1.5 s on a shared futex: {found:?}"
+    );
+    assert_eq!(found[0]["kind"], "possible_inherited_lock_wait");
+    assert_eq!(found[0]["reason"], "shared_futex");
+}
+
+#[test]
+fn a_child_thread_that_unlocks_in_time_is_quiet_but_the_thread_is_reported() {
+    if !privileged() {
+        return;
+    }
+    let daemon = daemon();
+    let run = run_locker("unlock-thread"); // the child blocks 200 ms, then exits
+    let f = daemon.expect_kind(run.child(), "threads_after_mt_fork", TIMEOUT);
+    assert_eq!(f["severity"], "warning");
+    assert_eq!(f["threads"], 2);
+    assert_eq!(f["parent_threads"], 2);
+    std::thread::sleep(Duration::from_millis(DEADLOCK_AFTER_MS));
+    daemon.barrier();
+    assert!(
+        lock_findings(&daemon, run.child()).is_empty(),
+        "{:?}",
+        daemon.findings()
+    );
+    assert_eq!(
+        daemon
+            .findings_of(run.child(), "threads_after_mt_fork")
+            .len(),
+        1
+    );
+}
+
+#[test]
+fn heavy_lock_contention_without_fork_is_quiet() {
+    if !privileged() {
+        return;
+    }
+    let daemon = daemon();
+    let run = run_forker("contention", &[]);
+    daemon.assert_quiet(
+        "lock contention in a process that never forks",
+        &[run.parent()],
+    );
+    assert_eq!(daemon.metric("forkwatch_tracked_processes"), 0.0);
+}

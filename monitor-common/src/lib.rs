@@ -20,6 +20,8 @@ pub enum EventKind {
     ThreadCreated = 4,
     /// A thread (not the last one) of a tracked process exited.
     ThreadExited = 5,
+    /// A second process of one fork family used a socket another member used since the fork.
+    SharedSocket = 6,
 }
 
 impl EventKind {
@@ -30,6 +32,7 @@ impl EventKind {
             3 => Some(Self::Exit),
             4 => Some(Self::ThreadCreated),
             5 => Some(Self::ThreadExited),
+            6 => Some(Self::SharedSocket),
             _ => None,
         }
     }
@@ -98,6 +101,83 @@ pub struct ThreadEvent {
     pub timestamp_ns: u64,
 }
 
+/// Longest Unix socket path (`sockaddr_un.sun_path`).
+pub const UNIX_PATH_LEN: usize = 108;
+
+/// `SharedSocketEvent::direction` / `SockUser::direction`.
+pub const DIRECTION_SEND: u8 = 0;
+pub const DIRECTION_RECV: u8 = 1;
+
+/// Sent the first time a second process of a fork family moves data on a socket that another
+/// member already used since the fork. Deduplicated in the kernel per (socket, process).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SharedSocketEvent {
+    pub kind: u32,
+    /// The process using the socket now (the later user).
+    pub pid: u32,
+    /// The member that used it first after the fork.
+    pub other_pid: u32,
+    /// The fork family: the pid of the process that forked without exec.
+    pub family: u32,
+    pub timestamp_ns: u64,
+    pub other_timestamp_ns: u64,
+    /// `struct sock *`: the identity of the connection (never shown; the inode is).
+    pub socket: u64,
+    /// Inode number of the socket (as in /proc/<pid>/fd: `socket:[inode]`).
+    pub inode: u64,
+    pub cgroup_id: u64,
+    /// Syscall numbers of this use and of the other process's first use.
+    pub syscall: u32,
+    pub other_syscall: u32,
+    /// `AF_*`.
+    pub sk_family: u16,
+    /// `SOCK_STREAM`, `SOCK_DGRAM`, `SOCK_SEQPACKET`, ...
+    pub sk_type: u16,
+    pub protocol: u16,
+    /// `sk_state` (TCP states; `TCP_ESTABLISHED` = 1 for a connected datagram socket).
+    pub state: u8,
+    pub direction: u8,
+    pub other_direction: u8,
+    pub _pad: u8,
+    /// Ports in host byte order.
+    pub local_port: u16,
+    pub peer_port: u16,
+    pub _pad2: u16,
+    /// IPv4 (first 4 bytes) or IPv6 addresses, network byte order.
+    pub local_addr: [u8; 16],
+    pub peer_addr: [u8; 16],
+    /// Unix socket paths (NUL-terminated; empty when unbound; abstract names start with NUL).
+    pub local_path: [u8; UNIX_PATH_LEN],
+    pub peer_path: [u8; UNIX_PATH_LEN],
+    /// The later user's comm (it may be gone by the time the daemon looks).
+    pub comm: [u8; COMM_LEN],
+}
+
+/// Value of the `SOCK_USERS` map (key: the socket's inode number; unlike a `struct sock *`,
+/// never reused by a later socket while the map remembers it): the family member that moves
+/// data on the socket.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SockUser {
+    pub family: u32,
+    pub pid: u32,
+    /// Its first and its latest use.
+    pub first_ns: u64,
+    pub last_ns: u64,
+    pub syscall: u32,
+    pub direction: u32,
+}
+
+/// Key of the `SOCK_REPORTED` map: (socket inode, process) pairs already sent to userspace.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SockPid {
+    pub socket: u64,
+    pub pid: u32,
+    pub _pad: u32,
+}
+
 /// Syscall numbers (x86_64) of the futex waits the sched_switch program recognizes.
 pub mod syscall {
     pub const FUTEX: u32 = 202;
@@ -163,6 +243,7 @@ pub struct KernelOffsets {
     pub task_mm: u32,
     pub task_signal: u32,
     pub task_start_boottime: u32,
+    pub task_group_leader: u32,
     pub task_exit_code: u32,
     pub signal_nr_threads: u32,
     /// `struct pt_regs` members holding the syscall number and arguments 1, 2, 4 and 5 (on
@@ -172,6 +253,32 @@ pub struct KernelOffsets {
     pub regs_arg2: u32,
     pub regs_arg4: u32,
     pub regs_arg5: u32,
+    /// task_struct.files, files_struct.fdt, fdtable.fd: to tell a socket on fds 0-2 (stdio).
+    pub task_files: u32,
+    pub files_fdt: u32,
+    pub fdtable_fd: u32,
+    pub fdtable_max_fds: u32,
+    /// struct sock_common (at the start of struct sock).
+    pub skc_family: u32,
+    pub skc_state: u32,
+    pub skc_num: u32,
+    pub skc_dport: u32,
+    pub skc_daddr: u32,
+    pub skc_rcv_saddr: u32,
+    pub skc_v6_daddr: u32,
+    pub skc_v6_rcv_saddr: u32,
+    /// struct sock.
+    pub sk_type: u32,
+    pub sk_protocol: u32,
+    pub sk_socket: u32,
+    /// struct socket.file; struct socket_alloc.vfs_inode; inode.i_ino.
+    pub socket_file: u32,
+    pub socket_inode: u32,
+    pub inode_ino: u32,
+    /// struct unix_sock.peer, .addr; struct unix_address.name.
+    pub unix_peer: u32,
+    pub unix_addr: u32,
+    pub unix_address_name: u32,
 }
 
 /// Name of the global in the eBPF object that holds [`KernelOffsets`].
@@ -200,8 +307,9 @@ pub mod lost_category {
     pub const EXEC: u32 = 1;
     pub const EXIT: u32 = 2;
     pub const THREAD: u32 = 3;
-    pub const COUNT: u32 = 4;
-    pub const NAMES: [&str; COUNT as usize] = ["fork", "exec", "exit", "thread"];
+    pub const SOCKET: u32 = 4;
+    pub const COUNT: u32 = 5;
+    pub const NAMES: [&str; COUNT as usize] = ["fork", "exec", "exit", "thread", "socket"];
 }
 
 /// Map and program names, shared so the loader cannot drift from the object.
@@ -212,12 +320,14 @@ pub mod names {
     pub const LOST_EVENTS: &str = "LOST_EVENTS";
     pub const BLOCKED: &str = "BLOCKED";
     /// (program name in the object, tp_btf tracepoint it attaches to).
-    pub const PROGRAMS: [(&str, &str); 5] = [
+    pub const PROGRAMS: [(&str, &str); 7] = [
         ("sched_process_fork", "sched_process_fork"),
         ("sched_process_exec", "sched_process_exec"),
         ("sched_process_exit", "sched_process_exit"),
         ("sched_switch", "sched_switch"),
         ("sched_wakeup", "sched_wakeup"),
+        ("sock_send_length", "sock_send_length"),
+        ("sock_recv_length", "sock_recv_length"),
     ];
 }
 
@@ -225,6 +335,10 @@ pub mod names {
 pub const TRACKED_MAX_ENTRIES: u32 = 65_536;
 /// Capacity of the `BLOCKED` map: threads of tracked processes asleep in a futex wait.
 pub const BLOCKED_MAX_ENTRIES: u32 = 16_384;
+/// Capacity of the fork-family map (LRU: an entry whose exit was missed ages out).
+pub const FAMILY_MAX_ENTRIES: u32 = 65_536;
+/// Capacity of the socket maps (LRU).
+pub const SOCKET_MAX_ENTRIES: u32 = 65_536;
 /// Default ring-buffer size in bytes (a power of two, a multiple of the page size).
 pub const RING_BUFFER_BYTES: u32 = 1 << 20;
 
@@ -238,6 +352,9 @@ mod pod {
     unsafe impl aya::Pod for super::KernelOffsets {}
     unsafe impl aya::Pod for super::ThreadEvent {}
     unsafe impl aya::Pod for super::BlockedWait {}
+    unsafe impl aya::Pod for super::SharedSocketEvent {}
+    unsafe impl aya::Pod for super::SockUser {}
+    unsafe impl aya::Pod for super::SockPid {}
 }
 
 #[cfg(test)]
@@ -252,12 +369,14 @@ mod tests {
         assert_eq!(offset_of!(ExecEvent, kind), 0);
         assert_eq!(offset_of!(ExitEvent, kind), 0);
         assert_eq!(offset_of!(ThreadEvent, kind), 0);
+        assert_eq!(offset_of!(SharedSocketEvent, kind), 0);
         for kind in [
             EventKind::Fork,
             EventKind::Exec,
             EventKind::Exit,
             EventKind::ThreadCreated,
             EventKind::ThreadExited,
+            EventKind::SharedSocket,
         ] {
             assert_eq!(EventKind::from_u32(kind as u32), Some(kind));
         }
@@ -271,7 +390,13 @@ mod tests {
         assert_eq!(size_of::<ForkEvent>(), 6 * 4 + 3 * 8 + COMM_LEN);
         assert_eq!(size_of::<ExecEvent>(), 2 * 4 + 8 + COMM_LEN);
         assert_eq!(size_of::<ExitEvent>(), 2 * 4 + 8 + 2 * 4);
-        assert_eq!(size_of::<KernelOffsets>(), 12 * 4);
+        assert_eq!(size_of::<KernelOffsets>(), 34 * 4);
+        assert_eq!(
+            size_of::<SharedSocketEvent>(),
+            4 * 4 + 5 * 8 + 2 * 4 + 3 * 2 + 4 + 3 * 2 + 2 * 16 + 2 * UNIX_PATH_LEN + COMM_LEN
+        );
+        assert_eq!(size_of::<SockUser>(), 32);
+        assert_eq!(size_of::<SockPid>(), 16);
         assert_eq!(size_of::<ThreadEvent>(), 4 * 4 + 8);
         assert_eq!(size_of::<BlockedWait>(), 2 * 4 + 8 + 2 * 4 + 8);
         assert_eq!(align_of::<ForkEvent>(), 8);

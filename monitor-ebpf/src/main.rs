@@ -12,16 +12,17 @@ use aya_ebpf::{
     helpers::{
         bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_get_current_pid_tgid,
         bpf_get_current_task_btf, bpf_ktime_get_boot_ns, bpf_probe_read_kernel,
-        bpf_probe_read_user, bpf_task_pt_regs,
+        bpf_probe_read_kernel_str_bytes, bpf_probe_read_user, bpf_task_pt_regs,
     },
     macros::{btf_tracepoint, map},
-    maps::{HashMap, PerCpuArray, RingBuf},
+    maps::{HashMap, LruHashMap, PerCpuArray, RingBuf},
     programs::BtfTracePointContext,
 };
 use monitor_common::{
-    BLOCKED_MAX_ENTRIES, BLOCKED_PRIVATE, BLOCKED_TIMEOUT, BlockedWait, EventKind, ExecEvent,
-    ExitEvent, ForkEvent, KernelOffsets, RING_BUFFER_BYTES, TRACKED_MAX_ENTRIES, ThreadEvent,
-    fork_counter, futex, lost_category, syscall,
+    BLOCKED_MAX_ENTRIES, BLOCKED_PRIVATE, BLOCKED_TIMEOUT, BlockedWait, DIRECTION_RECV,
+    DIRECTION_SEND, EventKind, ExecEvent, ExitEvent, FAMILY_MAX_ENTRIES, ForkEvent, KernelOffsets,
+    RING_BUFFER_BYTES, SOCKET_MAX_ENTRIES, SharedSocketEvent, SockPid, SockUser,
+    TRACKED_MAX_ENTRIES, ThreadEvent, fork_counter, futex, lost_category, syscall,
 };
 
 /// Member offsets of the running kernel, written by the loader from BTF.
@@ -32,6 +33,7 @@ static FORKWATCH_OFFSETS: Global<KernelOffsets> = Global::new(KernelOffsets {
     task_mm: 0,
     task_signal: 0,
     task_start_boottime: 0,
+    task_group_leader: 0,
     task_exit_code: 0,
     signal_nr_threads: 0,
     regs_syscall_nr: 0,
@@ -39,6 +41,27 @@ static FORKWATCH_OFFSETS: Global<KernelOffsets> = Global::new(KernelOffsets {
     regs_arg2: 0,
     regs_arg4: 0,
     regs_arg5: 0,
+    task_files: 0,
+    files_fdt: 0,
+    fdtable_fd: 0,
+    fdtable_max_fds: 0,
+    skc_family: 0,
+    skc_state: 0,
+    skc_num: 0,
+    skc_dport: 0,
+    skc_daddr: 0,
+    skc_rcv_saddr: 0,
+    skc_v6_daddr: 0,
+    skc_v6_rcv_saddr: 0,
+    sk_type: 0,
+    sk_protocol: 0,
+    sk_socket: 0,
+    socket_file: 0,
+    socket_inode: 0,
+    inode_ino: 0,
+    unix_peer: 0,
+    unix_addr: 0,
+    unix_address_name: 0,
 });
 
 #[map]
@@ -52,6 +75,20 @@ static TRACKED: HashMap<u32, u64> = HashMap::with_max_entries(TRACKED_MAX_ENTRIE
 /// Threads of tracked processes asleep in a futex wait (tid → the wait), for the daemon to scan.
 #[map]
 static BLOCKED: HashMap<u32, BlockedWait> = HashMap::with_max_entries(BLOCKED_MAX_ENTRIES, 0);
+
+/// Fork families (tgid → the family's root pid): a process that forked without exec, and its
+/// children until they exec. Every member's socket I/O is watched; everyone else's costs one
+/// lookup. LRU, so an entry whose exit was missed ages out instead of filling the map.
+#[map]
+static FAMILY: LruHashMap<u32, u32> = LruHashMap::with_max_entries(FAMILY_MAX_ENTRIES, 0);
+
+/// Socket inode → the family member that moves data on it.
+#[map]
+static SOCK_USERS: LruHashMap<u64, SockUser> = LruHashMap::with_max_entries(SOCKET_MAX_ENTRIES, 0);
+
+/// (socket inode, process) pairs already reported: each is sent to userspace once.
+#[map]
+static SOCK_REPORTED: LruHashMap<SockPid, u8> = LruHashMap::with_max_entries(SOCKET_MAX_ENTRIES, 0);
 
 #[map]
 static FORK_COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(fork_counter::COUNT, 0);
@@ -109,6 +146,7 @@ unsafe fn on_fork(ctx: &BtfTracePointContext) -> Result<(), i32> {
         count(&FORK_COUNTERS, fork_counter::SHARED_VM);
         return Ok(());
     }
+    join_family((bpf_get_current_pid_tgid() >> 32) as u32, child_pid as u32);
     let signal: *const u8 = unsafe { read_at(parent, offsets.task_signal)? };
     let parent_threads: i32 = unsafe { read_at(signal, offsets.signal_nr_threads)? };
     if parent_threads < 2 {
@@ -148,6 +186,8 @@ unsafe fn on_fork(ctx: &BtfTracePointContext) -> Result<(), i32> {
 pub fn sched_process_exec(_ctx: BtfTracePointContext) -> u32 {
     // Runs in the exec'ing task after de_thread(): its pid is the thread-group id.
     let pid = (bpf_get_current_pid_tgid() >> 32) as u32;
+    // A new program shares nothing it does not inherit on purpose: it leaves its family.
+    leave_family(pid);
     if unsafe { TRACKED.get(&pid) }.is_none() {
         return 0;
     }
@@ -172,6 +212,12 @@ pub fn sched_process_exec(_ctx: BtfTracePointContext) -> u32 {
 pub fn sched_process_exit(ctx: BtfTracePointContext) -> u32 {
     let pid_tgid = bpf_get_current_pid_tgid();
     let (pid, tid) = ((pid_tgid >> 32) as u32, pid_tgid as u32);
+    // TP_PROTO(struct task_struct *p, bool group_dead): only the last thread ends the process.
+    let group_dead: u64 = ctx.arg(1);
+    let group_dead = group_dead & 0xff != 0;
+    if group_dead {
+        leave_family(pid);
+    }
     if unsafe { TRACKED.get(&pid) }.is_none() {
         return 0;
     }
@@ -180,9 +226,7 @@ pub fn sched_process_exit(ctx: BtfTracePointContext) -> u32 {
     if unsafe { BLOCKED.get(&tid) }.is_some() {
         let _ = BLOCKED.remove(&tid);
     }
-    // TP_PROTO(struct task_struct *p, bool group_dead): only the last thread ends the process.
-    let group_dead: u64 = ctx.arg(1);
-    if group_dead & 0xff == 0 {
+    if !group_dead {
         send_thread_event(EventKind::ThreadExited, pid, tid);
         return 0;
     }
@@ -204,6 +248,26 @@ pub fn sched_process_exit(ctx: BtfTracePointContext) -> u32 {
         None => count(&LOST_EVENTS, lost_category::EXIT),
     }
     0
+}
+
+/// Makes `child` (and its parent, if it is not yet) a member of the parent's fork family.
+#[inline(always)]
+fn join_family(parent: u32, child: u32) {
+    let family = match unsafe { FAMILY.get(&parent) } {
+        Some(&family) => family,
+        None => {
+            let _ = FAMILY.insert(&parent, &parent, 0);
+            parent
+        }
+    };
+    let _ = FAMILY.insert(&child, &family, 0);
+}
+
+#[inline(always)]
+fn leave_family(pid: u32) {
+    if unsafe { FAMILY.get(&pid) }.is_some() {
+        let _ = FAMILY.remove(&pid);
+    }
 }
 
 fn send_thread_event(kind: EventKind, pid: u32, tid: u32) {
@@ -315,6 +379,225 @@ pub fn sched_wakeup(ctx: BtfTracePointContext) -> u32 {
         let _ = BLOCKED.remove(&tid);
     }
     0
+}
+
+/// TCP_LISTEN: a listening socket only hands out connections; sharing it is the prefork pattern.
+const TCP_LISTEN: u8 = 10;
+
+#[btf_tracepoint(function = "sock_send_length")]
+pub fn sock_send_length(ctx: BtfTracePointContext) -> u32 {
+    let _ = unsafe { on_socket_io(&ctx, DIRECTION_SEND) };
+    0
+}
+
+#[btf_tracepoint(function = "sock_recv_length")]
+pub fn sock_recv_length(ctx: BtfTracePointContext) -> u32 {
+    let _ = unsafe { on_socket_io(&ctx, DIRECTION_RECV) };
+    0
+}
+
+/// TP_PROTO(struct sock *sk, int ret, int flags), after data moved through a socket (send,
+/// sendmsg, write, ... and their receiving twins).
+unsafe fn on_socket_io(ctx: &BtfTracePointContext, direction: u8) -> Result<(), i32> {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let pid = (pid_tgid >> 32) as u32;
+    let Some(&family) = (unsafe { FAMILY.get(&pid) }) else {
+        return Ok(()); // not in a fork family: the whole cost for almost every process
+    };
+    let moved: i64 = ctx.arg(1);
+    if moved as i32 <= 0 {
+        return Ok(()); // nothing moved (error, EOF, EAGAIN)
+    }
+    let sk: *const u8 = ctx.arg(0);
+    let offsets = FORKWATCH_OFFSETS.load();
+    // The inode, not the struct sock address: the slab hands a freed sock's address to the next
+    // socket (a prefork server's next accepted connection), inode numbers are not reused.
+    let inode = unsafe { socket_inode(sk, &offsets)? };
+    if inode == 0 {
+        return Ok(());
+    }
+    let now = unsafe { bpf_ktime_get_boot_ns() };
+    let first = match SOCK_USERS.get_ptr_mut(&inode) {
+        Some(user) if unsafe { (*user).family } == family => {
+            if unsafe { (*user).pid } == pid {
+                unsafe { (*user).last_ns = now }; // steady traffic of the current user
+                return Ok(());
+            }
+            unsafe { *user }
+        }
+        // First use since joining the family (or an entry of another family): this process is
+        // the socket's user.
+        _ => return claim_socket(inode, family, pid, now, direction),
+    };
+    // Another member used it. It is shared only if that use came after this process was born:
+    // a parent that used a connection before forking and then left it alone handed it over.
+    let task = unsafe { bpf_get_current_task_btf() } as *const u8;
+    let leader: *const u8 = unsafe { read_at(task, offsets.task_group_leader)? };
+    let born: u64 = unsafe { read_at(leader, offsets.task_start_boottime)? };
+    if first.last_ns < born {
+        return claim_socket(inode, family, pid, now, direction);
+    }
+    let socket = inode;
+    let seen = SockPid {
+        socket,
+        pid,
+        _pad: 0,
+    };
+    if unsafe { SOCK_REPORTED.get(&seen) }.is_some() {
+        return Ok(());
+    }
+    SOCK_REPORTED.insert(&seen, &1, 0)?;
+    let state: u8 = unsafe { read_at(sk, offsets.skc_state)? };
+    if state == TCP_LISTEN || unsafe { is_stdio(sk, &offsets) } {
+        return Ok(());
+    }
+    let Some(mut entry) = EVENTS.reserve::<SharedSocketEvent>(0) else {
+        count(&LOST_EVENTS, lost_category::SOCKET);
+        return Ok(());
+    };
+    // Filled in place: the event is too large for the 512-byte BPF stack.
+    let e = entry.as_mut_ptr();
+    unsafe {
+        (*e).kind = EventKind::SharedSocket as u32;
+        (*e).pid = pid;
+        (*e).other_pid = first.pid;
+        (*e).family = family;
+        (*e).timestamp_ns = now;
+        (*e).other_timestamp_ns = first.first_ns;
+        (*e).socket = sk as u64;
+        (*e).comm = bpf_get_current_comm().unwrap_or([0; 16]);
+        (*e).cgroup_id = bpf_get_current_cgroup_id();
+        (*e).syscall = current_syscall();
+        (*e).other_syscall = first.syscall;
+        (*e).state = state;
+        (*e).direction = direction;
+        (*e).other_direction = first.direction as u8;
+        (*e)._pad = 0;
+        (*e)._pad2 = 0;
+        let sk_family: u16 = read_at(sk, offsets.skc_family).unwrap_or(0);
+        (*e).sk_family = sk_family;
+        (*e).sk_type = read_at(sk, offsets.sk_type).unwrap_or(0);
+        (*e).protocol = read_at(sk, offsets.sk_protocol).unwrap_or(0);
+        (*e).local_port = read_at(sk, offsets.skc_num).unwrap_or(0);
+        let dport: u16 = read_at(sk, offsets.skc_dport).unwrap_or(0);
+        (*e).peer_port = u16::from_be(dport);
+        (*e).local_addr = [0; 16];
+        (*e).peer_addr = [0; 16];
+        (*e).local_path[0] = 0;
+        (*e).peer_path[0] = 0;
+        match sk_family {
+            AF_INET => {
+                let local: [u8; 4] = read_at(sk, offsets.skc_rcv_saddr).unwrap_or([0; 4]);
+                let peer: [u8; 4] = read_at(sk, offsets.skc_daddr).unwrap_or([0; 4]);
+                (*e).local_addr = ipv4_in_16(local);
+                (*e).peer_addr = ipv4_in_16(peer);
+            }
+            AF_INET6 => {
+                (*e).local_addr = read_at(sk, offsets.skc_v6_rcv_saddr).unwrap_or([0; 16]);
+                (*e).peer_addr = read_at(sk, offsets.skc_v6_daddr).unwrap_or([0; 16]);
+            }
+            AF_UNIX => {
+                unix_path(sk, &offsets, &mut (*e).local_path);
+                if let Ok(peer) = read_at::<*const u8>(sk, offsets.unix_peer)
+                    && !peer.is_null()
+                {
+                    unix_path(peer, &offsets, &mut (*e).peer_path);
+                }
+            }
+            _ => {}
+        }
+        (*e).inode = inode;
+    }
+    entry.submit(0);
+    Ok(())
+}
+
+#[inline(always)]
+fn ipv4_in_16(addr: [u8; 4]) -> [u8; 16] {
+    let mut out = [0; 16];
+    out[0] = addr[0];
+    out[1] = addr[1];
+    out[2] = addr[2];
+    out[3] = addr[3];
+    out
+}
+
+/// Makes `pid` the user of the socket with this inode.
+#[inline(always)]
+fn claim_socket(inode: u64, family: u32, pid: u32, now: u64, direction: u8) -> Result<(), i32> {
+    let user = SockUser {
+        family,
+        pid,
+        first_ns: now,
+        last_ns: now,
+        syscall: current_syscall(),
+        direction: direction as u32,
+    };
+    SOCK_USERS.insert(&inode, &user, 0)
+}
+
+const AF_UNIX: u16 = 1;
+const AF_INET: u16 = 2;
+const AF_INET6: u16 = 10;
+
+/// The syscall the current task is in (orig_ax), from its saved user registers.
+#[inline(always)]
+fn current_syscall() -> u32 {
+    let offsets = FORKWATCH_OFFSETS.load();
+    let task = unsafe { bpf_get_current_task_btf() };
+    let regs = unsafe { bpf_task_pt_regs(task) } as *const u8;
+    if regs.is_null() {
+        return u32::MAX;
+    }
+    unsafe { read_at::<u64>(regs, offsets.regs_syscall_nr) }.map_or(u32::MAX, |nr| nr as u32)
+}
+
+/// Whether the socket is one of the current process's fds 0-2: stdio shared with a child (a
+/// journald stream, a terminal over ssh) is normal.
+#[inline(always)]
+unsafe fn is_stdio(sk: *const u8, offsets: &KernelOffsets) -> bool {
+    let task = unsafe { bpf_get_current_task_btf() } as *const u8;
+    let lookup = || -> Result<bool, i32> {
+        let socket: *const u8 = unsafe { read_at(sk, offsets.sk_socket)? };
+        let file: u64 = unsafe { read_at(socket, offsets.socket_file)? };
+        let files: *const u8 = unsafe { read_at(task, offsets.task_files)? };
+        let fdt: *const u8 = unsafe { read_at(files, offsets.files_fdt)? };
+        let fds: *const u8 = unsafe { read_at(fdt, offsets.fdtable_fd)? };
+        let max_fds: u32 = unsafe { read_at(fdt, offsets.fdtable_max_fds)? };
+        for fd in 0..3u32 {
+            if fd < max_fds && unsafe { read_at::<u64>(fds, fd * 8)? } == file {
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    };
+    lookup().unwrap_or(false)
+}
+
+/// `SOCK_INODE(sk->sk_socket)->i_ino`: the socket's inode, embedded in `struct socket_alloc`.
+#[inline(always)]
+unsafe fn socket_inode(sk: *const u8, offsets: &KernelOffsets) -> Result<u64, i32> {
+    let socket: *const u8 = unsafe { read_at(sk, offsets.sk_socket)? };
+    if socket.is_null() {
+        return Ok(0);
+    }
+    let inode = unsafe { socket.add(offsets.socket_inode as usize) };
+    let ino: u64 = unsafe { read_at(inode, offsets.inode_ino)? };
+    Ok(ino)
+}
+
+/// The bound path of a Unix socket (`unix_sk(sk)->addr->name->sun_path`), NUL-terminated.
+#[inline(always)]
+unsafe fn unix_path(sk: *const u8, offsets: &KernelOffsets, out: &mut [u8; 108]) {
+    let Ok(addr) = (unsafe { read_at::<*const u8>(sk, offsets.unix_addr) }) else {
+        return;
+    };
+    if addr.is_null() {
+        return;
+    }
+    // struct sockaddr_un { sa_family_t sun_family; char sun_path[108]; }
+    let path = unsafe { addr.add(offsets.unix_address_name as usize + 2) };
+    let _ = unsafe { bpf_probe_read_kernel_str_bytes(path, out) };
 }
 
 #[cfg(not(test))]

@@ -40,12 +40,17 @@ pub fn kernel_offsets(path: &Path) -> Result<KernelOffsets, OffsetError> {
         source,
     })?;
     let finder = OffsetFinder { btf: &btf };
+    // struct sock_common is embedded in struct sock as __sk_common.
+    let sk_common = finder.offset("sock", "__sk_common")?;
+    let common =
+        |member: &str| Ok::<_, OffsetError>(sk_common + finder.offset("sock_common", member)?);
     Ok(KernelOffsets {
         task_pid: finder.offset("task_struct", "pid")?,
         task_tgid: finder.offset("task_struct", "tgid")?,
         task_mm: finder.offset("task_struct", "mm")?,
         task_signal: finder.offset("task_struct", "signal")?,
         task_start_boottime: finder.offset("task_struct", "start_boottime")?,
+        task_group_leader: finder.offset("task_struct", "group_leader")?,
         task_exit_code: finder.offset("task_struct", "exit_code")?,
         signal_nr_threads: finder.offset("signal_struct", "nr_threads")?,
         regs_syscall_nr: finder.offset("pt_regs", SYSCALL_REGS[0])?,
@@ -53,6 +58,30 @@ pub fn kernel_offsets(path: &Path) -> Result<KernelOffsets, OffsetError> {
         regs_arg2: finder.offset("pt_regs", SYSCALL_REGS[2])?,
         regs_arg4: finder.offset("pt_regs", SYSCALL_REGS[3])?,
         regs_arg5: finder.offset("pt_regs", SYSCALL_REGS[4])?,
+        task_files: finder.offset("task_struct", "files")?,
+        files_fdt: finder.offset("files_struct", "fdt")?,
+        fdtable_fd: finder.offset("fdtable", "fd")?,
+        fdtable_max_fds: finder.offset("fdtable", "max_fds")?,
+        skc_family: common("skc_family")?,
+        skc_state: common("skc_state")?,
+        skc_num: common("skc_num")?,
+        skc_dport: common("skc_dport")?,
+        skc_daddr: common("skc_daddr")?,
+        skc_rcv_saddr: common("skc_rcv_saddr")?,
+        skc_v6_daddr: common("skc_v6_daddr")?,
+        skc_v6_rcv_saddr: common("skc_v6_rcv_saddr")?,
+        sk_type: finder.offset("sock", "sk_type")?,
+        sk_protocol: finder.offset("sock", "sk_protocol")?,
+        sk_socket: finder.offset("sock", "sk_socket")?,
+        socket_file: finder.offset("socket", "file")?,
+        // The inode sits beside the socket in struct socket_alloc (SOCK_INODE()).
+        socket_inode: finder.offset("socket_alloc", "vfs_inode")?
+            - finder.offset("socket_alloc", "socket")?,
+        inode_ino: finder.offset("inode", "i_ino")?,
+        // struct unix_sock begins with its struct sock, so these are offsets from the sock.
+        unix_peer: finder.offset("unix_sock", "peer")? - finder.offset("unix_sock", "sk")?,
+        unix_addr: finder.offset("unix_sock", "addr")? - finder.offset("unix_sock", "sk")?,
+        unix_address_name: finder.offset("unix_address", "name")?,
     })
 }
 
@@ -159,6 +188,10 @@ mod tests {
         assert_eq!(offsets.regs_arg5, offsets.regs_arg4 + 16);
         assert_eq!(offsets.regs_arg1, offsets.regs_arg2 + 8);
         assert_eq!(offsets.regs_syscall_nr, offsets.regs_arg1 + 8);
+        // sock_common: the IPv4 addresses are the first 8 bytes, dport then num right after.
+        assert_eq!(offsets.skc_rcv_saddr, offsets.skc_daddr + 4);
+        assert_eq!(offsets.skc_num, offsets.skc_dport + 2);
+        assert!(offsets.sk_socket > offsets.skc_v6_rcv_saddr);
     }
 
     #[test]

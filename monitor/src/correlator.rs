@@ -19,12 +19,19 @@
 //!
 //! Rule `threads_after_mt_fork`: such a child creates a thread. Once per process.
 //!
+//! Rules `shared_socket` / `shared_datagram_socket`: two processes of one fork family (any fork
+//! without exec, multithreaded or not) both move data on one socket. The kernel already dropped
+//! listening sockets, stdio and repeats; here only the kinds of socket that carry a conversation
+//! remain: connected stream and seqpacket sockets (TCP, Unix) are `shared_socket`, connected
+//! datagram sockets (UDP, Unix) `shared_datagram_socket`. An unconnected datagram socket served
+//! by several workers is the datagram twin of a shared listener, and stays quiet.
+//!
 //! Each tracked child carries an opaque context `C` (what the daemon read from /proc when the
 //! fork arrived), handed back with the decision; [`ForkEvidence`] is the part the rules read.
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 
-use crate::events::{BlockedWait, Event, Exit, Fork, ThreadChange};
+use crate::events::{BlockedWait, Event, Exit, Fork, SharedSocket, ThreadChange};
 
 /// What the rules need from the fork-time context.
 pub trait ForkEvidence {
@@ -110,11 +117,44 @@ pub struct ThreadsAfterMtFork<C> {
     pub decided_ns: u64,
 }
 
+/// How a socket is shared.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Sharing {
+    /// A connected stream or seqpacket socket: one conversation, two talkers.
+    Stream,
+    /// A connected datagram socket.
+    Datagram,
+}
+
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Decision<C> {
     MtForkNoExec(MtForkNoExec<C>),
     LockWait(LockWait<C>),
     ThreadsAfterMtFork(ThreadsAfterMtFork<C>),
+    SharedSocket(SharedSocket, Sharing),
+}
+
+const AF_UNIX: u16 = 1;
+const AF_INET: u16 = 2;
+const AF_INET6: u16 = 10;
+const SOCK_STREAM: u16 = 1;
+const SOCK_DGRAM: u16 = 2;
+const SOCK_SEQPACKET: u16 = 5;
+/// sk_state of a connected socket (TCP_ESTABLISHED), for every socket type.
+const CONNECTED: u8 = 1;
+/// sk_state of a listening socket (TCP_LISTEN).
+const LISTENING: u8 = 10;
+
+/// Which socket sharing is a hazard (see the module docs).
+pub fn classify_sharing(socket: &SharedSocket) -> Option<Sharing> {
+    if !matches!(socket.sk_family, AF_UNIX | AF_INET | AF_INET6) || socket.state == LISTENING {
+        return None;
+    }
+    match socket.sk_type {
+        SOCK_STREAM | SOCK_SEQPACKET => Some(Sharing::Stream),
+        SOCK_DGRAM if socket.state == CONNECTED => Some(Sharing::Datagram),
+        _ => None,
+    }
 }
 
 /// Counters about the correlator's own health, for metrics.
@@ -199,6 +239,10 @@ impl<C: Clone + ForkEvidence> Correlator<C> {
             Event::Exec(exec) => self.on_exec(exec.pid, exec.timestamp_ns),
             Event::Exit(exit) => self.on_exit(exit),
             Event::Thread(change) => self.on_thread(change),
+            Event::SharedSocket(socket) => match classify_sharing(&socket) {
+                Some(sharing) => vec![Decision::SharedSocket(socket, sharing)],
+                None => Vec::new(),
+            },
         }
     }
 
@@ -764,6 +808,75 @@ mod tests {
         c.on_event(exec(20, 1), "");
         assert!(c.on_blocked(&[wait(20, 0x1000, 0)], DEADLOCK).is_empty());
         assert!(c.on_event(thread(77, 78, true), "").is_empty());
+    }
+
+    fn shared(sk_family: u16, sk_type: u16, state: u8) -> Event {
+        let user = |pid| crate::events::SocketUse {
+            pid,
+            syscall: 1,
+            send: true,
+            timestamp_ns: 1,
+        };
+        Event::SharedSocket(SharedSocket {
+            family: 10,
+            first: user(10),
+            later: user(11),
+            inode: 5,
+            cgroup_id: 1,
+            sk_family,
+            sk_type,
+            state,
+            local: String::new(),
+            peer: String::new(),
+            comm: String::new(),
+        })
+    }
+
+    fn sharing(decisions: &[Decision<&str>]) -> Option<Sharing> {
+        match decisions {
+            [] => None,
+            [Decision::SharedSocket(_, sharing)] => Some(*sharing),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn shared_connections_are_classified_by_type_and_state() {
+        let mut c = correlator();
+        let mut check = |family, kind, state| sharing(&c.on_event(shared(family, kind, state), ""));
+        // TCP, TCP6, Unix stream and seqpacket connections.
+        assert_eq!(
+            check(AF_INET, SOCK_STREAM, CONNECTED),
+            Some(Sharing::Stream)
+        );
+        assert_eq!(
+            check(AF_INET6, SOCK_STREAM, CONNECTED),
+            Some(Sharing::Stream)
+        );
+        assert_eq!(
+            check(AF_UNIX, SOCK_STREAM, CONNECTED),
+            Some(Sharing::Stream)
+        );
+        assert_eq!(
+            check(AF_UNIX, SOCK_SEQPACKET, CONNECTED),
+            Some(Sharing::Stream)
+        );
+        // Connected UDP / Unix datagram: a warning; unconnected (a worker pool's server
+        // socket): quiet.
+        assert_eq!(
+            check(AF_INET, SOCK_DGRAM, CONNECTED),
+            Some(Sharing::Datagram)
+        );
+        assert_eq!(
+            check(AF_UNIX, SOCK_DGRAM, CONNECTED),
+            Some(Sharing::Datagram)
+        );
+        assert_eq!(check(AF_INET, SOCK_DGRAM, 7), None);
+        // Listening sockets (prefork accept), netlink, packet, raw: quiet.
+        assert_eq!(check(AF_INET, SOCK_STREAM, LISTENING), None);
+        assert_eq!(check(16, SOCK_DGRAM, CONNECTED), None);
+        assert_eq!(check(17, SOCK_DGRAM, CONNECTED), None);
+        assert_eq!(check(AF_INET, 3, CONNECTED), None);
     }
 
     #[test]

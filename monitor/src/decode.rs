@@ -3,11 +3,14 @@
 
 use std::mem::size_of;
 
+use std::net::{Ipv4Addr, Ipv6Addr};
+
 use monitor_common::{
-    COMM_LEN, EventKind, ExecEvent, ExitEvent, FORK_FLAG_SHARES_VM, ForkEvent, ThreadEvent,
+    COMM_LEN, DIRECTION_SEND, EventKind, ExecEvent, ExitEvent, FORK_FLAG_SHARES_VM, ForkEvent,
+    SharedSocketEvent, ThreadEvent,
 };
 
-use crate::events::{Event, Exec, Exit, Fork, ThreadChange};
+use crate::events::{Event, Exec, Exit, Fork, SharedSocket, SocketUse, ThreadChange};
 
 #[derive(Debug, PartialEq, Eq, thiserror::Error)]
 pub enum DecodeError {
@@ -70,6 +73,33 @@ pub fn decode(record: &[u8]) -> Result<Event, DecodeError> {
                 timestamp_ns: e.timestamp_ns,
             })
         }
+        EventKind::SharedSocket => {
+            let e: SharedSocketEvent = read(kind, record)?;
+            let (local, peer) = endpoints(&e);
+            Event::SharedSocket(SharedSocket {
+                family: e.family,
+                first: SocketUse {
+                    pid: e.other_pid,
+                    syscall: e.other_syscall,
+                    send: e.other_direction == DIRECTION_SEND,
+                    timestamp_ns: e.other_timestamp_ns,
+                },
+                later: SocketUse {
+                    pid: e.pid,
+                    syscall: e.syscall,
+                    send: e.direction == DIRECTION_SEND,
+                    timestamp_ns: e.timestamp_ns,
+                },
+                inode: e.inode,
+                cgroup_id: e.cgroup_id,
+                sk_family: e.sk_family,
+                sk_type: e.sk_type,
+                state: e.state,
+                local,
+                peer,
+                comm: comm_to_string(&e.comm),
+            })
+        }
     })
 }
 
@@ -86,6 +116,46 @@ fn read<T: aya::Pod>(kind: EventKind, record: &[u8]) -> Result<T, DecodeError> {
     // SAFETY: the length is checked above, `T: Pod` accepts any bit pattern, and
     // `read_unaligned` makes no assumption about the record's alignment.
     Ok(unsafe { record.as_ptr().cast::<T>().read_unaligned() })
+}
+
+const AF_UNIX: u16 = 1;
+const AF_INET: u16 = 2;
+const AF_INET6: u16 = 10;
+
+/// The local and peer addresses as people write them.
+fn endpoints(e: &SharedSocketEvent) -> (String, String) {
+    match e.sk_family {
+        AF_INET => {
+            let ip = |a: &[u8; 16]| Ipv4Addr::new(a[0], a[1], a[2], a[3]);
+            (
+                format!("{}:{}", ip(&e.local_addr), e.local_port),
+                format!("{}:{}", ip(&e.peer_addr), e.peer_port),
+            )
+        }
+        AF_INET6 => (
+            format!("[{}]:{}", Ipv6Addr::from(e.local_addr), e.local_port),
+            format!("[{}]:{}", Ipv6Addr::from(e.peer_addr), e.peer_port),
+        ),
+        AF_UNIX => (unix_path(&e.local_path), unix_path(&e.peer_path)),
+        _ => (String::new(), String::new()),
+    }
+}
+
+/// A sun_path as the kernel reported it: up to the NUL; an abstract name (leading NUL) is shown
+/// as "@name" like ss(8) does. The kernel copies a NUL-terminated string, so an abstract name
+/// comes out empty here: it shows as "@".
+fn unix_path(raw: &[u8]) -> String {
+    match raw.split_first() {
+        None => String::new(),
+        Some((0, rest)) if rest.first().is_some_and(|&b| b != 0) => {
+            let end = rest.iter().position(|&b| b == 0).unwrap_or(rest.len());
+            format!("@{}", String::from_utf8_lossy(&rest[..end]))
+        }
+        Some(_) => {
+            let end = raw.iter().position(|&b| b == 0).unwrap_or(raw.len());
+            String::from_utf8_lossy(&raw[..end]).into_owned()
+        }
+    }
 }
 
 /// A kernel comm: up to the first NUL, non-UTF-8 bytes replaced (the sinks escape the rest).
@@ -186,11 +256,77 @@ mod tests {
 
     #[test]
     fn every_prefix_of_every_record_decodes_or_errors() {
-        for bytes in [as_bytes(&fork_record())] {
+        for bytes in [as_bytes(&fork_record()), as_bytes(&socket_record(AF_INET))] {
             for len in 0..=bytes.len() {
                 let _ = decode(&bytes[..len]);
             }
         }
+    }
+
+    fn socket_record(sk_family: u16) -> SharedSocketEvent {
+        let mut local_path = [0; monitor_common::UNIX_PATH_LEN];
+        local_path[..8].copy_from_slice(b"/run/db\0");
+        SharedSocketEvent {
+            kind: EventKind::SharedSocket as u32,
+            pid: 11,
+            other_pid: 10,
+            family: 10,
+            timestamp_ns: 2,
+            other_timestamp_ns: 1,
+            socket: 0xffff,
+            inode: 777,
+            cgroup_id: 1,
+            syscall: 44,
+            other_syscall: 1,
+            sk_family,
+            sk_type: 1,
+            protocol: 6,
+            state: 1,
+            direction: DIRECTION_SEND,
+            other_direction: monitor_common::DIRECTION_RECV,
+            _pad: 0,
+            local_port: 40000,
+            peer_port: 5432,
+            _pad2: 0,
+            local_addr: [127, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+            peer_addr: [127, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+            local_path,
+            peer_path: [0; monitor_common::UNIX_PATH_LEN],
+            comm: *b"python3\0\0\0\0\0\0\0\0\0",
+        }
+    }
+
+    #[test]
+    fn decodes_shared_sockets_with_readable_addresses() {
+        let Event::SharedSocket(s) = decode(&as_bytes(&socket_record(AF_INET))).unwrap() else {
+            panic!("not a socket event");
+        };
+        assert_eq!(
+            (s.local.as_str(), s.peer.as_str()),
+            ("127.0.0.1:40000", "127.0.0.1:5432")
+        );
+        assert_eq!((s.first.pid, s.later.pid, s.family), (10, 11, 10));
+        assert!(s.later.send && !s.first.send);
+        assert_eq!(s.inode, 777);
+        assert_eq!(s.comm, "python3");
+
+        let mut v6 = socket_record(AF_INET6);
+        v6.peer_addr = Ipv6Addr::LOCALHOST.octets();
+        let Event::SharedSocket(s) = decode(&as_bytes(&v6)).unwrap() else {
+            panic!()
+        };
+        assert_eq!(s.peer, "[::1]:5432");
+
+        let Event::SharedSocket(s) = decode(&as_bytes(&socket_record(AF_UNIX))).unwrap() else {
+            panic!()
+        };
+        assert_eq!((s.local.as_str(), s.peer.as_str()), ("/run/db", ""));
+        assert_eq!(unix_path(b"\0hidden\0"), "@hidden");
+        assert_eq!(
+            unix_path(&[b'x'; 108]).len(),
+            108,
+            "no NUL: the whole buffer"
+        );
     }
 
     #[test]

@@ -4,11 +4,11 @@ use monitor_common::{futex, syscall};
 
 use crate::{
     clock,
-    correlator::{Decision, LockWait, MtForkNoExec, Outcome, ThreadsAfterMtFork},
-    events::Fork,
+    correlator::{Decision, LockWait, MtForkNoExec, Outcome, Sharing, ThreadsAfterMtFork},
+    events::{Fork, SharedSocket, SocketUse},
     finding::{
         Details, Finding, Kind, LockWaitDetails, MtForkNoExecDetails, SCHEMA_VERSION,
-        ThreadsAfterMtForkDetails,
+        SharedSocketDetails, SocketInfo, SocketUseInfo, ThreadsAfterMtForkDetails,
     },
     procfs::{ForkContext, ProcFs},
     stack,
@@ -29,46 +29,64 @@ pub fn finding(decision: Decision<ForkContext>, proc: &ProcFs, opts: EnrichOptio
         Decision::MtForkNoExec(d) => mt_fork_no_exec(d, proc, opts),
         Decision::LockWait(d) => lock_wait(d, proc, opts),
         Decision::ThreadsAfterMtFork(d) => threads_after_mt_fork(d, proc, opts),
+        Decision::SharedSocket(socket, sharing) => shared_socket(socket, sharing, proc, opts),
     }
 }
 
-/// The fields every finding about a tracked child has.
+/// Who a finding is about, as far as is known.
+struct Subject {
+    pid: u32,
+    comm: String,
+    parent_pid: u32,
+    parent_comm: String,
+    exe: Option<String>,
+    cmdline: Vec<String>,
+    cgroup_id: u64,
+}
+
+impl Subject {
+    /// A tracked child, described with what was seen at its fork.
+    fn child(fork: &Fork, context: ForkContext, proc: &ProcFs) -> Self {
+        let pid = fork.child_pid;
+        // A still-running child may have renamed itself (prctl) since the fork; only trust
+        // /proc if the pid still belongs to the same process.
+        let alive = proc.is_same_process(pid, fork.child_start_ns);
+        let comm = alive
+            .then(|| proc.comm(pid))
+            .flatten()
+            .unwrap_or_else(|| fork.comm.clone());
+        Self {
+            pid,
+            comm,
+            parent_pid: fork.parent_pid,
+            parent_comm: context.parent_comm.unwrap_or_else(|| fork.comm.clone()),
+            exe: context.exe,
+            cmdline: context.cmdline,
+            cgroup_id: fork.cgroup_id,
+        }
+    }
+}
+
 fn common(
     kind: Kind,
-    fork: &Fork,
-    context: ForkContext,
+    subject: Subject,
     decided_ns: u64,
-    proc: &ProcFs,
     opts: EnrichOptions,
     details: Details,
 ) -> Finding {
-    let pid = fork.child_pid;
-    // A still-running child may have renamed itself (prctl) since the fork; only trust /proc if
-    // the pid still belongs to the same process.
-    let alive = proc.is_same_process(pid, fork.child_start_ns);
-    let comm = alive
-        .then(|| proc.comm(pid))
-        .flatten()
-        .unwrap_or_else(|| fork.comm.clone());
-    let ForkContext {
-        parent_comm,
-        exe,
-        cmdline,
-        ..
-    } = context;
     Finding {
         schema: SCHEMA_VERSION,
         kind,
         severity: kind.severity(),
         time: clock::rfc3339_of_boot_ns(decided_ns),
-        pid,
-        comm,
-        parent_pid: fork.parent_pid,
-        parent_comm: parent_comm.unwrap_or_else(|| fork.comm.clone()),
-        exe,
-        argv0: cmdline.first().cloned(),
-        cmdline: opts.full_cmdline.then_some(cmdline),
-        cgroup_id: fork.cgroup_id,
+        pid: subject.pid,
+        comm: subject.comm,
+        parent_pid: subject.parent_pid,
+        parent_comm: subject.parent_comm,
+        exe: subject.exe,
+        argv0: subject.cmdline.first().cloned(),
+        cmdline: opts.full_cmdline.then_some(subject.cmdline),
+        cgroup_id: subject.cgroup_id,
         details,
     }
 }
@@ -89,15 +107,8 @@ fn mt_fork_no_exec(d: MtForkNoExec<ForkContext>, proc: &ProcFs, opts: EnrichOpti
         ms_without_exec: d.decided_ns.saturating_sub(d.fork.timestamp_ns) / 1_000_000,
         grace_ms: opts.exec_grace_ms,
     });
-    common(
-        Kind::MtForkNoExec,
-        &d.fork,
-        d.context,
-        d.decided_ns,
-        proc,
-        opts,
-        details,
-    )
+    let subject = Subject::child(&d.fork, d.context, proc);
+    common(Kind::MtForkNoExec, subject, d.decided_ns, opts, details)
 }
 
 fn lock_wait(d: LockWait<ForkContext>, proc: &ProcFs, opts: EnrichOptions) -> Finding {
@@ -130,7 +141,8 @@ fn lock_wait(d: LockWait<ForkContext>, proc: &ProcFs, opts: EnrichOptions) -> Fi
         stack_summary: (!frames.is_empty()).then(|| stack::format_stack(&frames)),
         stack: frames,
     });
-    common(kind, &d.fork, d.context, d.decided_ns, proc, opts, details)
+    let subject = Subject::child(&d.fork, d.context, proc);
+    common(kind, subject, d.decided_ns, opts, details)
 }
 
 fn threads_after_mt_fork(
@@ -143,15 +155,94 @@ fn threads_after_mt_fork(
         threads: d.threads,
         parent_threads: d.fork.parent_threads,
     });
+    let subject = Subject::child(&d.fork, d.context, proc);
     common(
         Kind::ThreadsAfterMtFork,
-        &d.fork,
-        d.context,
+        subject,
         d.decided_ns,
-        proc,
         opts,
         details,
     )
+}
+
+fn shared_socket(
+    socket: SharedSocket,
+    sharing: Sharing,
+    proc: &ProcFs,
+    opts: EnrichOptions,
+) -> Finding {
+    let kind = match sharing {
+        Sharing::Stream => Kind::SharedSocket,
+        Sharing::Datagram => Kind::SharedDatagramSocket,
+    };
+    // Both processes are using the socket right now, so /proc describes them.
+    let (pid, other) = (socket.later.pid, socket.first.pid);
+    let subject = Subject {
+        pid,
+        comm: proc.comm(pid).unwrap_or_else(|| socket.comm.clone()),
+        parent_pid: other,
+        parent_comm: proc.comm(other).unwrap_or_default(),
+        exe: proc.exe(pid),
+        cmdline: proc.cmdline(pid),
+        cgroup_id: socket.cgroup_id,
+    };
+    let details = Details::SharedSocket(SharedSocketDetails {
+        socket: SocketInfo {
+            family: match socket.sk_family {
+                1 => "unix",
+                2 => "inet",
+                10 => "inet6",
+                _ => "other",
+            },
+            kind: match socket.sk_type {
+                1 => "stream",
+                2 => "dgram",
+                5 => "seqpacket",
+                _ => "other",
+            },
+            inode: socket.inode,
+            local: socket.local,
+            peer: socket.peer,
+        },
+        family_pid: socket.family,
+        first_use: use_info(&socket.first),
+        later_use: use_info(&socket.later),
+    });
+    common(kind, subject, socket.later.timestamp_ns, opts, details)
+}
+
+fn use_info(u: &SocketUse) -> SocketUseInfo {
+    SocketUseInfo {
+        pid: u.pid,
+        syscall: syscall_name(u.syscall),
+        direction: if u.send { "send" } else { "recv" },
+        time: clock::rfc3339_of_boot_ns(u.timestamp_ns),
+    }
+}
+
+/// Names of the x86_64 syscalls that move data through a socket.
+fn syscall_name(nr: u32) -> String {
+    let name = match nr {
+        0 => "read",
+        1 => "write",
+        19 => "readv",
+        20 => "writev",
+        40 => "sendfile",
+        44 => "sendto",
+        45 => "recvfrom",
+        46 => "sendmsg",
+        47 => "recvmsg",
+        275 => "splice",
+        295 => "preadv",
+        296 => "pwritev",
+        299 => "recvmmsg",
+        307 => "sendmmsg",
+        327 => "preadv2",
+        328 => "pwritev2",
+        u32::MAX => "unknown",
+        other => return format!("syscall_{other}"),
+    };
+    name.to_owned()
 }
 
 /// A readable name for the wait: "FUTEX_WAIT_PRIVATE", "FUTEX_WAIT_BITSET_PRIVATE|

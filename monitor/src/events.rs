@@ -45,12 +45,46 @@ pub struct ThreadChange {
     pub timestamp_ns: u64,
 }
 
+/// One process's use of a shared socket.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SocketUse {
+    pub pid: u32,
+    /// Syscall number (x86_64).
+    pub syscall: u32,
+    pub send: bool,
+    pub timestamp_ns: u64,
+}
+
+/// A second process of a fork family moved data on a socket another member used since the fork.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SharedSocket {
+    /// The process that forked without exec.
+    pub family: u32,
+    /// The member that used it first, and the later one.
+    pub first: SocketUse,
+    pub later: SocketUse,
+    pub inode: u64,
+    pub cgroup_id: u64,
+    /// AF_UNIX = 1, AF_INET = 2, AF_INET6 = 10.
+    pub sk_family: u16,
+    /// SOCK_STREAM = 1, SOCK_DGRAM = 2, SOCK_SEQPACKET = 5.
+    pub sk_type: u16,
+    /// TCP state numbering; 1 (ESTABLISHED) for a connected socket of any type.
+    pub state: u8,
+    /// "127.0.0.1:5432", "[::1]:6379", a Unix path, "@abstract", or "" when unbound.
+    pub local: String,
+    pub peer: String,
+    /// The later user's name when it used the socket.
+    pub comm: String,
+}
+
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Event {
     Fork(Fork),
     Exec(Exec),
     Exit(Exit),
     Thread(ThreadChange),
+    SharedSocket(SharedSocket),
 }
 
 impl Event {
@@ -61,6 +95,7 @@ impl Event {
             Self::Exec(_) => "exec",
             Self::Exit(_) => "exit",
             Self::Thread(_) => "thread",
+            Self::SharedSocket(_) => "socket",
         }
     }
 }

@@ -36,14 +36,18 @@ pub enum Kind {
     InheritedLockDeadlock,
     PossibleInheritedLockWait,
     ThreadsAfterMtFork,
+    SharedSocket,
+    SharedDatagramSocket,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 4] = [
+    pub const ALL: [Kind; 6] = [
         Self::MtForkNoExec,
         Self::InheritedLockDeadlock,
         Self::PossibleInheritedLockWait,
         Self::ThreadsAfterMtFork,
+        Self::SharedSocket,
+        Self::SharedDatagramSocket,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -52,15 +56,18 @@ impl Kind {
             Self::InheritedLockDeadlock => "inherited_lock_deadlock",
             Self::PossibleInheritedLockWait => "possible_inherited_lock_wait",
             Self::ThreadsAfterMtFork => "threads_after_mt_fork",
+            Self::SharedSocket => "shared_socket",
+            Self::SharedDatagramSocket => "shared_datagram_socket",
         }
     }
 
     pub fn severity(self) -> Severity {
         match self {
-            Self::InheritedLockDeadlock => Severity::Critical,
-            Self::MtForkNoExec | Self::PossibleInheritedLockWait | Self::ThreadsAfterMtFork => {
-                Severity::Warning
-            }
+            Self::InheritedLockDeadlock | Self::SharedSocket => Severity::Critical,
+            Self::MtForkNoExec
+            | Self::PossibleInheritedLockWait
+            | Self::ThreadsAfterMtFork
+            | Self::SharedDatagramSocket => Severity::Warning,
         }
     }
 }
@@ -95,6 +102,44 @@ pub enum Details {
     MtForkNoExec(MtForkNoExecDetails),
     LockWait(LockWaitDetails),
     ThreadsAfterMtFork(ThreadsAfterMtForkDetails),
+    SharedSocket(SharedSocketDetails),
+}
+
+/// `shared_socket` and `shared_datagram_socket`.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct SharedSocketDetails {
+    pub socket: SocketInfo,
+    /// The fork family: the pid of the process that forked without exec.
+    pub family_pid: u32,
+    /// The first family member to use the socket since the fork (`parent_pid`)...
+    pub first_use: SocketUseInfo,
+    /// ...and the later one (`pid`).
+    pub later_use: SocketUseInfo,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct SocketInfo {
+    /// "inet", "inet6" or "unix".
+    pub family: &'static str,
+    /// "stream", "dgram" or "seqpacket".
+    #[serde(rename = "type")]
+    pub kind: &'static str,
+    /// As in /proc/<pid>/fd: `socket:[inode]`.
+    pub inode: u64,
+    /// "127.0.0.1:40122", "[::1]:6379", a Unix path, or "" when unbound.
+    pub local: String,
+    pub peer: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct SocketUseInfo {
+    pub pid: u32,
+    /// The syscall that moved data, e.g. "sendto", "write", "recvfrom".
+    pub syscall: String,
+    /// "send" or "recv".
+    pub direction: &'static str,
+    /// RFC 3339 UTC.
+    pub time: String,
 }
 
 /// `inherited_lock_deadlock` and `possible_inherited_lock_wait`.

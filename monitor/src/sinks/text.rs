@@ -82,6 +82,21 @@ pub fn render(f: &Finding, color: bool) -> String {
                 let _ = write!(line, ", stack: {}", escape(stack));
             }
         }
+        Details::SharedSocket(d) => {
+            let _ = write!(
+                line,
+                ": both use {} {} socket {} -> {} (inode {}): {} by {} then {} by {}",
+                d.socket.family,
+                d.socket.kind,
+                escape(&d.socket.local),
+                escape(&d.socket.peer),
+                d.socket.inode,
+                d.first_use.syscall,
+                d.first_use.pid,
+                d.later_use.syscall,
+                d.later_use.pid
+            );
+        }
         Details::ThreadsAfterMtFork(d) => {
             let _ = write!(
                 line,

@@ -331,6 +331,46 @@ pub fn run_forker(mode: &str, args: &[&str]) -> FixtureRun {
     run_fixture(Command::new(compiled("forker")).arg(mode).args(args))
 }
 
+pub fn run_sharer(mode: &str, args: &[&str]) -> FixtureRun {
+    run_fixture(Command::new(compiled("sharer")).arg(mode).args(args))
+}
+
+/// An echo server on 127.0.0.1 (TCP) or a Unix path, serving until the test ends.
+pub struct EchoServer {
+    pub port: u16,
+    pub path: PathBuf,
+}
+
+impl EchoServer {
+    pub fn start() -> EchoServer {
+        let tcp = std::net::TcpListener::bind("127.0.0.1:0").expect("bind echo server");
+        let port = tcp.local_addr().unwrap().port();
+        let path = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("echo-{port}.sock"));
+        let _ = std::fs::remove_file(&path);
+        let unix = std::os::unix::net::UnixListener::bind(&path).expect("bind unix echo");
+        std::thread::spawn(move || {
+            for conn in tcp.incoming().map_while(Result::ok) {
+                std::thread::spawn(move || echo(conn));
+            }
+        });
+        std::thread::spawn(move || {
+            for conn in unix.incoming().map_while(Result::ok) {
+                std::thread::spawn(move || echo(conn));
+            }
+        });
+        EchoServer { port, path }
+    }
+}
+
+fn echo<S: Read + Write>(mut conn: S) {
+    let mut buf = [0u8; 512];
+    while let Ok(n) = conn.read(&mut buf) {
+        if n == 0 || conn.write_all(&buf[..n]).is_err() {
+            break;
+        }
+    }
+}
+
 /// Runs `locker MODE`; its child is left running (and killed when the run is dropped).
 pub fn run_locker(mode: &str) -> LeftRunning {
     LeftRunning(run_fixture(Command::new(compiled("locker")).arg(mode)))

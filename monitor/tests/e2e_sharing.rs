@@ -1,0 +1,83 @@
+//! End-to-end, as root: sockets shared across fork. Parent and child talking on one connection
+//! is `shared_socket` naming the peer; the legitimate kinds of sharing stay quiet.
+
+mod harness;
+
+use std::time::Duration;
+
+use harness::{Daemon, EchoServer, privileged, run_sharer};
+
+const TIMEOUT: Duration = Duration::from_secs(10);
+
+#[test]
+fn tcp_connection_used_by_parent_and_child_is_shared_socket() {
+    if !privileged() {
+        return;
+    }
+    let server = EchoServer::start();
+    let daemon = Daemon::start(&[]);
+    let run = run_sharer("tcp", &[&server.port.to_string()]);
+    let f = daemon.expect_kind(run.child(), "shared_socket", TIMEOUT);
+    assert_eq!(f["severity"], "critical");
+    assert_eq!(f["parent_pid"], run.parent(), "the other user: {f}");
+    assert_eq!(f["family_pid"], run.parent());
+    assert_eq!(f["comm"], "sharer");
+    assert_eq!(f["socket"]["family"], "inet");
+    assert_eq!(f["socket"]["type"], "stream");
+    assert_eq!(f["socket"]["peer"], format!("127.0.0.1:{}", server.port));
+    assert!(
+        f["socket"]["local"]
+            .as_str()
+            .unwrap()
+            .starts_with("127.0.0.1:"),
+        "{f}"
+    );
+    assert!(f["socket"]["inode"].as_u64().unwrap() > 0);
+    assert_eq!(f["first_use"]["pid"], run.parent());
+    assert_eq!(f["first_use"]["syscall"], "sendto");
+    assert_eq!(f["first_use"]["direction"], "send");
+    assert_eq!(f["later_use"]["pid"], run.child());
+    assert!(humantime::parse_rfc3339(f["later_use"]["time"].as_str().unwrap()).is_ok());
+    daemon.barrier();
+    let shared = daemon.findings_of(run.child(), "shared_socket");
+    assert_eq!(shared.len(), 1, "once per socket and process: {shared:?}");
+}
+
+#[test]
+fn unix_stream_connection_shared_names_the_socket_path() {
+    if !privileged() {
+        return;
+    }
+    let server = EchoServer::start();
+    let daemon = Daemon::start(&[]);
+    let run = run_sharer("unix", &[server.path.to_str().unwrap()]);
+    let f = daemon.expect_kind(run.child(), "shared_socket", TIMEOUT);
+    assert_eq!(f["socket"]["family"], "unix");
+    assert_eq!(f["socket"]["peer"], server.path.to_str().unwrap(), "{f}");
+}
+
+#[test]
+fn handoff_prefork_socketpair_pipe_and_stdout_stay_quiet() {
+    if !privileged() {
+        return;
+    }
+    let server = EchoServer::start();
+    let daemon = Daemon::start(&[]);
+    let runs = [
+        run_sharer("handoff", &[&server.port.to_string()]),
+        run_sharer("prefork", &[]),
+        run_sharer("socketpair", &[]),
+        run_sharer("pipe", &[]),
+        run_sharer("stdout", &[]),
+    ];
+    daemon.barrier();
+    for run in &runs {
+        let family = run.parent();
+        let found: Vec<_> = daemon
+            .findings()
+            .into_iter()
+            .filter(|f| f["family_pid"] == family || f["pid"] == family)
+            .collect();
+        assert!(found.is_empty(), "family {family}: {found:?}");
+    }
+}

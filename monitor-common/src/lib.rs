@@ -22,6 +22,9 @@ pub enum EventKind {
     ThreadExited = 5,
     /// A second process of one fork family used a socket another member used since the fork.
     SharedSocket = 6,
+    /// A second process of one fork family wrote through a regular-file open description
+    /// (without O_APPEND) another member wrote through since the fork.
+    SharedFile = 7,
 }
 
 impl EventKind {
@@ -33,6 +36,7 @@ impl EventKind {
             4 => Some(Self::ThreadCreated),
             5 => Some(Self::ThreadExited),
             6 => Some(Self::SharedSocket),
+            7 => Some(Self::SharedFile),
             _ => None,
         }
     }
@@ -151,6 +155,29 @@ pub struct SharedSocketEvent {
     pub local_path: [u8; UNIX_PATH_LEN],
     pub peer_path: [u8; UNIX_PATH_LEN],
     /// The later user's comm (it may be gone by the time the daemon looks).
+    pub comm: [u8; COMM_LEN],
+}
+
+/// Sent the first time a second process of a fork family writes through a regular-file open
+/// description (shared offset, no O_APPEND) another member wrote through since the fork.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SharedFileEvent {
+    pub kind: u32,
+    pub pid: u32,
+    pub other_pid: u32,
+    pub family: u32,
+    pub timestamp_ns: u64,
+    pub other_timestamp_ns: u64,
+    /// `struct file *` (identity only).
+    pub file: u64,
+    pub inode: u64,
+    pub cgroup_id: u64,
+    /// The fd the later user wrote through (its path is /proc/<pid>/fd/<fd>).
+    pub fd: u32,
+    pub syscall: u32,
+    pub other_syscall: u32,
+    pub _pad: u32,
     pub comm: [u8; COMM_LEN],
 }
 
@@ -279,6 +306,10 @@ pub struct KernelOffsets {
     pub unix_peer: u32,
     pub unix_addr: u32,
     pub unix_address_name: u32,
+    /// struct file.f_flags, .f_inode; struct inode.i_mode.
+    pub file_flags: u32,
+    pub file_inode: u32,
+    pub inode_mode: u32,
 }
 
 /// Name of the global in the eBPF object that holds [`KernelOffsets`].
@@ -308,8 +339,9 @@ pub mod lost_category {
     pub const EXIT: u32 = 2;
     pub const THREAD: u32 = 3;
     pub const SOCKET: u32 = 4;
-    pub const COUNT: u32 = 5;
-    pub const NAMES: [&str; COUNT as usize] = ["fork", "exec", "exit", "thread", "socket"];
+    pub const FILE: u32 = 5;
+    pub const COUNT: u32 = 6;
+    pub const NAMES: [&str; COUNT as usize] = ["fork", "exec", "exit", "thread", "socket", "file"];
 }
 
 /// Map and program names, shared so the loader cannot drift from the object.
@@ -319,6 +351,10 @@ pub mod names {
     pub const FORK_COUNTERS: &str = "FORK_COUNTERS";
     pub const LOST_EVENTS: &str = "LOST_EVENTS";
     pub const BLOCKED: &str = "BLOCKED";
+    pub const CHILDREN: &str = "CHILDREN";
+    /// The write probe (tp_btf sys_enter): attached only while a fork family has a child that
+    /// has not exec'd for the grace window, because any syscall tracepoint slows every syscall.
+    pub const WRITE_PROGRAM: (&str, &str) = ("sys_enter_write", "sys_enter");
     /// (program name in the object, tp_btf tracepoint it attaches to).
     pub const PROGRAMS: [(&str, &str); 7] = [
         ("sched_process_fork", "sched_process_fork"),
@@ -355,6 +391,7 @@ mod pod {
     unsafe impl aya::Pod for super::SharedSocketEvent {}
     unsafe impl aya::Pod for super::SockUser {}
     unsafe impl aya::Pod for super::SockPid {}
+    unsafe impl aya::Pod for super::SharedFileEvent {}
 }
 
 #[cfg(test)]
@@ -377,6 +414,7 @@ mod tests {
             EventKind::ThreadCreated,
             EventKind::ThreadExited,
             EventKind::SharedSocket,
+            EventKind::SharedFile,
         ] {
             assert_eq!(EventKind::from_u32(kind as u32), Some(kind));
         }
@@ -390,12 +428,16 @@ mod tests {
         assert_eq!(size_of::<ForkEvent>(), 6 * 4 + 3 * 8 + COMM_LEN);
         assert_eq!(size_of::<ExecEvent>(), 2 * 4 + 8 + COMM_LEN);
         assert_eq!(size_of::<ExitEvent>(), 2 * 4 + 8 + 2 * 4);
-        assert_eq!(size_of::<KernelOffsets>(), 34 * 4);
+        assert_eq!(size_of::<KernelOffsets>(), 37 * 4);
         assert_eq!(
             size_of::<SharedSocketEvent>(),
             4 * 4 + 5 * 8 + 2 * 4 + 3 * 2 + 4 + 3 * 2 + 2 * 16 + 2 * UNIX_PATH_LEN + COMM_LEN
         );
         assert_eq!(size_of::<SockUser>(), 32);
+        assert_eq!(
+            size_of::<SharedFileEvent>(),
+            4 * 4 + 5 * 8 + 4 * 4 + COMM_LEN
+        );
         assert_eq!(size_of::<SockPid>(), 16);
         assert_eq!(size_of::<ThreadEvent>(), 4 * 4 + 8);
         assert_eq!(size_of::<BlockedWait>(), 2 * 4 + 8 + 2 * 4 + 8);

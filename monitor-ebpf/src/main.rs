@@ -21,7 +21,7 @@ use aya_ebpf::{
 use monitor_common::{
     BLOCKED_MAX_ENTRIES, BLOCKED_PRIVATE, BLOCKED_TIMEOUT, BlockedWait, DIRECTION_RECV,
     DIRECTION_SEND, EventKind, ExecEvent, ExitEvent, FAMILY_MAX_ENTRIES, ForkEvent, KernelOffsets,
-    RING_BUFFER_BYTES, SOCKET_MAX_ENTRIES, SharedSocketEvent, SockPid, SockUser,
+    RING_BUFFER_BYTES, SOCKET_MAX_ENTRIES, SharedFileEvent, SharedSocketEvent, SockPid, SockUser,
     TRACKED_MAX_ENTRIES, ThreadEvent, fork_counter, futex, lost_category, syscall,
 };
 
@@ -62,6 +62,9 @@ static FORKWATCH_OFFSETS: Global<KernelOffsets> = Global::new(KernelOffsets {
     unix_peer: 0,
     unix_addr: 0,
     unix_address_name: 0,
+    file_flags: 0,
+    file_inode: 0,
+    inode_mode: 0,
 });
 
 #[map]
@@ -81,6 +84,19 @@ static BLOCKED: HashMap<u32, BlockedWait> = HashMap::with_max_entries(BLOCKED_MA
 /// lookup. LRU, so an entry whose exit was missed ages out instead of filling the map.
 #[map]
 static FAMILY: LruHashMap<u32, u32> = LruHashMap::with_max_entries(FAMILY_MAX_ENTRIES, 0);
+
+/// Children in a fork family that have not exec'd (pid → when they joined). The daemon scans it
+/// to attach the write probe only while some child has gone without exec for the grace window.
+#[map]
+static CHILDREN: LruHashMap<u32, u64> = LruHashMap::with_max_entries(FAMILY_MAX_ENTRIES, 0);
+
+/// Open file description (`struct file *`) → the family member that writes through it.
+#[map]
+static FILE_USERS: LruHashMap<u64, SockUser> = LruHashMap::with_max_entries(SOCKET_MAX_ENTRIES, 0);
+
+/// (file, process) pairs already reported.
+#[map]
+static FILE_REPORTED: LruHashMap<SockPid, u8> = LruHashMap::with_max_entries(SOCKET_MAX_ENTRIES, 0);
 
 /// Socket inode → the family member that moves data on it.
 #[map]
@@ -261,6 +277,7 @@ fn join_family(parent: u32, child: u32) {
         }
     };
     let _ = FAMILY.insert(&child, &family, 0);
+    let _ = CHILDREN.insert(&child, &unsafe { bpf_ktime_get_boot_ns() }, 0);
 }
 
 #[inline(always)]
@@ -268,6 +285,78 @@ fn leave_family(pid: u32) {
     if unsafe { FAMILY.get(&pid) }.is_some() {
         let _ = FAMILY.remove(&pid);
     }
+    if unsafe { CHILDREN.get(&pid) }.is_some() {
+        let _ = CHILDREN.remove(&pid);
+    }
+}
+
+/// Notes that `pid` (of `family`) used a shared resource (a socket or an open file), keyed in
+/// `users`. Returns the other member's record when this use makes the resource shared: another
+/// member used it after this process was born (a use before that was a handover, not sharing).
+#[inline(always)]
+fn note_use(
+    users: &LruHashMap<u64, SockUser>,
+    key: u64,
+    family: u32,
+    pid: u32,
+    now: u64,
+    direction: u8,
+) -> Result<Option<SockUser>, i32> {
+    let other = match users.get_ptr_mut(&key) {
+        Some(user) if unsafe { (*user).family } == family => {
+            if unsafe { (*user).pid } == pid {
+                unsafe { (*user).last_ns = now }; // steady traffic of the current user
+                return Ok(None);
+            }
+            unsafe { *user }
+        }
+        // First use since joining the family (or an entry of another family).
+        _ => return claim(users, key, family, pid, now, direction).map(|()| None),
+    };
+    let offsets = FORKWATCH_OFFSETS.load();
+    let task = unsafe { bpf_get_current_task_btf() } as *const u8;
+    let leader: *const u8 = unsafe { read_at(task, offsets.task_group_leader)? };
+    let born: u64 = unsafe { read_at(leader, offsets.task_start_boottime)? };
+    if other.last_ns < born {
+        return claim(users, key, family, pid, now, direction).map(|()| None);
+    }
+    Ok(Some(other))
+}
+
+/// Makes `pid` the user of the resource.
+#[inline(always)]
+fn claim(
+    users: &LruHashMap<u64, SockUser>,
+    key: u64,
+    family: u32,
+    pid: u32,
+    now: u64,
+    direction: u8,
+) -> Result<(), i32> {
+    let user = SockUser {
+        family,
+        pid,
+        first_ns: now,
+        last_ns: now,
+        syscall: current_syscall(),
+        direction: direction as u32,
+    };
+    users.insert(&key, &user, 0)
+}
+
+/// Whether (resource, pid) was reported already; marks it reported.
+#[inline(always)]
+fn first_report(reported: &LruHashMap<SockPid, u8>, key: u64, pid: u32) -> Result<bool, i32> {
+    let seen = SockPid {
+        socket: key,
+        pid,
+        _pad: 0,
+    };
+    if unsafe { reported.get(&seen) }.is_some() {
+        return Ok(false);
+    }
+    reported.insert(&seen, &1, 0)?;
+    Ok(true)
 }
 
 fn send_thread_event(kind: EventKind, pid: u32, tid: u32) {
@@ -417,36 +506,12 @@ unsafe fn on_socket_io(ctx: &BtfTracePointContext, direction: u8) -> Result<(), 
         return Ok(());
     }
     let now = unsafe { bpf_ktime_get_boot_ns() };
-    let first = match SOCK_USERS.get_ptr_mut(&inode) {
-        Some(user) if unsafe { (*user).family } == family => {
-            if unsafe { (*user).pid } == pid {
-                unsafe { (*user).last_ns = now }; // steady traffic of the current user
-                return Ok(());
-            }
-            unsafe { *user }
-        }
-        // First use since joining the family (or an entry of another family): this process is
-        // the socket's user.
-        _ => return claim_socket(inode, family, pid, now, direction),
+    let Some(first) = note_use(&SOCK_USERS, inode, family, pid, now, direction)? else {
+        return Ok(());
     };
-    // Another member used it. It is shared only if that use came after this process was born:
-    // a parent that used a connection before forking and then left it alone handed it over.
-    let task = unsafe { bpf_get_current_task_btf() } as *const u8;
-    let leader: *const u8 = unsafe { read_at(task, offsets.task_group_leader)? };
-    let born: u64 = unsafe { read_at(leader, offsets.task_start_boottime)? };
-    if first.last_ns < born {
-        return claim_socket(inode, family, pid, now, direction);
-    }
-    let socket = inode;
-    let seen = SockPid {
-        socket,
-        pid,
-        _pad: 0,
-    };
-    if unsafe { SOCK_REPORTED.get(&seen) }.is_some() {
+    if !first_report(&SOCK_REPORTED, inode, pid)? {
         return Ok(());
     }
-    SOCK_REPORTED.insert(&seen, &1, 0)?;
     let state: u8 = unsafe { read_at(sk, offsets.skc_state)? };
     if state == TCP_LISTEN || unsafe { is_stdio(sk, &offsets) } {
         return Ok(());
@@ -522,20 +587,6 @@ fn ipv4_in_16(addr: [u8; 4]) -> [u8; 16] {
     out
 }
 
-/// Makes `pid` the user of the socket with this inode.
-#[inline(always)]
-fn claim_socket(inode: u64, family: u32, pid: u32, now: u64, direction: u8) -> Result<(), i32> {
-    let user = SockUser {
-        family,
-        pid,
-        first_ns: now,
-        last_ns: now,
-        syscall: current_syscall(),
-        direction: direction as u32,
-    };
-    SOCK_USERS.insert(&inode, &user, 0)
-}
-
 const AF_UNIX: u16 = 1;
 const AF_INET: u16 = 2;
 const AF_INET6: u16 = 10;
@@ -556,16 +607,11 @@ fn current_syscall() -> u32 {
 /// journald stream, a terminal over ssh) is normal.
 #[inline(always)]
 unsafe fn is_stdio(sk: *const u8, offsets: &KernelOffsets) -> bool {
-    let task = unsafe { bpf_get_current_task_btf() } as *const u8;
     let lookup = || -> Result<bool, i32> {
         let socket: *const u8 = unsafe { read_at(sk, offsets.sk_socket)? };
-        let file: u64 = unsafe { read_at(socket, offsets.socket_file)? };
-        let files: *const u8 = unsafe { read_at(task, offsets.task_files)? };
-        let fdt: *const u8 = unsafe { read_at(files, offsets.files_fdt)? };
-        let fds: *const u8 = unsafe { read_at(fdt, offsets.fdtable_fd)? };
-        let max_fds: u32 = unsafe { read_at(fdt, offsets.fdtable_max_fds)? };
+        let file: *const u8 = unsafe { read_at(socket, offsets.socket_file)? };
         for fd in 0..3u32 {
-            if fd < max_fds && unsafe { read_at::<u64>(fds, fd * 8)? } == file {
+            if unsafe { current_fd_file(fd, offsets)? } == file {
                 return Ok(true);
             }
         }
@@ -598,6 +644,97 @@ unsafe fn unix_path(sk: *const u8, offsets: &KernelOffsets, out: &mut [u8; 108])
     // struct sockaddr_un { sa_family_t sun_family; char sun_path[108]; }
     let path = unsafe { addr.add(offsets.unix_address_name as usize + 2) };
     let _ = unsafe { bpf_probe_read_kernel_str_bytes(path, out) };
+}
+
+/// x86_64 syscall numbers of the writes that advance the shared file offset. pwrite64 and
+/// pwritev write at an explicit offset and do not move it, so they cannot race on it.
+const SYS_WRITE: i64 = 1;
+const SYS_WRITEV: i64 = 20;
+const O_APPEND: u32 = 0o2000;
+const S_IFMT: u16 = 0o170000;
+const S_IFREG: u16 = 0o100000;
+
+/// tp_btf sys_enter: TP_PROTO(struct pt_regs *regs, long id). Attached by the daemon only while
+/// a fork family has a child that has not exec'd within the grace window: while attached, every
+/// syscall on the host takes the tracing slow path.
+#[btf_tracepoint(function = "sys_enter")]
+pub fn sys_enter_write(ctx: BtfTracePointContext) -> u32 {
+    let id: i64 = ctx.arg(1);
+    if id != SYS_WRITE && id != SYS_WRITEV {
+        return 0;
+    }
+    let _ = unsafe { on_file_write(&ctx, id as u32) };
+    0
+}
+
+unsafe fn on_file_write(ctx: &BtfTracePointContext, syscall: u32) -> Result<(), i32> {
+    let pid = (bpf_get_current_pid_tgid() >> 32) as u32;
+    let Some(&family) = (unsafe { FAMILY.get(&pid) }) else {
+        return Ok(());
+    };
+    let offsets = FORKWATCH_OFFSETS.load();
+    let regs: *const u8 = ctx.arg(0);
+    let fd: u64 = unsafe { read_at(regs, offsets.regs_arg1)? };
+    if fd < 3 {
+        return Ok(()); // stdio: sharing it with children is normal
+    }
+    let file = unsafe { current_fd_file(fd as u32, &offsets)? };
+    if file.is_null() {
+        return Ok(());
+    }
+    let flags: u32 = unsafe { read_at(file, offsets.file_flags)? };
+    if flags & O_APPEND != 0 {
+        return Ok(()); // appends are atomic with respect to the offset
+    }
+    let inode: *const u8 = unsafe { read_at(file, offsets.file_inode)? };
+    let mode: u16 = unsafe { read_at(inode, offsets.inode_mode)? };
+    if mode & S_IFMT != S_IFREG {
+        return Ok(()); // pipes, ttys, devices, sockets: no shared offset to corrupt
+    }
+    let key = file as u64;
+    let now = unsafe { bpf_ktime_get_boot_ns() };
+    let Some(first) = note_use(&FILE_USERS, key, family, pid, now, DIRECTION_SEND)? else {
+        return Ok(());
+    };
+    if !first_report(&FILE_REPORTED, key, pid)? {
+        return Ok(());
+    }
+    let Some(mut entry) = EVENTS.reserve::<SharedFileEvent>(0) else {
+        count(&LOST_EVENTS, lost_category::FILE);
+        return Ok(());
+    };
+    entry.write(SharedFileEvent {
+        kind: EventKind::SharedFile as u32,
+        pid,
+        other_pid: first.pid,
+        family,
+        timestamp_ns: now,
+        other_timestamp_ns: first.first_ns,
+        file: key,
+        inode: unsafe { read_at(inode, offsets.inode_ino) }.unwrap_or(0),
+        cgroup_id: unsafe { bpf_get_current_cgroup_id() },
+        fd: fd as u32,
+        syscall,
+        other_syscall: first.syscall,
+        _pad: 0,
+        comm: bpf_get_current_comm().unwrap_or([0; 16]),
+    });
+    entry.submit(0);
+    Ok(())
+}
+
+/// `current->files->fdt->fd[fd]`, or null.
+#[inline(always)]
+unsafe fn current_fd_file(fd: u32, offsets: &KernelOffsets) -> Result<*const u8, i32> {
+    let task = unsafe { bpf_get_current_task_btf() } as *const u8;
+    let files: *const u8 = unsafe { read_at(task, offsets.task_files)? };
+    let fdt: *const u8 = unsafe { read_at(files, offsets.files_fdt)? };
+    let max_fds: u32 = unsafe { read_at(fdt, offsets.fdtable_max_fds)? };
+    if fd >= max_fds {
+        return Ok(core::ptr::null());
+    }
+    let fds: *const u8 = unsafe { read_at(fdt, offsets.fdtable_fd)? };
+    unsafe { read_at(fds, fd * 8) }
 }
 
 #[cfg(not(test))]

@@ -82,6 +82,9 @@ pub fn kernel_offsets(path: &Path) -> Result<KernelOffsets, OffsetError> {
         unix_peer: finder.offset("unix_sock", "peer")? - finder.offset("unix_sock", "sk")?,
         unix_addr: finder.offset("unix_sock", "addr")? - finder.offset("unix_sock", "sk")?,
         unix_address_name: finder.offset("unix_address", "name")?,
+        file_flags: finder.offset("file", "f_flags")?,
+        file_inode: finder.offset("file", "f_inode")?,
+        inode_mode: finder.offset("inode", "i_mode")?,
     })
 }
 

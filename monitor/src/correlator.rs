@@ -26,12 +26,16 @@
 //! datagram sockets (UDP, Unix) `shared_datagram_socket`. An unconnected datagram socket served
 //! by several workers is the datagram twin of a shared listener, and stays quiet.
 //!
+//! Rule `shared_file_offset`: two processes of one fork family write through one regular-file
+//! open description without O_APPEND (the kernel filters stdio, appends and non-regular files):
+//! their writes race on the shared offset.
+//!
 //! Each tracked child carries an opaque context `C` (what the daemon read from /proc when the
 //! fork arrived), handed back with the decision; [`ForkEvidence`] is the part the rules read.
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 
-use crate::events::{BlockedWait, Event, Exit, Fork, SharedSocket, ThreadChange};
+use crate::events::{BlockedWait, Event, Exit, Fork, SharedFile, SharedSocket, ThreadChange};
 
 /// What the rules need from the fork-time context.
 pub trait ForkEvidence {
@@ -132,6 +136,7 @@ pub enum Decision<C> {
     LockWait(LockWait<C>),
     ThreadsAfterMtFork(ThreadsAfterMtFork<C>),
     SharedSocket(SharedSocket, Sharing),
+    SharedFile(SharedFile),
 }
 
 const AF_UNIX: u16 = 1;
@@ -243,6 +248,7 @@ impl<C: Clone + ForkEvidence> Correlator<C> {
                 Some(sharing) => vec![Decision::SharedSocket(socket, sharing)],
                 None => Vec::new(),
             },
+            Event::SharedFile(file) => vec![Decision::SharedFile(file)],
         }
     }
 
@@ -811,7 +817,7 @@ mod tests {
     }
 
     fn shared(sk_family: u16, sk_type: u16, state: u8) -> Event {
-        let user = |pid| crate::events::SocketUse {
+        let user = |pid| crate::events::ResourceUse {
             pid,
             syscall: 1,
             send: true,

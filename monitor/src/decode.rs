@@ -7,10 +7,10 @@ use std::net::{Ipv4Addr, Ipv6Addr};
 
 use monitor_common::{
     COMM_LEN, DIRECTION_SEND, EventKind, ExecEvent, ExitEvent, FORK_FLAG_SHARES_VM, ForkEvent,
-    SharedSocketEvent, ThreadEvent,
+    SharedFileEvent, SharedSocketEvent, ThreadEvent,
 };
 
-use crate::events::{Event, Exec, Exit, Fork, SharedSocket, SocketUse, ThreadChange};
+use crate::events::{Event, Exec, Exit, Fork, ResourceUse, SharedFile, SharedSocket, ThreadChange};
 
 #[derive(Debug, PartialEq, Eq, thiserror::Error)]
 pub enum DecodeError {
@@ -78,13 +78,13 @@ pub fn decode(record: &[u8]) -> Result<Event, DecodeError> {
             let (local, peer) = endpoints(&e);
             Event::SharedSocket(SharedSocket {
                 family: e.family,
-                first: SocketUse {
+                first: ResourceUse {
                     pid: e.other_pid,
                     syscall: e.other_syscall,
                     send: e.other_direction == DIRECTION_SEND,
                     timestamp_ns: e.other_timestamp_ns,
                 },
-                later: SocketUse {
+                later: ResourceUse {
                     pid: e.pid,
                     syscall: e.syscall,
                     send: e.direction == DIRECTION_SEND,
@@ -97,6 +97,24 @@ pub fn decode(record: &[u8]) -> Result<Event, DecodeError> {
                 state: e.state,
                 local,
                 peer,
+                comm: comm_to_string(&e.comm),
+            })
+        }
+        EventKind::SharedFile => {
+            let e: SharedFileEvent = read(kind, record)?;
+            let writer = |pid, syscall, timestamp_ns| ResourceUse {
+                pid,
+                syscall,
+                send: true,
+                timestamp_ns,
+            };
+            Event::SharedFile(SharedFile {
+                family: e.family,
+                first: writer(e.other_pid, e.other_syscall, e.other_timestamp_ns),
+                later: writer(e.pid, e.syscall, e.timestamp_ns),
+                fd: e.fd,
+                inode: e.inode,
+                cgroup_id: e.cgroup_id,
                 comm: comm_to_string(&e.comm),
             })
         }

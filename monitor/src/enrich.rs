@@ -5,10 +5,11 @@ use monitor_common::{futex, syscall};
 use crate::{
     clock,
     correlator::{Decision, LockWait, MtForkNoExec, Outcome, Sharing, ThreadsAfterMtFork},
-    events::{Fork, SharedSocket, SocketUse},
+    events::{Fork, ResourceUse, SharedFile, SharedSocket},
     finding::{
-        Details, Finding, Kind, LockWaitDetails, MtForkNoExecDetails, SCHEMA_VERSION,
-        SharedSocketDetails, SocketInfo, SocketUseInfo, ThreadsAfterMtForkDetails,
+        Details, FileInfo, Finding, Kind, LockWaitDetails, MtForkNoExecDetails, ResourceUseInfo,
+        SCHEMA_VERSION, SharedFileDetails, SharedSocketDetails, SocketInfo,
+        ThreadsAfterMtForkDetails,
     },
     procfs::{ForkContext, ProcFs},
     stack,
@@ -30,6 +31,7 @@ pub fn finding(decision: Decision<ForkContext>, proc: &ProcFs, opts: EnrichOptio
         Decision::LockWait(d) => lock_wait(d, proc, opts),
         Decision::ThreadsAfterMtFork(d) => threads_after_mt_fork(d, proc, opts),
         Decision::SharedSocket(socket, sharing) => shared_socket(socket, sharing, proc, opts),
+        Decision::SharedFile(file) => shared_file(file, proc, opts),
     }
 }
 
@@ -45,6 +47,26 @@ struct Subject {
 }
 
 impl Subject {
+    /// The two processes sharing a resource: they used it a moment ago, so /proc describes
+    /// them (the later one's comm from the event in case it is already gone).
+    fn sharers(
+        later: &ResourceUse,
+        first: &ResourceUse,
+        comm: &str,
+        cgroup_id: u64,
+        proc: &ProcFs,
+    ) -> Self {
+        Self {
+            pid: later.pid,
+            comm: proc.comm(later.pid).unwrap_or_else(|| comm.to_owned()),
+            parent_pid: first.pid,
+            parent_comm: proc.comm(first.pid).unwrap_or_default(),
+            exe: proc.exe(later.pid),
+            cmdline: proc.cmdline(later.pid),
+            cgroup_id,
+        }
+    }
+
     /// A tracked child, described with what was seen at its fork.
     fn child(fork: &Fork, context: ForkContext, proc: &ProcFs) -> Self {
         let pid = fork.child_pid;
@@ -175,17 +197,13 @@ fn shared_socket(
         Sharing::Stream => Kind::SharedSocket,
         Sharing::Datagram => Kind::SharedDatagramSocket,
     };
-    // Both processes are using the socket right now, so /proc describes them.
-    let (pid, other) = (socket.later.pid, socket.first.pid);
-    let subject = Subject {
-        pid,
-        comm: proc.comm(pid).unwrap_or_else(|| socket.comm.clone()),
-        parent_pid: other,
-        parent_comm: proc.comm(other).unwrap_or_default(),
-        exe: proc.exe(pid),
-        cmdline: proc.cmdline(pid),
-        cgroup_id: socket.cgroup_id,
-    };
+    let subject = Subject::sharers(
+        &socket.later,
+        &socket.first,
+        &socket.comm,
+        socket.cgroup_id,
+        proc,
+    );
     let details = Details::SharedSocket(SharedSocketDetails {
         socket: SocketInfo {
             family: match socket.sk_family {
@@ -211,8 +229,32 @@ fn shared_socket(
     common(kind, subject, socket.later.timestamp_ns, opts, details)
 }
 
-fn use_info(u: &SocketUse) -> SocketUseInfo {
-    SocketUseInfo {
+fn shared_file(file: SharedFile, proc: &ProcFs, opts: EnrichOptions) -> Finding {
+    let subject = Subject::sharers(&file.later, &file.first, &file.comm, file.cgroup_id, proc);
+    let details = Details::SharedFile(SharedFileDetails {
+        file: FileInfo {
+            // The writers may already be gone; an inherited fd has the same number in both.
+            path: proc
+                .fd_path(file.later.pid, file.fd, file.inode)
+                .or_else(|| proc.fd_path(file.first.pid, file.fd, file.inode)),
+            inode: file.inode,
+            fd: file.fd,
+        },
+        family_pid: file.family,
+        first_use: use_info(&file.first),
+        later_use: use_info(&file.later),
+    });
+    common(
+        Kind::SharedFileOffset,
+        subject,
+        file.later.timestamp_ns,
+        opts,
+        details,
+    )
+}
+
+fn use_info(u: &ResourceUse) -> ResourceUseInfo {
+    ResourceUseInfo {
         pid: u.pid,
         syscall: syscall_name(u.syscall),
         direction: if u.send { "send" } else { "recv" },

@@ -45,9 +45,9 @@ pub struct ThreadChange {
     pub timestamp_ns: u64,
 }
 
-/// One process's use of a shared socket.
+/// One process's use of a shared socket or open file.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct SocketUse {
+pub struct ResourceUse {
     pub pid: u32,
     /// Syscall number (x86_64).
     pub syscall: u32,
@@ -61,8 +61,8 @@ pub struct SharedSocket {
     /// The process that forked without exec.
     pub family: u32,
     /// The member that used it first, and the later one.
-    pub first: SocketUse,
-    pub later: SocketUse,
+    pub first: ResourceUse,
+    pub later: ResourceUse,
     pub inode: u64,
     pub cgroup_id: u64,
     /// AF_UNIX = 1, AF_INET = 2, AF_INET6 = 10.
@@ -78,6 +78,20 @@ pub struct SharedSocket {
     pub comm: String,
 }
 
+/// A second process of a fork family wrote through a regular-file open description another
+/// member wrote through since the fork (their writes race on the shared offset).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SharedFile {
+    pub family: u32,
+    pub first: ResourceUse,
+    pub later: ResourceUse,
+    /// The later user's fd (its path: /proc/<pid>/fd/<fd>).
+    pub fd: u32,
+    pub inode: u64,
+    pub cgroup_id: u64,
+    pub comm: String,
+}
+
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Event {
     Fork(Fork),
@@ -85,6 +99,7 @@ pub enum Event {
     Exit(Exit),
     Thread(ThreadChange),
     SharedSocket(SharedSocket),
+    SharedFile(SharedFile),
 }
 
 impl Event {
@@ -96,6 +111,7 @@ impl Event {
             Self::Exit(_) => "exit",
             Self::Thread(_) => "thread",
             Self::SharedSocket(_) => "socket",
+            Self::SharedFile(_) => "file",
         }
     }
 }

@@ -38,16 +38,18 @@ pub enum Kind {
     ThreadsAfterMtFork,
     SharedSocket,
     SharedDatagramSocket,
+    SharedFileOffset,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 6] = [
+    pub const ALL: [Kind; 7] = [
         Self::MtForkNoExec,
         Self::InheritedLockDeadlock,
         Self::PossibleInheritedLockWait,
         Self::ThreadsAfterMtFork,
         Self::SharedSocket,
         Self::SharedDatagramSocket,
+        Self::SharedFileOffset,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -58,6 +60,7 @@ impl Kind {
             Self::ThreadsAfterMtFork => "threads_after_mt_fork",
             Self::SharedSocket => "shared_socket",
             Self::SharedDatagramSocket => "shared_datagram_socket",
+            Self::SharedFileOffset => "shared_file_offset",
         }
     }
 
@@ -67,7 +70,8 @@ impl Kind {
             Self::MtForkNoExec
             | Self::PossibleInheritedLockWait
             | Self::ThreadsAfterMtFork
-            | Self::SharedDatagramSocket => Severity::Warning,
+            | Self::SharedDatagramSocket
+            | Self::SharedFileOffset => Severity::Warning,
         }
     }
 }
@@ -103,6 +107,25 @@ pub enum Details {
     LockWait(LockWaitDetails),
     ThreadsAfterMtFork(ThreadsAfterMtForkDetails),
     SharedSocket(SharedSocketDetails),
+    SharedFile(SharedFileDetails),
+}
+
+/// `shared_file_offset`.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct SharedFileDetails {
+    pub file: FileInfo,
+    pub family_pid: u32,
+    pub first_use: ResourceUseInfo,
+    pub later_use: ResourceUseInfo,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct FileInfo {
+    /// From /proc/<pid>/fd/<fd> while the later writer still had it open.
+    pub path: Option<String>,
+    pub inode: u64,
+    /// The later writer's fd.
+    pub fd: u32,
 }
 
 /// `shared_socket` and `shared_datagram_socket`.
@@ -112,9 +135,9 @@ pub struct SharedSocketDetails {
     /// The fork family: the pid of the process that forked without exec.
     pub family_pid: u32,
     /// The first family member to use the socket since the fork (`parent_pid`)...
-    pub first_use: SocketUseInfo,
+    pub first_use: ResourceUseInfo,
     /// ...and the later one (`pid`).
-    pub later_use: SocketUseInfo,
+    pub later_use: ResourceUseInfo,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize)]
@@ -132,7 +155,7 @@ pub struct SocketInfo {
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize)]
-pub struct SocketUseInfo {
+pub struct ResourceUseInfo {
     pub pid: u32,
     /// The syscall that moved data, e.g. "sendto", "write", "recvfrom".
     pub syscall: String,

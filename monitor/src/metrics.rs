@@ -21,6 +21,7 @@ pub struct Metrics {
     decode_errors: IntCounter,
     tracked: IntGauge,
     deadlocked: IntGauge,
+    write_probe: IntGauge,
     correlator: IntCounterVec,
     /// The kernel counts as of the last refresh, to turn absolute values into increments.
     last_kernel: KernelCounts,
@@ -98,6 +99,15 @@ impl Metrics {
         registry
             .register(Box::new(deadlocked.clone()))
             .expect("unique metric");
+        let write_probe = IntGauge::new(
+            "forkwatch_write_probe_attached",
+            "1 while the write probe (every syscall's slow path) is attached: a forked child \
+             has gone without exec for the grace window.",
+        )
+        .expect("valid metric");
+        registry
+            .register(Box::new(write_probe.clone()))
+            .expect("unique metric");
         let build_info = IntGaugeVec::new(
             Opts::new("forkwatch_build_info", "Build information; always 1."),
             &["version"],
@@ -116,7 +126,7 @@ impl Metrics {
         for category in lost_category::NAMES {
             lost.with_label_values(&[category]);
         }
-        for category in ["fork", "exec", "exit", "thread"] {
+        for category in ["fork", "exec", "exit", "thread", "socket", "file"] {
             events.with_label_values(&[category]);
         }
         for kind in Kind::ALL {
@@ -134,6 +144,7 @@ impl Metrics {
             decode_errors,
             tracked,
             deadlocked,
+            write_probe,
             correlator,
             last_kernel: KernelCounts::default(),
             last_stats: Stats::default(),
@@ -148,6 +159,10 @@ impl Metrics {
 
     pub fn event(&self, category: &str) {
         self.events.with_label_values(&[category]).inc();
+    }
+
+    pub fn write_probe(&self, attached: bool) {
+        self.write_probe.set(i64::from(attached));
     }
 
     pub fn decode_error(&self) {

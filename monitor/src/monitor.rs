@@ -36,11 +36,10 @@ pub struct MonitorOptions {
 }
 
 pub struct Monitor {
-    probes: Probes,
     telemetry: Arc<Mutex<Telemetry>>,
     findings: mpsc::UnboundedReceiver<Finding>,
     stop: oneshot::Sender<()>,
-    pipeline: JoinHandle<std::io::Result<()>>,
+    pipeline: JoinHandle<anyhow::Result<()>>,
 }
 
 impl Monitor {
@@ -52,8 +51,6 @@ impl Monitor {
             ring_buffer_bytes: opts.ring_buffer_bytes,
             max_tracked: opts.max_tracked,
         })?;
-        let events = probes.take_events()?;
-        let blocked = probes.take_blocked()?;
         let telemetry = Telemetry::shared(Some(probes.take_counters()?));
         let grace_ns = u64::try_from(opts.exec_grace.as_nanos()).unwrap_or(u64::MAX);
         let config = PipelineConfig {
@@ -70,16 +67,15 @@ impl Monitor {
             },
         };
         let (tx, findings) = mpsc::unbounded_channel();
-        let pipeline = Pipeline::new(events, blocked, config, tx, telemetry.clone())?;
-        // Attach only once the consumer exists, so the first events are not lost to a full
-        // buffer; the pipeline starts polling as soon as the task runs.
+        // Attach before the pipeline takes the probes; the ring buffer holds the first events
+        // until the pipeline task polls it a moment later.
         probes.attach_all()?;
+        let pipeline = Pipeline::new(probes, config, tx, telemetry.clone())?;
         let (stop, stopped) = oneshot::channel::<()>();
         let pipeline = tokio::spawn(pipeline.run(async {
             let _ = stopped.await;
         }));
         Ok(Self {
-            probes,
             telemetry,
             findings,
             stop,
@@ -96,11 +92,10 @@ impl Monitor {
         self.findings.recv().await
     }
 
-    /// Stops the pipeline (after it drained the ring buffer), detaches every probe, and returns
-    /// the findings not yet taken.
+    /// Stops the pipeline (after it drained the ring buffer), which detaches every probe as it
+    /// drops them (nothing is pinned), and returns the findings not yet taken.
     pub async fn stop(self) -> anyhow::Result<Vec<Finding>> {
         let Self {
-            probes,
             mut findings,
             stop,
             pipeline,
@@ -108,8 +103,6 @@ impl Monitor {
         } = self;
         let _ = stop.send(());
         let result = pipeline.await;
-        // Dropping the programs and maps detaches everything: nothing is pinned.
-        drop(probes);
         let mut rest = Vec::new();
         while let Ok(finding) = findings.try_recv() {
             rest.push(finding);

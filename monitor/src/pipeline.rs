@@ -23,6 +23,7 @@ use crate::{
     enrich::{self, EnrichOptions},
     events::{BlockedWait, Event},
     finding::Finding,
+    probes::Probes,
     procfs::{ForkContext, ProcFs},
     telemetry::{self, Telemetry},
 };
@@ -39,9 +40,17 @@ const BLOCKED_SCAN_INTERVAL: Duration = Duration::from_millis(100);
 
 pub type BlockedMap = BpfHashMap<MapData, u32, monitor_common::BlockedWait>;
 
+/// How often the fork families are checked for a child that went without exec, to attach or
+/// detach the write probe.
+const FAMILY_SCAN_INTERVAL: Duration = Duration::from_millis(500);
+
 pub struct Pipeline {
     events: AsyncFd<RingBuf<MapData>>,
     blocked: BlockedMap,
+    children: BpfHashMap<MapData, u32, u64>,
+    /// Owned here to switch the write probe; dropping the pipeline detaches everything.
+    probes: Probes,
+    exec_grace_ns: u64,
     correlator: Correlator<ForkContext>,
     proc: ProcFs,
     enrich: EnrichOptions,
@@ -51,18 +60,23 @@ pub struct Pipeline {
 
 impl Pipeline {
     pub fn new(
-        events: RingBuf<MapData>,
-        blocked: BlockedMap,
+        mut probes: Probes,
         config: PipelineConfig,
         findings: mpsc::UnboundedSender<Finding>,
         telemetry: Arc<Mutex<Telemetry>>,
-    ) -> std::io::Result<Self> {
+    ) -> anyhow::Result<Self> {
+        let events = probes.take_events()?;
+        let blocked = probes.take_blocked()?;
+        let children = probes.take_children()?;
         Ok(Self {
             // SAFETY: the ring buffer owns its map fd, which stays open and unchanged for as long
             // as the AsyncFd owns the ring buffer.
             events: unsafe { AsyncFd::register_with_interest(events, Interest::READABLE) }
                 .map_err(|e| std::io::Error::other(e.to_string()))?,
             blocked,
+            children,
+            probes,
+            exec_grace_ns: config.correlator.exec_grace_ns,
             correlator: Correlator::new(config.correlator),
             proc: ProcFs::default(),
             enrich: config.enrich,
@@ -73,10 +87,12 @@ impl Pipeline {
 
     /// Runs until `shutdown` completes, then drains what the kernel already sent, so that no
     /// event that reached the ring buffer is lost on a clean stop.
-    pub async fn run(mut self, shutdown: impl Future<Output = ()>) -> std::io::Result<()> {
+    pub async fn run(mut self, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
         tokio::pin!(shutdown);
         let mut scan = tokio::time::interval(BLOCKED_SCAN_INTERVAL);
         scan.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+        let mut families = tokio::time::interval(FAMILY_SCAN_INTERVAL);
+        families.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
         loop {
             let wakeup = self
                 .correlator
@@ -92,6 +108,7 @@ impl Pipeline {
                 }
                 () = sleep_or_forever(wakeup) => {}
                 _ = scan.tick() => self.scan_blocked(),
+                _ = families.tick() => self.switch_write_probe(),
             }
             let decisions = self.correlator.tick(clock::boot_ns());
             self.decide(decisions);
@@ -136,6 +153,34 @@ impl Pipeline {
         let decisions = self.correlator.on_blocked(&waits, clock::boot_ns());
         self.decide(decisions);
         self.update_gauges();
+    }
+
+    /// Attaches the write probe while some fork family has a child that has gone without exec
+    /// for the grace window (only such families can share an open file for long), and detaches
+    /// it when none is left. Fork+exec children leave the map within milliseconds.
+    fn switch_write_probe(&mut self) {
+        let now = clock::boot_ns();
+        let lingering = self
+            .children
+            .iter()
+            .filter_map(Result::ok)
+            .find(|&(_, joined)| now.saturating_sub(joined) >= self.exec_grace_ns)
+            .map(|(pid, _)| pid);
+        let want = lingering.is_some();
+        if want == self.probes.write_probe_attached() {
+            return;
+        }
+        match self.probes.set_write_probe(want) {
+            Ok(()) if want => tracing::info!(
+                child = lingering,
+                "write probe attached: a forked child has not exec'd within the grace window"
+            ),
+            Ok(()) => tracing::info!("write probe detached: no forked child without exec left"),
+            Err(err) => tracing::warn!(%err, "switching the write probe failed"),
+        }
+        self.telemetry()
+            .metrics
+            .write_probe(self.probes.write_probe_attached());
     }
 
     fn update_gauges(&self) {

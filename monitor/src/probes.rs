@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use aya::{
     Btf, Ebpf, EbpfError, EbpfLoader, Endianness,
     maps::{HashMap as BpfHashMap, MapData, PerCpuArray, RingBuf},
-    programs::{BtfTracePoint, ProgramError},
+    programs::{BtfTracePoint, ProgramError, tp_btf::BtfTracePointLinkId},
 };
 use monitor_common::{OFFSETS_GLOBAL, fork_counter, lost_category, names};
 
@@ -78,6 +78,8 @@ fn permission_hint(err: &dyn std::error::Error) -> String {
 pub struct Probes {
     ebpf: Ebpf,
     btf: Btf,
+    /// The write probe's link while attached (see `set_write_probe`).
+    write_link: Option<BtfTracePointLinkId>,
 }
 
 impl Probes {
@@ -100,36 +102,92 @@ impl Probes {
                     hint,
                 }
             })?;
-        Ok(Self { ebpf, btf })
+        Ok(Self {
+            ebpf,
+            btf,
+            write_link: None,
+        })
     }
 
-    /// Verifies and attaches one program (see `names::PROGRAMS`).
-    pub fn attach(&mut self, program: &'static str, tracepoint: &str) -> Result<(), ProbeError> {
-        let error = |stage, source: ProgramError| ProbeError::Program {
-            program,
-            stage,
-            hint: permission_hint(&source),
-            source: Box::new(source),
-        };
+    /// Verifies one program (see `names::PROGRAMS`) and hands it back, not yet attached.
+    fn load_program(
+        &mut self,
+        program: &'static str,
+        tracepoint: &str,
+    ) -> Result<&mut BtfTracePoint, ProbeError> {
         let prog: &mut BtfTracePoint = self
             .ebpf
             .program_mut(program)
             .ok_or(ProgramError::NotLoaded)
-            .map_err(|e| error("be found in the object", e))?
+            .map_err(|e| program_error(program, "be found in the object", e))?
             .try_into()
-            .map_err(|e| error("be a tp_btf program", e))?;
+            .map_err(|e| program_error(program, "be a tp_btf program", e))?;
         prog.load(tracepoint, &self.btf)
-            .map_err(|e| error("load (verifier)", e))?;
-        prog.attach().map_err(|e| error("attach", e))?;
+            .map_err(|e| program_error(program, "load (verifier)", e))?;
+        Ok(prog)
+    }
+
+    /// Verifies and attaches one program.
+    pub fn attach(&mut self, program: &'static str, tracepoint: &str) -> Result<(), ProbeError> {
+        let prog = self.load_program(program, tracepoint)?;
+        prog.attach()
+            .map_err(|e| program_error(program, "attach", e))?;
         Ok(())
     }
 
+    /// Attaches every always-on program and verifies the on-demand write probe.
     pub fn attach_all(&mut self) -> Result<(), ProbeError> {
         for (program, tracepoint) in names::PROGRAMS {
             self.attach(program, tracepoint)?;
             tracing::debug!(program, tracepoint, "attached");
         }
+        let (program, tracepoint) = names::WRITE_PROGRAM;
+        self.load_program(program, tracepoint)?;
         Ok(())
+    }
+
+    /// Attaches or detaches the write probe (tp_btf sys_enter). While attached every syscall on
+    /// the host takes the tracing slow path, so it is attached only while a fork family has a
+    /// child that has gone without exec for the grace window.
+    pub fn set_write_probe(&mut self, attached: bool) -> Result<(), ProbeError> {
+        let (program, _) = names::WRITE_PROGRAM;
+        let prog: &mut BtfTracePoint = self
+            .ebpf
+            .program_mut(program)
+            .ok_or(ProgramError::NotLoaded)
+            .map_err(|e| program_error(program, "be found in the object", e))?
+            .try_into()
+            .map_err(|e| program_error(program, "be a tp_btf program", e))?;
+        match (attached, self.write_link.take()) {
+            (true, None) => {
+                self.write_link = Some(
+                    prog.attach()
+                        .map_err(|e| program_error(program, "attach", e))?,
+                );
+            }
+            (false, Some(link)) => {
+                prog.detach(link)
+                    .map_err(|e| program_error(program, "detach", e))?;
+            }
+            (_, link) => self.write_link = link,
+        }
+        Ok(())
+    }
+
+    pub fn write_probe_attached(&self) -> bool {
+        self.write_link.is_some()
+    }
+
+    /// Children in fork families that have not exec'd (pid → joined, boot ns). Can be taken once.
+    pub fn take_children(&mut self) -> Result<BpfHashMap<MapData, u32, u64>, ProbeError> {
+        let map = self
+            .ebpf
+            .take_map(names::CHILDREN)
+            .ok_or(ProbeError::MissingMap(names::CHILDREN))?;
+        BpfHashMap::try_from(map).map_err(|source| ProbeError::Map {
+            name: names::CHILDREN,
+            source,
+        })
     }
 
     /// The ring buffer the programs write events to. Can be taken once.
@@ -171,6 +229,15 @@ impl Probes {
             forks: per_cpu(names::FORK_COUNTERS)?,
             lost: per_cpu(names::LOST_EVENTS)?,
         })
+    }
+}
+
+fn program_error(program: &'static str, stage: &'static str, source: ProgramError) -> ProbeError {
+    ProbeError::Program {
+        program,
+        stage,
+        hint: permission_hint(&source),
+        source: Box::new(source),
     }
 }
 

@@ -113,6 +113,20 @@ impl ProcFs {
             .map(|p| p.to_string_lossy().into_owned())
     }
 
+    /// What fd `fd` of `pid` refers to (the target of /proc/pid/fd/N), if it is still the file
+    /// with inode `ino` (the fd may have been closed and reused since).
+    pub fn fd_path(&self, pid: u32, fd: u32, ino: u64) -> Option<String> {
+        use std::os::unix::fs::MetadataExt as _;
+        let link = self.path(pid, &format!("fd/{fd}"));
+        // metadata() follows the link to the open file itself, even if it was unlinked.
+        if fs::metadata(&link).ok()?.ino() != ino {
+            return None;
+        }
+        fs::read_link(link)
+            .ok()
+            .map(|p| p.to_string_lossy().into_owned())
+    }
+
     pub fn cmdline(&self, pid: u32) -> Vec<String> {
         let Ok(raw) = fs::read(self.path(pid, "cmdline")) else {
             return Vec::new();
@@ -229,6 +243,20 @@ mod tests {
         let start_ns = ticks * (1_000_000_000 / clock_ticks_per_second());
         assert!(proc.is_same_process(me, start_ns));
         assert!(!proc.is_same_process(me, start_ns + 10_000_000_000));
+    }
+
+    #[test]
+    fn fd_path_checks_the_inode() {
+        use std::os::unix::fs::MetadataExt as _;
+        let file = std::fs::File::open("/proc/self/status").unwrap();
+        let _keep = file;
+        let proc = ProcFs::default();
+        let me = std::process::id();
+        // fd 0..: find the one we opened by its inode.
+        let ino = std::fs::metadata("/proc/self/status").unwrap().ino();
+        let found = (0..64).find_map(|fd| proc.fd_path(me, fd, ino));
+        assert!(found.is_some_and(|p| p.ends_with("/status")));
+        assert_eq!(proc.fd_path(me, 0, u64::MAX), None, "wrong inode");
     }
 
     #[test]

@@ -5,6 +5,8 @@ mod harness;
 
 use std::time::Duration;
 
+use std::time::Instant;
+
 use harness::{Daemon, EchoServer, privileged, run_sharer};
 
 const TIMEOUT: Duration = Duration::from_secs(10);
@@ -80,4 +82,51 @@ fn handoff_prefork_socketpair_pipe_and_stdout_stay_quiet() {
             .collect();
         assert!(found.is_empty(), "family {family}: {found:?}");
     }
+}
+
+/// How long after the fork the file fixtures start writing: the write probe is attached once a
+/// child has gone without exec for the grace window (400 ms in tests), at the next family scan
+/// (every 500 ms).
+const WRITE_DELAY_MS: &str = "1500";
+
+fn temp_file(name: &str) -> String {
+    let path = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join(name);
+    path.to_str().unwrap().to_owned()
+}
+
+#[test]
+fn writes_through_one_open_file_without_o_append_are_shared_file_offset() {
+    if !privileged() {
+        return;
+    }
+    let daemon = Daemon::start(&[]);
+    let path = temp_file("shared-offset.log");
+    let run = run_sharer("file", &[&path, WRITE_DELAY_MS]);
+    let f = daemon.expect_kind(run.child(), "shared_file_offset", TIMEOUT);
+    assert_eq!(f["severity"], "warning");
+    assert_eq!(f["parent_pid"], run.parent());
+    assert_eq!(f["family_pid"], run.parent());
+    assert_eq!(f["file"]["path"], path.as_str(), "{f}");
+    assert!(f["file"]["fd"].as_u64().unwrap() >= 3);
+    assert_eq!(f["first_use"]["syscall"], "write");
+    assert_eq!(f["later_use"]["syscall"], "write");
+    // The family is gone: the write probe (every syscall's slow path) comes off again.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while daemon.metric("forkwatch_write_probe_attached") != 0.0 {
+        assert!(Instant::now() < deadline, "write probe still attached");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn appends_are_not_shared_file_offset() {
+    if !privileged() {
+        return;
+    }
+    let daemon = Daemon::start(&[]);
+    let run = run_sharer("file-append", &[&temp_file("append.log"), WRITE_DELAY_MS]);
+    daemon.assert_quiet(
+        "O_APPEND writes by parent and child",
+        &[run.child(), run.parent()],
+    );
 }

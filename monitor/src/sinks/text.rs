@@ -97,6 +97,18 @@ pub fn render(f: &Finding, color: bool) -> String {
                 d.later_use.pid
             );
         }
+        Details::SharedFile(d) => {
+            let _ = write!(
+                line,
+                ": both write through one open file {} (inode {}, no O_APPEND): {} by {} then {} by {}",
+                escape(d.file.path.as_deref().unwrap_or("?")),
+                d.file.inode,
+                d.first_use.syscall,
+                d.first_use.pid,
+                d.later_use.syscall,
+                d.later_use.pid
+            );
+        }
         Details::ThreadsAfterMtFork(d) => {
             let _ = write!(
                 line,

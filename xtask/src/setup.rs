@@ -16,11 +16,27 @@ const EBPF_COMPONENTS: [&str; 2] = ["rust-src", "clippy"];
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
 const BPF_LINKER_VERSION: &str = "0.13.0";
 /// Debian packages: LLVM 22 development files (libLLVM.so, which bpf-linker links) and, for the
-/// tests, a C compiler, Python and promtool.
-const APT_PACKAGES: [&str; 4] = ["llvm-22-dev", "gcc", "python3", "prometheus"];
+/// tests, a C compiler, Python, promtool, a PostgreSQL server and Python's venv module.
+/// (Installing `postgresql` may create a default cluster; the tests ignore it and start their
+/// own server on a private socket directory and port.)
+const APT_PACKAGES: [&str; 6] = [
+    "llvm-22-dev",
+    "gcc",
+    "python3",
+    "prometheus",
+    "postgresql",
+    "python3-venv",
+];
+/// The virtualenv the tests run their Python fixtures that need PyPI packages with, relative to
+/// the workspace root, and what it holds.
+const TEST_VENV: &str = "target/test-venv";
+const TEST_VENV_PACKAGES: [&str; 1] = ["psycopg[binary]"];
+/// The modules that prove those packages are importable.
+const TEST_VENV_IMPORTS: &str = "import psycopg";
 
 pub fn setup() -> anyhow::Result<()> {
     apt_packages()?;
+    test_venv()?;
     ebpf_toolchain()?;
     bpf_linker()?;
     eprintln!("xtask: setup complete");
@@ -45,7 +61,8 @@ fn apt_packages() -> anyhow::Result<()> {
     if !Path::new("/usr/bin/apt-get").exists() {
         bail!(
             "missing {}; this is not a Debian/Ubuntu host: install LLVM 22 development files, a C \
-             compiler, python3 and promtool with your package manager",
+             compiler, python3 with its venv module, promtool and PostgreSQL with your package \
+             manager",
             missing.join(", ")
         );
     }
@@ -60,6 +77,29 @@ fn apt_packages() -> anyhow::Result<()> {
             .args(["install", "-y", "--no-install-recommends"])
             .args(&missing)
             .env("DEBIAN_FRONTEND", "noninteractive"),
+    )
+}
+
+/// A virtualenv made by Debian's Python (not whichever `python3` comes first on PATH), with the
+/// PyPI packages the tests need.
+fn test_venv() -> anyhow::Result<()> {
+    let venv = cmd::workspace_root().join(TEST_VENV);
+    let python = venv.join("bin/python");
+    if !python.exists() {
+        cmd::run_with(
+            Command::new("/usr/bin/python3")
+                .args(["-m", "venv"])
+                .arg(&venv),
+        )?;
+    }
+    let python = python.to_str().context("venv path is not UTF-8")?;
+    if cmd::output(python, &["-c", TEST_VENV_IMPORTS]).is_some() {
+        return Ok(());
+    }
+    cmd::run_with(
+        Command::new(python)
+            .args(["-m", "pip", "install", "--disable-pip-version-check"])
+            .args(TEST_VENV_PACKAGES),
     )
 }
 

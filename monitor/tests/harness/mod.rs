@@ -411,7 +411,7 @@ pub fn run_python(script: &str, args: &[&str]) -> FixtureRun {
     )
 }
 
-fn run_fixture(cmd: &mut Command) -> FixtureRun {
+pub fn run_fixture(cmd: &mut Command) -> FixtureRun {
     // Wait for the fixture to exit, not for its stdout to close: a child it leaves running
     // (deadlocked on purpose) holds the pipe open for as long as it lives.
     let mut child = cmd

@@ -3,6 +3,7 @@
 use monitor_common::{futex, syscall};
 
 use crate::{
+    cgroup::Attribution,
     clock,
     correlator::{Decision, LockWait, MtForkNoExec, Outcome, Sharing, ThreadsAfterMtFork},
     events::{Fork, ResourceUse, SharedFile, SharedSocket},
@@ -44,6 +45,7 @@ struct Subject {
     exe: Option<String>,
     cmdline: Vec<String>,
     cgroup_id: u64,
+    attribution: Attribution,
 }
 
 impl Subject {
@@ -64,6 +66,10 @@ impl Subject {
             exe: proc.exe(later.pid),
             cmdline: proc.cmdline(later.pid),
             cgroup_id,
+            attribution: proc
+                .attribution(later.pid)
+                .or_else(|| proc.attribution(first.pid))
+                .unwrap_or_default(),
         }
     }
 
@@ -85,6 +91,7 @@ impl Subject {
             exe: context.exe,
             cmdline: context.cmdline,
             cgroup_id: fork.cgroup_id,
+            attribution: context.attribution,
         }
     }
 }
@@ -109,6 +116,7 @@ fn common(
         argv0: subject.cmdline.first().cloned(),
         cmdline: opts.full_cmdline.then_some(subject.cmdline),
         cgroup_id: subject.cgroup_id,
+        attribution: subject.attribution,
         details,
     }
 }
@@ -341,6 +349,7 @@ mod tests {
             exe: Some("/usr/bin/ruby".into()),
             cmdline: vec!["ruby".into(), "--secret=hunter2".into()],
             parent_futex_waits: vec![],
+            attribution: crate::cgroup::attribute("/system.slice/app.service"),
         }
     }
 
@@ -391,6 +400,10 @@ mod tests {
             "command line only on request"
         );
         assert!(!f.to_json_line().contains("hunter2"));
+        assert_eq!(json["cgroup"], "/system.slice/app.service");
+        assert_eq!(json["systemd_unit"], "app.service");
+        assert_eq!(json["container"], serde_json::Value::Null);
+        assert_eq!(json["pod_uid"], serde_json::Value::Null);
     }
 
     #[test]

@@ -96,6 +96,9 @@ pub struct Finding {
     pub cmdline: Option<Vec<String>>,
     /// cgroup v2 id of the forking process (its inode number in the cgroup filesystem).
     pub cgroup_id: u64,
+    /// cgroup path, container {runtime, id}, pod_uid, systemd_unit.
+    #[serde(flatten)]
+    pub attribution: crate::cgroup::Attribution,
     #[serde(flatten)]
     pub details: Details,
 }

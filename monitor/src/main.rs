@@ -4,6 +4,7 @@
 //! correlator (pure state machine) → enrich (/proc) → sinks (JSON, text) and metrics.
 
 mod btf_offsets;
+mod cgroup;
 mod check;
 mod cli;
 mod clock;

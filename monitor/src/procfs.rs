@@ -10,6 +10,8 @@ use std::{
     path::{Path, PathBuf},
 };
 
+use crate::cgroup::{self, Attribution};
+
 /// What the daemon learns about a fork when its event arrives, a few hundred microseconds after
 /// the fork itself. The parent's threads may have changed in between; the kernel's thread count
 /// in the event is exact, the names are as close as userspace can get.
@@ -24,6 +26,8 @@ pub struct ForkContext {
     /// Futex addresses the parent's other threads were waiting on (see
     /// [`ProcFs::futex_waits`] for how exact that is).
     pub parent_futex_waits: Vec<u64>,
+    /// The child's container / pod / systemd unit.
+    pub attribution: Attribution,
 }
 
 impl crate::correlator::ForkEvidence for ForkContext {
@@ -66,7 +70,17 @@ impl ProcFs {
             exe,
             cmdline,
             parent_futex_waits: self.futex_waits(parent, parent_tid),
+            attribution: self
+                .attribution(child)
+                .or_else(|| self.attribution(parent))
+                .unwrap_or_default(),
         }
+    }
+
+    /// The container, pod or systemd unit of `pid`, from /proc/pid/cgroup.
+    pub fn attribution(&self, pid: u32) -> Option<Attribution> {
+        let contents = fs::read_to_string(self.path(pid, "cgroup")).ok()?;
+        cgroup::path_from_proc(&contents).map(cgroup::attribute)
     }
 
     /// Futex addresses that threads of `pid` (other than `skip_tid`) are blocked on, from
@@ -239,6 +253,7 @@ mod tests {
         assert!(proc.exe(me).is_some());
         assert!(!proc.cmdline(me).is_empty());
         assert!(proc.comm(me).is_some());
+        assert!(proc.attribution(me).is_some_and(|a| a.cgroup.is_some()));
         let ticks = proc.start_ticks(me).expect("own start time");
         let start_ns = ticks * (1_000_000_000 / clock_ticks_per_second());
         assert!(proc.is_same_process(me, start_ns));

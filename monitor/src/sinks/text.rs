@@ -157,6 +157,7 @@ mod tests {
             argv0: Some("python3".into()),
             cmdline: None,
             cgroup_id: 1,
+            attribution: Default::default(),
             details: Details::MtForkNoExec(MtForkNoExecDetails {
                 parent_tid: 1,
                 parent_threads: 2,

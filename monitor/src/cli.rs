@@ -77,6 +77,10 @@ pub struct RunArgs {
     /// Most children of multithreaded forks tracked at once.
     #[arg(long, env = "FORKWATCH_MAX_TRACKED", default_value_t = monitor_common::TRACKED_MAX_ENTRIES, value_parser = clap::value_parser!(u32).range(16..=4_194_304))]
     pub max_tracked: u32,
+    /// Turn on the kernel's BPF run-time statistics while running, for the
+    /// forkwatch_bpf_program_* metrics (costs a little on every program run).
+    #[arg(long, env = "FORKWATCH_BPF_STATS")]
+    pub bpf_stats: bool,
     #[command(flatten)]
     pub common: CommonArgs,
 }

@@ -30,6 +30,15 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let mut sigint = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
 
+    // Held for the daemon's lifetime: the kernel counts program run time while the fd is open.
+    let _bpf_stats = if args.bpf_stats {
+        Some(crate::probes::enable_bpf_stats().context(
+            "--bpf-stats: the kernel refused to enable BPF run-time statistics (needs \
+             CAP_SYS_ADMIN or root); drop the flag, or run `sysctl kernel.bpf_stats_enabled=1`",
+        )?)
+    } else {
+        None
+    };
     let mut monitor = Monitor::start(&MonitorOptions {
         btf_path: args.common.btf.clone(),
         ring_buffer_bytes: args.ring_buffer_size,

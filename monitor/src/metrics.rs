@@ -2,8 +2,11 @@
 //! categories): never a pid, comm, path or command line.
 
 use monitor_common::{fork_counter, lost_category};
+use std::{collections::HashMap, time::Duration};
+
 use prometheus::{
-    Encoder, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
+    CounterVec, Encoder, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+    TextEncoder,
 };
 
 use crate::{
@@ -23,6 +26,10 @@ pub struct Metrics {
     deadlocked: IntGauge,
     write_probe: IntGauge,
     correlator: IntCounterVec,
+    program_runs: IntCounterVec,
+    program_seconds: CounterVec,
+    /// Per program: runs and run time as of the last refresh.
+    last_programs: HashMap<String, (u64, Duration)>,
     /// The kernel counts as of the last refresh, to turn absolute values into increments.
     last_kernel: KernelCounts,
     last_stats: Stats,
@@ -75,6 +82,23 @@ impl Metrics {
             "Correlator bookkeeping: unmatched exec/exit events, evicted and replaced children.",
             &["outcome"],
         );
+        let program_runs = counter_vec(
+            "forkwatch_bpf_program_runs_total",
+            "Times each eBPF program ran (counted while BPF run-time statistics are enabled).",
+            &["program"],
+        );
+        let program_seconds = CounterVec::new(
+            Opts::new(
+                "forkwatch_bpf_program_seconds_total",
+                "Time spent in each eBPF program (counted while BPF run-time statistics are \
+                     enabled).",
+            ),
+            &["program"],
+        )
+        .expect("valid metric");
+        registry
+            .register(Box::new(program_seconds.clone()))
+            .expect("unique metric");
         let decode_errors = IntCounter::new(
             "forkwatch_decode_errors_total",
             "Ring-buffer records that could not be decoded.",
@@ -146,6 +170,9 @@ impl Metrics {
             deadlocked,
             write_probe,
             correlator,
+            program_runs,
+            program_seconds,
+            last_programs: HashMap::new(),
             last_kernel: KernelCounts::default(),
             last_stats: Stats::default(),
         }
@@ -181,6 +208,22 @@ impl Metrics {
             self.correlator
                 .with_label_values(&[outcome])
                 .inc_by(now.saturating_sub(before));
+        }
+    }
+
+    /// Folds a fresh read of the programs' run statistics into the exported counters.
+    pub fn programs(&mut self, stats: &[(String, u64, Duration)]) {
+        for (program, runs, time) in stats {
+            let (last_runs, last_time) = self
+                .last_programs
+                .insert(program.clone(), (*runs, *time))
+                .unwrap_or_default();
+            self.program_runs
+                .with_label_values(&[program])
+                .inc_by(runs.saturating_sub(last_runs));
+            self.program_seconds
+                .with_label_values(&[program])
+                .inc_by(time.saturating_sub(last_time).as_secs_f64());
         }
     }
 

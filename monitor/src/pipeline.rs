@@ -108,7 +108,11 @@ impl Pipeline {
                 }
                 () = sleep_or_forever(wakeup) => {}
                 _ = scan.tick() => self.scan_blocked(),
-                _ = families.tick() => self.switch_write_probe(),
+                _ = families.tick() => {
+                    self.switch_write_probe();
+                    let stats = self.probes.program_stats();
+                    self.telemetry().metrics.programs(&stats);
+                }
             }
             let decisions = self.correlator.tick(clock::boot_ns());
             self.decide(decisions);

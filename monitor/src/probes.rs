@@ -174,6 +174,19 @@ impl Probes {
         Ok(())
     }
 
+    /// (program, times run, total run time) of every loaded program, from the kernel's program
+    /// info. The kernel counts only while BPF run-time statistics are enabled (`--bpf-stats`
+    /// or `sysctl kernel.bpf_stats_enabled=1`).
+    pub fn program_stats(&self) -> Vec<(String, u64, std::time::Duration)> {
+        self.ebpf
+            .programs()
+            .filter_map(|(name, program)| {
+                let info = program.info().ok()?;
+                Some((name.to_owned(), info.run_count(), info.run_time()))
+            })
+            .collect()
+    }
+
     pub fn write_probe_attached(&self) -> bool {
         self.write_link.is_some()
     }
@@ -246,6 +259,12 @@ fn load_btf(path: &Path) -> Result<Btf, ProbeError> {
         path: path.display().to_string(),
         source,
     })
+}
+
+/// Turns on the kernel's BPF run-time statistics for as long as the returned fd lives (they
+/// cost a little on every program run, so they are off by default).
+pub fn enable_bpf_stats() -> Result<std::os::fd::OwnedFd, aya::sys::SyscallError> {
+    aya::sys::enable_stats(aya::sys::Stats::RunTime)
 }
 
 /// Kernels before 5.11 charge BPF maps to RLIMIT_MEMLOCK; newer ones use memory cgroups and

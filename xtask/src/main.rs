@@ -2,6 +2,7 @@
 //! fresh machine the README's two commands are all a newcomer types.
 
 mod cmd;
+mod dist;
 mod setup;
 
 use std::process::ExitCode;
@@ -37,6 +38,12 @@ enum Command {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+    /// Set up, then build a statically linked daemon (musl, release) into target/dist/forkwatch
+    /// and check that it needs no shared library.
+    Dist,
+    /// Dist, then build the container image localhost/forkwatch:latest from
+    /// deploy/container/Containerfile with podman or buildah (podman is installed if neither is).
+    Image,
 }
 
 fn main() -> ExitCode {
@@ -47,6 +54,8 @@ fn main() -> ExitCode {
             .and_then(|()| build())
             .and_then(|()| run(&args)),
         Command::Test { no_lint, args } => setup::setup().and_then(|()| test(no_lint, &args)),
+        Command::Dist => setup::setup().and_then(|()| dist::dist().map(drop)),
+        Command::Image => setup::setup().and_then(|()| dist::image()),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -14,11 +14,12 @@ pub const VMLINUX_BTF: &str = "/sys/kernel/btf/vmlinux";
 
 #[derive(Debug, thiserror::Error)]
 pub enum OffsetError {
+    // `error`, not `source`: the message already shows it, so error chains do not repeat it.
     #[error(
-        "cannot read kernel BTF at {path}: {source}; forkwatch needs a kernel built with \
+        "cannot read kernel BTF at {path}: {error}; forkwatch needs a kernel built with \
          CONFIG_DEBUG_INFO_BTF=y (most distribution kernels since 5.x are)"
     )]
-    Unreadable { path: String, source: btf_rs::Error },
+    Unreadable { path: String, error: btf_rs::Error },
     #[error("kernel BTF has no struct {0}; this kernel is not supported")]
     NoStruct(String),
     #[error("kernel BTF: struct {strukt} has no member {member}; this kernel is not supported")]
@@ -35,9 +36,9 @@ pub enum OffsetError {
 
 /// Reads the offsets the programs need from the BTF file at `path`.
 pub fn kernel_offsets(path: &Path) -> Result<KernelOffsets, OffsetError> {
-    let btf = Btf::from_file(path).map_err(|source| OffsetError::Unreadable {
+    let btf = Btf::from_file(path).map_err(|error| OffsetError::Unreadable {
         path: path.display().to_string(),
-        source,
+        error,
     })?;
     let finder = OffsetFinder { btf: &btf };
     // struct sock_common is embedded in struct sock as __sk_common.

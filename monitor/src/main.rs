@@ -36,6 +36,11 @@ use crate::cli::{Cli, Command, LogFormat};
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let command = cli.command.unwrap_or(Command::Run(cli.run));
+    let log_format = match &command {
+        Command::Run(args) => args.common.log_format,
+        Command::Check(args) | Command::Selftest(args) => args.log_format,
+        Command::Fixture { .. } => LogFormat::Text,
+    };
     let result = match command {
         Command::Run(args) => {
             init_logging(args.common.log_format);
@@ -58,8 +63,12 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
-            tracing::error!("{err:#}");
-            eprintln!("forkwatch: error: {err:#}");
+            // One line, in the form the logs are in: a log pipeline parses JSON, a person reads
+            // text.
+            match log_format {
+                LogFormat::Json => tracing::error!("{err:#}"),
+                LogFormat::Text => eprintln!("forkwatch: error: {err:#}"),
+            }
             ExitCode::FAILURE
         }
     }

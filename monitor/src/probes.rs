@@ -6,7 +6,7 @@
 use std::path::{Path, PathBuf};
 
 use aya::{
-    Btf, Ebpf, EbpfError, EbpfLoader, Endianness,
+    Btf, Ebpf, EbpfLoader, Endianness,
     maps::{HashMap as BpfHashMap, MapData, PerCpuArray, RingBuf},
     programs::{BtfTracePoint, ProgramError, tp_btf::BtfTracePointLinkId},
 };
@@ -31,27 +31,42 @@ pub struct ProbeOptions {
 pub enum ProbeError {
     #[error(transparent)]
     Offsets(#[from] OffsetError),
-    #[error("cannot parse kernel BTF at {path}: {source}")]
-    Btf { path: String, source: aya::BtfError },
-    #[error("loading the eBPF object failed: {source}{hint}")]
-    Load {
-        source: Box<EbpfError>,
-        hint: String,
-    },
-    #[error("eBPF program {program} failed to {stage}: {source}{hint}")]
+    // Causes are kept as text rendered by `describe`: aya's errors repeat themselves down their
+    // source chains, and a chain printed with {:#} would repeat them again.
+    #[error("cannot parse kernel BTF at {path}: {detail}")]
+    Btf { path: String, detail: String },
+    #[error("loading the eBPF object failed: {detail}{hint}")]
+    Load { detail: String, hint: String },
+    #[error("eBPF program {program} failed to {stage}: {detail}{hint}")]
     Program {
         program: &'static str,
         stage: &'static str,
-        source: Box<ProgramError>,
+        detail: String,
         hint: String,
     },
     #[error("eBPF map {0} is missing from the object (build mismatch)")]
     MissingMap(&'static str),
-    #[error("eBPF map {name} has an unexpected type: {source}")]
+    #[error("eBPF map {name} has an unexpected type: {error}")]
     Map {
         name: &'static str,
-        source: aya::maps::MapError,
+        error: aya::maps::MapError,
     },
+}
+
+/// An error and its causes on one line, each part once: aya's errors often repeat their cause
+/// in their own message.
+fn describe(err: &dyn std::error::Error) -> String {
+    let mut text = err.to_string();
+    let mut source = err.source();
+    while let Some(cause) = source {
+        let part = cause.to_string();
+        if !text.contains(&part) {
+            text.push_str(": ");
+            text.push_str(&part);
+        }
+        source = cause.source();
+    }
+    text
 }
 
 /// A hint for errors that mean "not allowed", empty otherwise.
@@ -98,7 +113,7 @@ impl Probes {
             .map_err(|source| {
                 let hint = permission_hint(&source);
                 ProbeError::Load {
-                    source: Box::new(source),
+                    detail: describe(&source),
                     hint,
                 }
             })?;
@@ -197,9 +212,9 @@ impl Probes {
             .ebpf
             .take_map(names::CHILDREN)
             .ok_or(ProbeError::MissingMap(names::CHILDREN))?;
-        BpfHashMap::try_from(map).map_err(|source| ProbeError::Map {
+        BpfHashMap::try_from(map).map_err(|error| ProbeError::Map {
             name: names::CHILDREN,
-            source,
+            error,
         })
     }
 
@@ -209,9 +224,9 @@ impl Probes {
             .ebpf
             .take_map(names::EVENTS)
             .ok_or(ProbeError::MissingMap(names::EVENTS))?;
-        RingBuf::try_from(map).map_err(|source| ProbeError::Map {
+        RingBuf::try_from(map).map_err(|error| ProbeError::Map {
             name: names::EVENTS,
-            source,
+            error,
         })
     }
 
@@ -223,9 +238,9 @@ impl Probes {
             .ebpf
             .take_map(names::BLOCKED)
             .ok_or(ProbeError::MissingMap(names::BLOCKED))?;
-        BpfHashMap::try_from(map).map_err(|source| ProbeError::Map {
+        BpfHashMap::try_from(map).map_err(|error| ProbeError::Map {
             name: names::BLOCKED,
-            source,
+            error,
         })
     }
 
@@ -236,7 +251,7 @@ impl Probes {
                 .ebpf
                 .take_map(name)
                 .ok_or(ProbeError::MissingMap(name))?;
-            PerCpuArray::try_from(map).map_err(|source| ProbeError::Map { name, source })
+            PerCpuArray::try_from(map).map_err(|error| ProbeError::Map { name, error })
         };
         Ok(KernelCounters {
             forks: per_cpu(names::FORK_COUNTERS)?,
@@ -250,14 +265,14 @@ fn program_error(program: &'static str, stage: &'static str, source: ProgramErro
         program,
         stage,
         hint: permission_hint(&source),
-        source: Box::new(source),
+        detail: describe(&source),
     }
 }
 
 fn load_btf(path: &Path) -> Result<Btf, ProbeError> {
-    Btf::parse_file(path, Endianness::default()).map_err(|source| ProbeError::Btf {
+    Btf::parse_file(path, Endianness::default()).map_err(|error| ProbeError::Btf {
         path: path.display().to_string(),
-        source,
+        detail: describe(&error),
     })
 }
 

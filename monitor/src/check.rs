@@ -218,6 +218,20 @@ fn probes(btf: &Path) -> Vec<Item> {
             ),
         });
     }
+    let (program, tracepoint) = names::WRITE_PROGRAM;
+    let name = format!("probe {program}");
+    items.push(match probes.verify_write_probe() {
+        Ok(()) => Item::ok(
+            name,
+            format!("tp_btf/{tracepoint} verified (attached only on demand)"),
+        ),
+        Err(err) => Item::bad(
+            Status::Fail,
+            name,
+            err.to_string(),
+            "this kernel rejects the program; report it with the output of `uname -r`",
+        ),
+    });
     // Dropping the probes detaches them again.
     items
 }

@@ -156,9 +156,13 @@ impl Probes {
             self.attach(program, tracepoint)?;
             tracing::debug!(program, tracepoint, "attached");
         }
+        self.verify_write_probe()
+    }
+
+    /// Verifies (loads, without attaching) the on-demand write probe.
+    pub fn verify_write_probe(&mut self) -> Result<(), ProbeError> {
         let (program, tracepoint) = names::WRITE_PROGRAM;
-        self.load_program(program, tracepoint)?;
-        Ok(())
+        self.load_program(program, tracepoint).map(|_| ())
     }
 
     /// Attaches or detaches the write probe (tp_btf sys_enter). While attached every syscall on

@@ -310,3 +310,101 @@ fn usage_errors_exit_2_naming_the_flag() {
     assert_eq!(out.status.code(), Some(2), "{stderr}");
     assert!(stderr.contains("--exec-grace"), "{stderr}");
 }
+
+/// The capabilities the README, the systemd unit and the DaemonSet grant, and nothing else.
+const CAPS: &str = "-all,+bpf,+perfmon,+sys_ptrace,+dac_read_search";
+
+#[test]
+fn detects_hazards_as_nobody_with_only_the_documented_capabilities() {
+    if !privileged() {
+        return;
+    }
+    let inh = format!("--inh-caps={CAPS}");
+    let amb = format!("--ambient-caps={CAPS}");
+    let bnd = format!("--bounding-set={CAPS}");
+    let setpriv = [
+        "setpriv",
+        "--reuid=65534",
+        "--regid=65534",
+        "--clear-groups",
+        &inh,
+        &amb,
+        &bnd,
+    ];
+    let daemon = Daemon::start_under(&setpriv, &["--deadlock-after", "500ms"]);
+    // Thread names of a root process: reading its /proc needs CAP_DAC_READ_SEARCH/SYS_PTRACE.
+    let run = run_forker("mt-fork-no-exec", &["3", "10"]);
+    let f = daemon.expect_finding(run.child(), FINDING_TIMEOUT);
+    assert_eq!(f["kind"], "mt_fork_no_exec");
+    assert_eq!(f["thread_names"].as_array().unwrap().len(), 2, "{f}");
+    assert!(f["exe"].as_str().is_some(), "{f}");
+    // A deadlock's stack: reading another process's memory needs CAP_SYS_PTRACE.
+    let locked = harness::run_locker("deadlock");
+    let f = daemon.expect_kind(locked.child(), "inherited_lock_deadlock", FINDING_TIMEOUT);
+    assert!(
+        f["stack_summary"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("pthread_mutex_lock"),
+        "{f}"
+    );
+}
+
+#[test]
+fn output_file_gets_json_lines_and_mode_0640() {
+    use std::os::unix::fs::PermissionsExt as _;
+    if !privileged() {
+        return;
+    }
+    let path = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("findings.jsonl");
+    let _ = std::fs::remove_file(&path);
+    let daemon = Daemon::start(&["--output", path.to_str().unwrap()]);
+    let run = run_forker("mt-fork-no-exec", &["2", "10"]);
+    daemon.expect_finding(run.child(), FINDING_TIMEOUT);
+    let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o640);
+    let text = std::fs::read_to_string(&path).unwrap();
+    let line = text
+        .lines()
+        .find(|l| l.contains(&format!("\"pid\":{}", run.child())))
+        .unwrap_or_else(|| panic!("no finding line in {text}"));
+    let json: serde_json::Value = serde_json::from_str(line).unwrap();
+    assert_eq!(json["kind"], "mt_fork_no_exec");
+}
+
+#[test]
+fn check_names_each_missing_capability_and_the_fix() {
+    if !privileged() {
+        return;
+    }
+    for (missing, status) in [
+        ("bpf", "FAIL"),
+        ("perfmon", "FAIL"),
+        ("sys_ptrace", "warn"),
+        ("dac_read_search", "warn"),
+    ] {
+        let caps = CAPS.replace(&format!(",+{missing}"), "");
+        let out = Command::new("setpriv")
+            .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+            .arg(format!("--inh-caps={caps}"))
+            .arg(format!("--ambient-caps={caps}"))
+            .arg(format!("--bounding-set={caps}"))
+            .args([BINARY, "check"])
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let cap = format!("CAP_{}", missing.to_uppercase());
+        let line = stdout
+            .lines()
+            .find(|l| l.starts_with(&format!("[{status}] privileges")))
+            .unwrap_or_else(|| panic!("without {cap}: {stdout}"));
+        assert!(line.contains(&cap), "without {cap}: {line}");
+        assert!(stdout.contains("fix: "), "without {cap}: {stdout}");
+        // Only the two load-bearing capabilities stop the daemon.
+        assert_eq!(
+            out.status.success(),
+            status == "warn",
+            "without {cap}: {stdout}"
+        );
+    }
+}

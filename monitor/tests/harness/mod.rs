@@ -57,8 +57,21 @@ pub struct Daemon {
 impl Daemon {
     /// Starts `forkwatch run` with JSON findings and logs and waits until it is ready.
     pub fn start(extra: &[&str]) -> Daemon {
+        Daemon::start_under(&[], extra)
+    }
+
+    /// Like [`Daemon::start`], with `wrapper` (e.g. setpriv and its flags) in front.
+    pub fn start_under(wrapper: &[&str], extra: &[&str]) -> Daemon {
         let grace = format!("{GRACE_MS}ms");
-        let mut child = Command::new(BINARY)
+        let mut command = match wrapper.split_first() {
+            Some((program, args)) => {
+                let mut c = Command::new(program);
+                c.args(args).arg(BINARY);
+                c
+            }
+            None => Command::new(BINARY),
+        };
+        let mut child = command
             .args(["run", "--format", "json", "--log-format", "json"])
             .args(["--exec-grace", &grace, "--metrics-addr", "127.0.0.1:0"])
             .args(extra)

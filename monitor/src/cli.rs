@@ -41,6 +41,10 @@ pub enum Command {
 /// Flags every command that loads the probes takes.
 #[derive(Debug, Clone, Args)]
 pub struct CommonArgs {
+    /// TOML file with the same keys as these flags (exec_grace = "2s", ...). Flags and
+    /// FORKWATCH_* variables take precedence over it.
+    #[arg(long, env = "FORKWATCH_CONFIG")]
+    pub config: Option<PathBuf>,
     /// Kernel BTF file to read struct offsets from.
     #[arg(long, env = "FORKWATCH_BTF", default_value = VMLINUX_BTF)]
     pub btf: PathBuf,

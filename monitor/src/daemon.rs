@@ -63,6 +63,8 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     tracing::info!(
         %metrics_addr,
         exec_grace_ms = args.exec_grace.as_millis() as u64,
+        deadlock_after_ms = args.deadlock_after.as_millis() as u64,
+        config = ?args.common.config,
         "ready"
     );
 

@@ -8,6 +8,7 @@ mod cgroup;
 mod check;
 mod cli;
 mod clock;
+mod config;
 mod correlator;
 mod daemon;
 mod decode;
@@ -34,7 +35,19 @@ use tracing_subscriber::{EnvFilter, fmt};
 use crate::cli::{Cli, Command, LogFormat};
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    // The config file only fills in FORKWATCH_* defaults, so it is applied before parsing and
+    // its values meet the same validation as flags. A bad file is a usage error, like a bad flag.
+    if let Some(path) = config::config_path(&args) {
+        match config::read(&path) {
+            Ok(settings) => config::apply(&settings),
+            Err(err) => {
+                eprintln!("forkwatch: error: {err}");
+                return ExitCode::from(2);
+            }
+        }
+    }
+    let cli = Cli::parse_from(args);
     let command = cli.command.unwrap_or(Command::Run(cli.run));
     let log_format = match &command {
         Command::Run(args) => args.common.log_format,

@@ -408,3 +408,70 @@ fn check_names_each_missing_capability_and_the_fix() {
         );
     }
 }
+
+/// Starts `forkwatch run` with `args` and `env`, returns the exec grace its ready line reports.
+fn ready_grace_ms(args: &[&str], env: &[(&str, &str)]) -> u64 {
+    use std::io::BufRead as _;
+    let mut child = Command::new(BINARY)
+        .args([
+            "run",
+            "--log-format",
+            "json",
+            "--metrics-addr",
+            "127.0.0.1:0",
+        ])
+        .args(args)
+        .envs(env.iter().copied())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = std::io::BufReader::new(child.stderr.take().unwrap());
+    let mut grace = None;
+    for line in stderr.lines().map_while(Result::ok) {
+        let log: serde_json::Value = serde_json::from_str(&line).unwrap_or_default();
+        if log["fields"]["message"] == "ready" {
+            grace = log["fields"]["exec_grace_ms"].as_u64();
+            break;
+        }
+    }
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let _ = child.wait();
+    grace.expect("the daemon became ready")
+}
+
+#[test]
+fn config_file_fills_in_flags_that_flags_and_environment_override() {
+    if !privileged() {
+        return;
+    }
+    let path = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("forkwatch.toml");
+    std::fs::write(&path, "exec-grace = \"250ms\"\nformat = \"json\"\n").unwrap();
+    let config = path.to_str().unwrap();
+    assert_eq!(ready_grace_ms(&["--config", config], &[]), 250);
+    assert_eq!(
+        ready_grace_ms(&["--config", config], &[("FORKWATCH_EXEC_GRACE", "300ms")]),
+        300,
+        "the environment beats the file"
+    );
+    assert_eq!(
+        ready_grace_ms(
+            &["--config", config, "--exec-grace", "350ms"],
+            &[("FORKWATCH_EXEC_GRACE", "300ms")]
+        ),
+        350,
+        "a flag beats both"
+    );
+
+    std::fs::write(&path, "exec_grace = \"1s\"\nring-buffer = 4096\n").unwrap();
+    let out = Command::new(BINARY)
+        .args(["run", "--config", config])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("line 2: unknown key `ring-buffer`"),
+        "{stderr}"
+    );
+}

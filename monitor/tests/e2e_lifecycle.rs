@@ -475,3 +475,22 @@ fn config_file_fills_in_flags_that_flags_and_environment_override() {
         "{stderr}"
     );
 }
+
+#[test]
+fn hostile_process_names_arrive_escaped_and_intact() {
+    if !privileged() {
+        return;
+    }
+    let daemon = Daemon::start(&[]);
+    // 15 bytes (the comm limit): a newline, a quote, a terminal escape, a non-UTF-8 byte.
+    // The forking thread takes the name, so it reaches the daemon as raw bytes in the kernel's
+    // fork event (and in /proc for parent_comm).
+    let run = run_python("thread_fork.py", &["0.05", r#"a\n"b\x1b[31m\xff"#]);
+    let f = daemon.expect_finding(run.child(), FINDING_TIMEOUT);
+    // Each finding is one valid JSON line (the harness parsed it); the name survived, with the
+    // invalid byte replaced rather than passed on.
+    assert_eq!(f["comm"], "a\n\"b\u{1b}[31m\u{fffd}", "{f}");
+    assert_eq!(f["parent_comm"], f["comm"], "{f}");
+    let raw = serde_json::to_string(&f).unwrap();
+    assert!(!raw.contains('\n') && !raw.contains('\u{1b}'), "{raw}");
+}

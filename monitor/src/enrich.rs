@@ -8,8 +8,8 @@ use crate::{
     correlator::{Decision, LockWait, MtForkNoExec, Outcome, Sharing, ThreadsAfterMtFork},
     events::{Fork, ResourceUse, SharedFile, SharedSocket},
     finding::{
-        Details, FileInfo, Finding, Kind, LockWaitDetails, MtForkNoExecDetails, ResourceUseInfo,
-        SCHEMA_VERSION, SharedFileDetails, SharedSocketDetails, SocketInfo,
+        Details, EventsLostDetails, FileInfo, Finding, Kind, LockWaitDetails, MtForkNoExecDetails,
+        ResourceUseInfo, SCHEMA_VERSION, SharedFileDetails, SharedSocketDetails, SocketInfo,
         ThreadsAfterMtForkDetails,
     },
     procfs::{ForkContext, ProcFs},
@@ -26,13 +26,43 @@ pub struct EnrichOptions {
     pub exec_grace_ms: u64,
 }
 
-pub fn finding(decision: Decision<ForkContext>, proc: &ProcFs, opts: EnrichOptions) -> Finding {
-    match decision {
-        Decision::MtForkNoExec(d) => mt_fork_no_exec(d, proc, opts),
+/// The finding for a decision, or `None` when /proc shows the decision rests on a lost event
+/// (see [`lost_evidence`]).
+pub fn finding(
+    decision: Decision<ForkContext>,
+    proc: &ProcFs,
+    opts: EnrichOptions,
+) -> Option<Finding> {
+    Some(match decision {
+        Decision::MtForkNoExec(d) => {
+            if let Some(why) = lost_evidence(&d, proc) {
+                tracing::debug!(pid = d.fork.child_pid, why, "mt_fork_no_exec withdrawn");
+                return None;
+            }
+            mt_fork_no_exec(d, proc, opts)
+        }
         Decision::LockWait(d) => lock_wait(d, proc, opts),
         Decision::ThreadsAfterMtFork(d) => threads_after_mt_fork(d, proc, opts),
         Decision::SharedSocket(socket, sharing) => shared_socket(socket, sharing, proc, opts),
         Decision::SharedFile(file) => shared_file(file, proc, opts),
+    })
+}
+
+/// A child decided at its deadline is still running without exec, or so the events say. When
+/// the ring buffer overflowed, its exec or exit event may be what was lost: before reporting,
+/// check /proc. Gone (its exit was not seen), or running another executable (its exec was not
+/// seen): the evidence is gone, and forkwatch would rather stay quiet than cry wolf.
+fn lost_evidence(d: &MtForkNoExec<ForkContext>, proc: &ProcFs) -> Option<&'static str> {
+    if d.outcome != Outcome::NoExecWithinGrace {
+        return None; // decided by an event that did arrive
+    }
+    let pid = d.fork.child_pid;
+    if !proc.is_same_process(pid, d.fork.child_start_ns) {
+        return Some("the child is gone but its exit event never arrived");
+    }
+    match (&d.context.exe, proc.exe(pid)) {
+        (Some(then), Some(now)) if *then != now => Some("the child runs another executable"),
+        _ => None,
     }
 }
 
@@ -261,6 +291,35 @@ fn shared_file(file: SharedFile, proc: &ProcFs, opts: EnrichOptions) -> Finding 
     )
 }
 
+/// The `events_lost` record: not about a process.
+pub fn events_lost(
+    lost: std::collections::BTreeMap<&'static str, u64>,
+    lost_total: u64,
+    now_ns: u64,
+) -> Finding {
+    let subject = Subject {
+        pid: 0,
+        comm: String::new(),
+        parent_pid: 0,
+        parent_comm: String::new(),
+        exe: None,
+        cmdline: Vec::new(),
+        cgroup_id: 0,
+        attribution: Attribution::default(),
+    };
+    let details = Details::EventsLost(EventsLostDetails { lost, lost_total });
+    common(
+        Kind::EventsLost,
+        subject,
+        now_ns,
+        EnrichOptions {
+            full_cmdline: false,
+            exec_grace_ms: 0,
+        },
+        details,
+    )
+}
+
 fn use_info(u: &ResourceUse) -> ResourceUseInfo {
     ResourceUseInfo {
         pid: u.pid,
@@ -380,7 +439,7 @@ mod tests {
             exit_code: 256,
             after_ns: 250_000_000,
         };
-        let f = finding(decision(outcome), &proc, opts(false));
+        let f = finding(decision(outcome), &proc, opts(false)).unwrap();
         assert_eq!((f.pid, f.parent_pid), (4_000_002, 4_000_000));
         assert_eq!(f.comm, "gai-async");
         assert_eq!(f.parent_comm, "ruby");
@@ -412,7 +471,7 @@ mod tests {
         let outcome = Outcome::ExecAfterGrace {
             after_ns: 1_200_000_000,
         };
-        let json = json(&finding(decision(outcome), &proc, opts(true)));
+        let json = json(&finding(decision(outcome), &proc, opts(true)).unwrap());
         assert_eq!(json["cmdline"][1], "--secret=hunter2");
         assert_eq!(json["exec_after_ms"], 1_200);
         assert_eq!(json["exited_without_exec"], false);
@@ -443,7 +502,7 @@ mod tests {
     #[test]
     fn certain_and_possible_lock_waits() {
         let proc = ProcFs::new("/nonexistent-proc");
-        let certain = json(&finding(lock_decision(vec![]), &proc, opts(false)));
+        let certain = json(&finding(lock_decision(vec![]), &proc, opts(false)).unwrap());
         assert_eq!(certain["kind"], "inherited_lock_deadlock");
         assert_eq!(certain["severity"], "critical");
         assert_eq!(certain["futex_addr"], "0x55d0c0a0");
@@ -458,10 +517,44 @@ mod tests {
         );
 
         let reasons = vec![WaitReason::Timeout, WaitReason::SharedFutex];
-        let possible = json(&finding(lock_decision(reasons), &proc, opts(false)));
+        let possible = json(&finding(lock_decision(reasons), &proc, opts(false)).unwrap());
         assert_eq!(possible["kind"], "possible_inherited_lock_wait");
         assert_eq!(possible["severity"], "warning");
         assert_eq!(possible["reason"], "timeout,shared_futex");
+    }
+
+    #[test]
+    fn a_deadline_decision_whose_child_vanished_unseen_is_withdrawn() {
+        // The child is not in /proc and no exit event came: the exit (or an exec) was lost.
+        let proc = ProcFs::new("/nonexistent-proc");
+        assert_eq!(
+            finding(decision(Outcome::NoExecWithinGrace), &proc, opts(false)),
+            None
+        );
+    }
+
+    #[test]
+    fn a_deadline_decision_for_a_child_that_exec_d_unseen_is_withdrawn() {
+        // This test process plays the child: alive, same start time, but another exe than the
+        // one recorded at the fork.
+        let proc = ProcFs::default();
+        let me = std::process::id();
+        let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as u64;
+        let start_ns = proc.start_ticks(me).unwrap() * (1_000_000_000 / hz);
+        let mut d = decision(Outcome::NoExecWithinGrace);
+        let Decision::MtForkNoExec(inner) = &mut d else {
+            unreachable!()
+        };
+        inner.fork.child_pid = me;
+        inner.fork.child_start_ns = start_ns;
+        inner.context.exe = Some("/usr/bin/ruby".into());
+        assert_eq!(finding(d.clone(), &proc, opts(false)), None);
+        // Same exe as now: a real finding.
+        let Decision::MtForkNoExec(inner) = &mut d else {
+            unreachable!()
+        };
+        inner.context.exe = proc.exe(me);
+        assert!(finding(d, &proc, opts(false)).is_some());
     }
 
     #[test]

@@ -79,7 +79,8 @@ impl Metrics {
         );
         let correlator = counter_vec(
             "forkwatch_correlator_total",
-            "Correlator bookkeeping: unmatched exec/exit events, evicted and replaced children.",
+            "Correlator bookkeeping: unmatched exec/exit events, evicted and replaced children, \
+             decisions withdrawn because /proc showed their evidence was lost.",
             &["outcome"],
         );
         let program_runs = counter_vec(
@@ -156,7 +157,7 @@ impl Metrics {
         for kind in Kind::ALL {
             findings.with_label_values(&[kind.as_str(), kind.severity().as_str()]);
         }
-        for outcome in ["unmatched", "evicted", "replaced"] {
+        for outcome in ["unmatched", "evicted", "replaced", "withdrawn"] {
             correlator.with_label_values(&[outcome]);
         }
         Self {
@@ -190,6 +191,11 @@ impl Metrics {
 
     pub fn write_probe(&self, attached: bool) {
         self.write_probe.set(i64::from(attached));
+    }
+
+    /// A decision withdrawn because /proc showed its evidence was lost.
+    pub fn withdrawn(&self) {
+        self.correlator.with_label_values(&["withdrawn"]).inc();
     }
 
     pub fn decode_error(&self) {
@@ -242,6 +248,11 @@ impl Metrics {
                 .with_label_values(&[category])
                 .inc_by(now.lost[i].saturating_sub(last.lost[i]));
         }
+    }
+
+    /// Events lost so far per category, as last read from the kernel.
+    pub fn lost(&self) -> [u64; lost_category::COUNT as usize] {
+        self.last_kernel.lost
     }
 
     /// The Prometheus text exposition of every metric.

@@ -40,6 +40,9 @@ const BLOCKED_SCAN_INTERVAL: Duration = Duration::from_millis(100);
 
 pub type BlockedMap = BpfHashMap<MapData, u32, monitor_common::BlockedWait>;
 
+/// At most one `events_lost` record per this long: a storm must not flood the findings.
+const EVENTS_LOST_EVERY: Duration = Duration::from_secs(10);
+
 /// How often the fork families are checked for a child that went without exec, to attach or
 /// detach the write probe.
 const FAMILY_SCAN_INTERVAL: Duration = Duration::from_millis(500);
@@ -51,6 +54,9 @@ pub struct Pipeline {
     /// Owned here to switch the write probe; dropping the pipeline detaches everything.
     probes: Probes,
     exec_grace_ns: u64,
+    /// Lost-event counts as of the last `events_lost` record, and when it was written.
+    lost_reported: [u64; monitor_common::lost_category::COUNT as usize],
+    lost_reported_at: Option<std::time::Instant>,
     correlator: Correlator<ForkContext>,
     proc: ProcFs,
     enrich: EnrichOptions,
@@ -77,6 +83,8 @@ impl Pipeline {
             children,
             probes,
             exec_grace_ns: config.correlator.exec_grace_ns,
+            lost_reported: Default::default(),
+            lost_reported_at: None,
             correlator: Correlator::new(config.correlator),
             proc: ProcFs::default(),
             enrich: config.enrich,
@@ -112,6 +120,7 @@ impl Pipeline {
                     self.switch_write_probe();
                     let stats = self.probes.program_stats();
                     self.telemetry().metrics.programs(&stats);
+                    self.report_lost_events();
                 }
             }
             let decisions = self.correlator.tick(clock::boot_ns());
@@ -187,6 +196,34 @@ impl Pipeline {
             .write_probe(self.probes.write_probe_attached());
     }
 
+    /// Writes an `events_lost` record into the findings stream when the kernel dropped events
+    /// since the last one (at most one per EVENTS_LOST_EVERY).
+    fn report_lost_events(&mut self) {
+        let lost = {
+            let mut telemetry = self.telemetry();
+            telemetry.refresh();
+            telemetry.metrics.lost()
+        };
+        if lost == self.lost_reported
+            || self
+                .lost_reported_at
+                .is_some_and(|at| at.elapsed() < EVENTS_LOST_EVERY)
+        {
+            return;
+        }
+        let since: std::collections::BTreeMap<&'static str, u64> =
+            monitor_common::lost_category::NAMES
+                .iter()
+                .zip(lost.iter().zip(self.lost_reported))
+                .filter(|(_, (now, before))| *now > before)
+                .map(|(name, (now, before))| (*name, now - before))
+                .collect();
+        self.lost_reported = lost;
+        self.lost_reported_at = Some(std::time::Instant::now());
+        let finding = enrich::events_lost(since, lost.iter().sum(), clock::boot_ns());
+        let _ = self.findings.send(finding);
+    }
+
     fn update_gauges(&self) {
         let (tracked, stats) = (self.correlator.tracked(), self.correlator.stats());
         let deadlocked = self.correlator.deadlocked();
@@ -209,9 +246,11 @@ impl Pipeline {
 
     fn decide(&mut self, decisions: Vec<correlator::Decision<ForkContext>>) {
         for decision in decisions {
-            let finding = enrich::finding(decision, &self.proc, self.enrich);
-            // The receiver only goes away when the daemon is shutting down.
-            let _ = self.findings.send(finding);
+            match enrich::finding(decision, &self.proc, self.enrich) {
+                // The receiver only goes away when the daemon is shutting down.
+                Some(finding) => drop(self.findings.send(finding)),
+                None => self.telemetry().metrics.withdrawn(),
+            }
         }
     }
 

@@ -494,3 +494,44 @@ fn hostile_process_names_arrive_escaped_and_intact() {
     let raw = serde_json::to_string(&f).unwrap();
     assert!(!raw.contains('\n') && !raw.contains('\u{1b}'), "{raw}");
 }
+
+#[test]
+fn fork_storm_with_a_tiny_ring_buffer_loses_events_loudly_and_never_invents_findings() {
+    if !privileged() {
+        return;
+    }
+    // 4 KiB holds about 60 fork events: a storm overflows it at once.
+    let daemon = Daemon::start(&["--ring-buffer-size", "4096"]);
+    let storm = run_forker("storm-exec", &["3000"]);
+    let noexec = run_forker("storm", &["3000"]);
+    daemon.barrier();
+    // Exec and exit events were lost, yet no child that exec'd is reported.
+    let invented: Vec<_> = daemon
+        .findings()
+        .into_iter()
+        .filter(|f| f["parent_pid"] == storm.parent())
+        .collect();
+    assert!(
+        invented.is_empty(),
+        "{} false findings: {:?}",
+        invented.len(),
+        invented.first()
+    );
+    // The loss is counted and said in the findings stream, once for the burst.
+    let lost = daemon.expect_kind(0, "events_lost", Duration::from_secs(5));
+    assert!(lost["lost_total"].as_u64().unwrap() > 0, "{lost}");
+    assert!(daemon.metric("forkwatch_events_lost_total{category=\"fork\"}") > 0.0);
+    assert!(
+        daemon.findings_of(0, "events_lost").len() <= 2,
+        "rate-limited"
+    );
+    // The daemon lives on, and the children it did see without exec were reported.
+    assert_eq!(daemon.get("/healthz").0, 200);
+    assert!(
+        daemon
+            .findings()
+            .iter()
+            .any(|f| f["parent_pid"] == noexec.parent()),
+        "no finding at all for the storm without exec"
+    );
+}

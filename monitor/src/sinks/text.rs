@@ -109,6 +109,15 @@ pub fn render(f: &Finding, color: bool) -> String {
                 d.later_use.pid
             );
         }
+        Details::EventsLost(d) => {
+            let parts: Vec<String> = d.lost.iter().map(|(k, v)| format!("{v} {k}")).collect();
+            let _ = write!(
+                line,
+                ": the kernel dropped events ({}; {} since start): findings may be missing",
+                parts.join(", "),
+                d.lost_total
+            );
+        }
         Details::ThreadsAfterMtFork(d) => {
             let _ = write!(
                 line,

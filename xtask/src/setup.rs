@@ -16,23 +16,27 @@ const EBPF_COMPONENTS: [&str; 2] = ["rust-src", "clippy"];
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
 const BPF_LINKER_VERSION: &str = "0.13.0";
 /// Debian packages: LLVM 22 development files (libLLVM.so, which bpf-linker links) and, for the
-/// tests, a C compiler, Python, promtool, a PostgreSQL server and Python's venv module.
-/// (Installing `postgresql` may create a default cluster; the tests ignore it and start their
-/// own server on a private socket directory and port.)
-const APT_PACKAGES: [&str; 6] = [
+/// tests, a C compiler, Python, promtool, a PostgreSQL server, Python's venv module and
+/// `systemd-analyze` (package `systemd`, for `systemd-analyze verify` of the unit in deploy/; it
+/// needs no running systemd). (Installing `postgresql` may create a default cluster; the tests
+/// ignore it and start their own server on a private socket directory and port.)
+const APT_PACKAGES: [&str; 7] = [
     "llvm-22-dev",
     "gcc",
     "python3",
     "prometheus",
     "postgresql",
     "python3-venv",
+    "systemd",
 ];
 /// The virtualenv the tests run their Python fixtures that need PyPI packages with, relative to
 /// the workspace root, and what it holds.
 const TEST_VENV: &str = "target/test-venv";
-const TEST_VENV_PACKAGES: [&str; 1] = ["psycopg[binary]"];
+/// psycopg for the PostgreSQL test; kubernetes-validate (Kubernetes' JSON schemas, offline) and
+/// PyYAML for the deployment-file test (e2e_deploy.rs).
+const TEST_VENV_PACKAGES: [&str; 3] = ["psycopg[binary]", "kubernetes-validate", "PyYAML"];
 /// The modules that prove those packages are importable.
-const TEST_VENV_IMPORTS: &str = "import psycopg";
+const TEST_VENV_IMPORTS: &str = "import psycopg, kubernetes_validate, yaml";
 
 pub fn setup() -> anyhow::Result<()> {
     apt_packages()?;
@@ -61,8 +65,8 @@ fn apt_packages() -> anyhow::Result<()> {
     if !Path::new("/usr/bin/apt-get").exists() {
         bail!(
             "missing {}; this is not a Debian/Ubuntu host: install LLVM 22 development files, a C \
-             compiler, python3 with its venv module, promtool and PostgreSQL with your package \
-             manager",
+             compiler, python3 with its venv module, promtool, PostgreSQL and systemd-analyze with \
+             your package manager",
             missing.join(", ")
         );
     }

@@ -130,13 +130,7 @@ impl Probes {
         program: &'static str,
         tracepoint: &str,
     ) -> Result<&mut BtfTracePoint, ProbeError> {
-        let prog: &mut BtfTracePoint = self
-            .ebpf
-            .program_mut(program)
-            .ok_or(ProgramError::NotLoaded)
-            .map_err(|e| program_error(program, "be found in the object", e))?
-            .try_into()
-            .map_err(|e| program_error(program, "be a tp_btf program", e))?;
+        let prog = tp_btf(&mut self.ebpf, program)?;
         prog.load(tracepoint, &self.btf)
             .map_err(|e| program_error(program, "load (verifier)", e))?;
         Ok(prog)
@@ -170,13 +164,7 @@ impl Probes {
     /// child that has gone without exec for the grace window.
     pub fn set_write_probe(&mut self, attached: bool) -> Result<(), ProbeError> {
         let (program, _) = names::WRITE_PROGRAM;
-        let prog: &mut BtfTracePoint = self
-            .ebpf
-            .program_mut(program)
-            .ok_or(ProgramError::NotLoaded)
-            .map_err(|e| program_error(program, "be found in the object", e))?
-            .try_into()
-            .map_err(|e| program_error(program, "be a tp_btf program", e))?;
+        let prog = tp_btf(&mut self.ebpf, program)?;
         match (attached, self.write_link.take()) {
             (true, None) => {
                 self.write_link = Some(
@@ -212,56 +200,52 @@ impl Probes {
 
     /// Children in fork families that have not exec'd (pid → joined, boot ns). Can be taken once.
     pub fn take_children(&mut self) -> Result<BpfHashMap<MapData, u32, u64>, ProbeError> {
+        self.take_map(names::CHILDREN)
+    }
+
+    /// A map of the object as its typed view. Each can be taken once.
+    fn take_map<T>(&mut self, name: &'static str) -> Result<T, ProbeError>
+    where
+        T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>,
+    {
         let map = self
             .ebpf
-            .take_map(names::CHILDREN)
-            .ok_or(ProbeError::MissingMap(names::CHILDREN))?;
-        BpfHashMap::try_from(map).map_err(|error| ProbeError::Map {
-            name: names::CHILDREN,
-            error,
-        })
+            .take_map(name)
+            .ok_or(ProbeError::MissingMap(name))?;
+        T::try_from(map).map_err(|error| ProbeError::Map { name, error })
     }
 
     /// The ring buffer the programs write events to. Can be taken once.
     pub fn take_events(&mut self) -> Result<RingBuf<MapData>, ProbeError> {
-        let map = self
-            .ebpf
-            .take_map(names::EVENTS)
-            .ok_or(ProbeError::MissingMap(names::EVENTS))?;
-        RingBuf::try_from(map).map_err(|error| ProbeError::Map {
-            name: names::EVENTS,
-            error,
-        })
+        self.take_map(names::EVENTS)
     }
 
     /// The map of tracked threads asleep in a futex wait. Can be taken once.
     pub fn take_blocked(
         &mut self,
     ) -> Result<BpfHashMap<MapData, u32, monitor_common::BlockedWait>, ProbeError> {
-        let map = self
-            .ebpf
-            .take_map(names::BLOCKED)
-            .ok_or(ProbeError::MissingMap(names::BLOCKED))?;
-        BpfHashMap::try_from(map).map_err(|error| ProbeError::Map {
-            name: names::BLOCKED,
-            error,
-        })
+        self.take_map(names::BLOCKED)
     }
 
     /// The in-kernel counters (forks by kind, lost events). Can be taken once.
     pub fn take_counters(&mut self) -> Result<KernelCounters, ProbeError> {
-        let mut per_cpu = |name: &'static str| {
-            let map = self
-                .ebpf
-                .take_map(name)
-                .ok_or(ProbeError::MissingMap(name))?;
-            PerCpuArray::try_from(map).map_err(|error| ProbeError::Map { name, error })
-        };
         Ok(KernelCounters {
-            forks: per_cpu(names::FORK_COUNTERS)?,
-            lost: per_cpu(names::LOST_EVENTS)?,
+            forks: self.take_map(names::FORK_COUNTERS)?,
+            lost: self.take_map(names::LOST_EVENTS)?,
         })
     }
+}
+
+/// A tp_btf program of the object, by name.
+fn tp_btf<'a>(
+    ebpf: &'a mut Ebpf,
+    program: &'static str,
+) -> Result<&'a mut BtfTracePoint, ProbeError> {
+    ebpf.program_mut(program)
+        .ok_or(ProgramError::NotLoaded)
+        .map_err(|e| program_error(program, "be found in the object", e))?
+        .try_into()
+        .map_err(|e| program_error(program, "be a tp_btf program", e))
 }
 
 fn program_error(program: &'static str, stage: &'static str, source: ProgramError) -> ProbeError {

@@ -16,7 +16,7 @@ use std::{
 
 use anyhow::{Context as _, bail};
 
-use crate::cmd;
+use crate::{cmd, setup};
 
 /// musl's libc links statically by default (`crt-static`), so no flags are needed.
 pub const STATIC_TARGET: &str = "x86_64-unknown-linux-musl";
@@ -96,21 +96,9 @@ pub fn image() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The `channel` of the workspace's rust-toolchain.toml: the stable toolchain that builds the
-/// daemon (the eBPF crate has its own, see setup.rs).
+/// The stable toolchain that builds the daemon (the eBPF crate has its own, see setup.rs).
 fn workspace_channel() -> anyhow::Result<String> {
-    let path = cmd::workspace_root().join("rust-toolchain.toml");
-    let text = std::fs::read_to_string(&path).with_context(|| path.display().to_string())?;
-    text.lines()
-        .find_map(|line| {
-            let value = line
-                .trim()
-                .strip_prefix("channel")?
-                .trim()
-                .strip_prefix('=')?;
-            Some(value.trim().trim_matches('"').to_owned())
-        })
-        .with_context(|| format!("no channel in {}", path.display()))
+    setup::toolchain_channel("rust-toolchain.toml")
 }
 
 /// The musl target's standard library for the workspace toolchain.

@@ -114,7 +114,12 @@ fn dpkg_installed(package: &str) -> bool {
 
 /// The channel pinned in monitor-ebpf/rust-toolchain.toml.
 pub fn ebpf_channel() -> anyhow::Result<String> {
-    let path = cmd::workspace_root().join("monitor-ebpf/rust-toolchain.toml");
+    toolchain_channel("monitor-ebpf/rust-toolchain.toml")
+}
+
+/// The `channel` of a rust-toolchain.toml under the workspace root.
+pub fn toolchain_channel(relative: &str) -> anyhow::Result<String> {
+    let path = cmd::workspace_root().join(relative);
     let text = std::fs::read_to_string(&path).with_context(|| path.display().to_string())?;
     text.lines()
         .find_map(|line| {

@@ -252,6 +252,17 @@ impl<C: Clone + ForkEvidence> Correlator<C> {
         }
     }
 
+    /// Tracks a child reconstructed at start (see seed.rs): its fork was not seen, so it is never
+    /// reported as `mt_fork_no_exec`, but every other rule applies to it.
+    pub fn seed(&mut self, fork: Fork, context: C) {
+        let pid = fork.child_pid;
+        self.on_fork(fork, context);
+        if let Some(t) = self.tracked.get_mut(&pid) {
+            t.reported = true;
+            self.deadlines.remove(&(t.deadline_ns, pid));
+        }
+    }
+
     /// Feeds a scan of every thread of a tracked process currently asleep in a futex wait.
     pub fn on_blocked(&mut self, waits: &[BlockedWait], now_ns: u64) -> Vec<Decision<C>> {
         let mut decisions = Vec::new();
@@ -883,6 +894,28 @@ mod tests {
         assert_eq!(check(16, SOCK_DGRAM, CONNECTED), None);
         assert_eq!(check(17, SOCK_DGRAM, CONNECTED), None);
         assert_eq!(check(AF_INET, 3, CONNECTED), None);
+    }
+
+    #[test]
+    fn a_seeded_child_is_never_mt_fork_no_exec_but_its_deadlock_is_reported() {
+        let mut c = correlator();
+        let Event::Fork(f) = fork(20, 0, 2) else {
+            unreachable!()
+        };
+        c.seed(f, "");
+        assert_eq!(c.tracked(), 1);
+        assert_eq!(c.next_wakeup_ns(), None);
+        assert!(c.tick(u64::MAX).is_empty());
+        assert!(
+            c.on_event(exit(20, 5), "").is_empty(),
+            "exit of a seeded child: quiet"
+        );
+        let Event::Fork(f) = fork(21, 0, 2) else {
+            unreachable!()
+        };
+        c.seed(f, "");
+        let found = lock_waits(c.on_blocked(&[wait(21, 0x1000, 0)], DEADLOCK));
+        assert!(found[0].reasons.is_empty());
     }
 
     #[test]

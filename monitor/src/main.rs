@@ -22,6 +22,7 @@ mod monitor;
 mod pipeline;
 mod probes;
 mod procfs;
+mod seed;
 mod selftest;
 mod sinks;
 mod stack;

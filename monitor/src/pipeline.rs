@@ -25,6 +25,7 @@ use crate::{
     finding::Finding,
     probes::Probes,
     procfs::{ForkContext, ProcFs},
+    seed,
     telemetry::{self, Telemetry},
 };
 
@@ -51,6 +52,11 @@ pub struct Pipeline {
     events: AsyncFd<RingBuf<MapData>>,
     blocked: BlockedMap,
     children: BpfHashMap<MapData, u32, u64>,
+    /// The kernel's tracked-children map: seeded children are added to it at start.
+    tracked_map: BpfHashMap<MapData, u32, u64>,
+    /// Futex waits of seeded children found in /proc at start, fed to the correlator while
+    /// they last (see seed.rs).
+    seeded_waits: Vec<seed::SeededWait>,
     /// Owned here to switch the write probe; dropping the pipeline detaches everything.
     probes: Probes,
     exec_grace_ns: u64,
@@ -74,13 +80,16 @@ impl Pipeline {
         let events = probes.take_events()?;
         let blocked = probes.take_blocked()?;
         let children = probes.take_children()?;
-        Ok(Self {
+        let tracked_map = probes.take_tracked()?;
+        let mut pipeline = Self {
             // SAFETY: the ring buffer owns its map fd, which stays open and unchanged for as long
             // as the AsyncFd owns the ring buffer.
             events: unsafe { AsyncFd::register_with_interest(events, Interest::READABLE) }
                 .map_err(|e| std::io::Error::other(e.to_string()))?,
             blocked,
             children,
+            tracked_map,
+            seeded_waits: Vec::new(),
             probes,
             exec_grace_ns: config.correlator.exec_grace_ns,
             lost_reported: Default::default(),
@@ -90,7 +99,10 @@ impl Pipeline {
             enrich: config.enrich,
             findings,
             telemetry,
-        })
+        };
+        // Before the daemon reports ready: hazards already live are part of the state.
+        pipeline.seed_from_proc();
+        Ok(pipeline)
     }
 
     /// Runs until `shutdown` completes, then drains what the kernel already sent, so that no
@@ -150,11 +162,33 @@ impl Pipeline {
         self.update_gauges();
     }
 
+    /// Restart recovery: tracks the children of multithreaded forks that were already running,
+    /// in the kernel too, and remembers their threads already asleep in a futex wait.
+    fn seed_from_proc(&mut self) {
+        let seeded = seed::scan(&self.proc, clock::boot_ns());
+        let count = seeded.len();
+        for s in seeded {
+            let pid = s.fork.child_pid;
+            if let Err(err) = self.tracked_map.insert(&pid, &s.fork.child_start_ns, 0) {
+                tracing::debug!(%err, pid, "cannot track a seeded child in the kernel");
+            }
+            self.seeded_waits.extend(s.waits);
+            self.correlator.seed(s.fork, s.context);
+        }
+        if count > 0 {
+            tracing::info!(
+                children = count,
+                blocked = self.seeded_waits.len(),
+                "seeded from /proc: running children of multithreaded forks that never exec'd"
+            );
+        }
+    }
+
     /// Feeds the correlator every tracked thread now asleep in a futex wait. Only tracked
     /// processes' threads are ever in the map, so with nothing tracked there is nothing to read
     /// (the empty scan still clears the deadlocked gauge of processes that went away).
     fn scan_blocked(&mut self) {
-        let waits: Vec<BlockedWait> = if self.correlator.tracked() == 0 {
+        let mut waits: Vec<BlockedWait> = if self.correlator.tracked() == 0 {
             Vec::new()
         } else {
             self.blocked
@@ -163,6 +197,16 @@ impl Pipeline {
                 .map(|(tid, wait)| BlockedWait::from_kernel(tid, &wait))
                 .collect()
         };
+        // Seeded waits count for as long as the thread provably has not moved.
+        let proc = &self.proc;
+        self.seeded_waits.retain(|w| seed::still_blocked(proc, w));
+        let seeded: Vec<BlockedWait> = self
+            .seeded_waits
+            .iter()
+            .map(|s| s.wait)
+            .filter(|s| !waits.iter().any(|w| w.tid == s.tid))
+            .collect();
+        waits.extend(seeded);
         let decisions = self.correlator.on_blocked(&waits, clock::boot_ns());
         self.decide(decisions);
         self.update_gauges();

@@ -220,6 +220,11 @@ impl Probes {
         self.take_map(names::EVENTS)
     }
 
+    /// The map of tracked children (pid → start time), for seeding at start. Can be taken once.
+    pub fn take_tracked(&mut self) -> Result<BpfHashMap<MapData, u32, u64>, ProbeError> {
+        self.take_map(names::TRACKED)
+    }
+
     /// The map of tracked threads asleep in a futex wait. Can be taken once.
     pub fn take_blocked(
         &mut self,

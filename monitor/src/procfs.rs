@@ -95,18 +95,61 @@ impl ProcFs {
             .tids(pid)
             .into_iter()
             .filter(|&tid| tid != skip_tid)
-            .filter_map(|tid| {
-                let line = fs::read_to_string(self.path(pid, &format!("task/{tid}/syscall")));
-                parse_futex_wait(&line.ok()?)
-            })
+            .filter_map(|tid| Some(parse_futex_wait(&self.syscall_line(pid, tid)?)?.uaddr))
             .collect();
         waits.sort_unstable();
         waits.dedup();
         waits
     }
 
+    /// /proc/pid/task/tid/syscall: what the thread is blocked in.
+    pub fn syscall_line(&self, pid: u32, tid: u32) -> Option<String> {
+        fs::read_to_string(self.path(pid, &format!("task/{tid}/syscall"))).ok()
+    }
+
+    /// Context switches of a thread so far (voluntary + involuntary): unchanged means it has not
+    /// run in between.
+    pub fn context_switches(&self, pid: u32, tid: u32) -> Option<u64> {
+        let status = fs::read_to_string(self.path(pid, &format!("task/{tid}/status"))).ok()?;
+        let count = |key: &str| -> Option<u64> {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(key))?
+                .trim()
+                .parse()
+                .ok()
+        };
+        Some(count("voluntary_ctxt_switches:")? + count("nonvoluntary_ctxt_switches:")?)
+    }
+
+    /// A `Key:` value of /proc/pid/status.
+    pub fn status_value(&self, pid: u32, key: &str) -> Option<u64> {
+        let status = fs::read_to_string(self.path(pid, "status")).ok()?;
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(key)?.strip_prefix(':'))?
+            .trim()
+            .parse()
+            .ok()
+    }
+
+    /// Every process id in /proc.
+    pub fn pids(&self) -> Vec<u32> {
+        let Ok(entries) = fs::read_dir(&self.root) else {
+            return Vec::new();
+        };
+        entries
+            .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+            .collect()
+    }
+
+    /// Start time of `pid` in CLOCK_BOOTTIME nanoseconds (tick resolution).
+    pub fn start_ns(&self, pid: u32) -> Option<u64> {
+        Some(self.start_ticks(pid)? * (1_000_000_000 / clock_ticks_per_second()))
+    }
+
     /// Thread ids of `pid`, ascending.
-    fn tids(&self, pid: u32) -> Vec<u32> {
+    pub fn tids(&self, pid: u32) -> Vec<u32> {
         let Ok(entries) = fs::read_dir(self.path(pid, "task")) else {
             return Vec::new();
         };
@@ -178,21 +221,48 @@ impl ProcFs {
     }
 }
 
-/// The futex address of a /proc/.../syscall line ("nr arg1 ... arg6 sp pc", hex args) when the
-/// thread is blocked in a futex wait: futex(2) with a waiting op, or futex_wait(2). futex_waitv's
-/// first argument is an array in the process's memory, not an address, so it is left out.
-fn parse_futex_wait(line: &str) -> Option<u64> {
+/// A futex wait as /proc/.../syscall shows it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SyscallWait {
+    pub nr: u32,
+    pub uaddr: u64,
+    /// futex(2) op, or the futex2 flags.
+    pub op: u32,
+    pub private: bool,
+    pub has_timeout: bool,
+}
+
+/// The futex wait in a /proc/.../syscall line ("nr arg1 ... arg6 sp pc", hex args), if the
+/// thread is blocked in one: futex(2) with a waiting op, or futex_wait(2). futex_waitv's first
+/// argument is an array in the process's memory, not an address, so it is left out.
+pub fn parse_futex_wait(line: &str) -> Option<SyscallWait> {
+    use monitor_common::{futex, syscall};
     let mut fields = line.split_whitespace();
     let nr: u32 = fields.next()?.parse().ok()?;
     let hex = |f: Option<&str>| u64::from_str_radix(f?.strip_prefix("0x")?, 16).ok();
-    let uaddr = hex(fields.next())?;
-    let op = hex(fields.next())?;
-    let waiting = match nr {
-        monitor_common::syscall::FUTEX => monitor_common::futex::is_wait(op as u32),
-        monitor_common::syscall::FUTEX_WAIT => true,
-        _ => false,
+    let args: Vec<u64> = (0..5).map_while(|_| hex(fields.next())).collect();
+    let [uaddr, arg2, _, arg4, arg5] = args[..] else {
+        return None;
     };
-    waiting.then_some(uaddr)
+    match nr {
+        // futex(uaddr, op, val, timeout, ...)
+        syscall::FUTEX if futex::is_wait(arg2 as u32) => Some(SyscallWait {
+            nr,
+            uaddr,
+            op: arg2 as u32,
+            private: arg2 as u32 & futex::PRIVATE_FLAG != 0,
+            has_timeout: arg4 != 0,
+        }),
+        // futex_wait(uaddr, val, mask, flags, timeout, clockid)
+        syscall::FUTEX_WAIT => Some(SyscallWait {
+            nr,
+            uaddr,
+            op: arg4 as u32,
+            private: arg4 as u32 & futex::FUTEX2_PRIVATE != 0,
+            has_timeout: arg5 != 0,
+        }),
+        _ => None,
+    }
 }
 
 fn read_trimmed(path: &Path) -> Option<String> {
@@ -230,9 +300,16 @@ mod tests {
     #[test]
     fn futex_waits_are_recognized_in_syscall_lines() {
         let wait = "202 0x55d0c0a0 0x80 0x2 0x0 0x0 0x0 0x7ffd1234 0x7f0012";
-        assert_eq!(parse_futex_wait(wait), Some(0x55d0_c0a0));
-        let bitset = "202 0x1000 0x189 0x0 0x0 0x0 0xffffffff 0x7ffd1234 0x7f0012";
-        assert_eq!(parse_futex_wait(bitset), Some(0x1000));
+        let parsed = parse_futex_wait(wait).unwrap();
+        assert_eq!((parsed.uaddr, parsed.op), (0x55d0_c0a0, 0x80));
+        assert!(parsed.private && !parsed.has_timeout);
+        let bitset = "202 0x1000 0x189 0x0 0x7ffd0000 0x0 0xffffffff 0x7ffd1234 0x7f0012";
+        let parsed = parse_futex_wait(bitset).unwrap();
+        assert_eq!(parsed.uaddr, 0x1000);
+        assert!(parsed.has_timeout, "arg4 is the timeout pointer");
+        let futex2 = "455 0x2000 0x0 0xffffffff 0x82 0x0 0x1 0x7ffd1234 0x7f0012";
+        let parsed = parse_futex_wait(futex2).unwrap();
+        assert!(parsed.private && !parsed.has_timeout);
         // FUTEX_WAKE, another syscall, a running thread, garbage.
         assert_eq!(
             parse_futex_wait("202 0x1000 0x81 0x1 0x0 0x0 0x0 0x1 0x2"),

@@ -7,7 +7,7 @@ mod harness;
 
 use std::time::{Duration, Instant};
 
-use harness::{Daemon, privileged, run_forker, run_locker, run_python};
+use harness::{Daemon, privileged, run_forker, run_locker, run_python, spawn_locker};
 
 const DEADLOCK_AFTER_MS: u64 = 500;
 const TIMEOUT: Duration = Duration::from_secs(10);
@@ -185,4 +185,38 @@ fn heavy_lock_contention_without_fork_is_quiet() {
         &[run.parent()],
     );
     assert_eq!(daemon.metric("forkwatch_tracked_processes"), 0.0);
+}
+
+#[test]
+fn a_child_deadlocked_before_the_daemon_started_is_reported_after_a_restart() {
+    if !privileged() {
+        return;
+    }
+    // The hazard is live first: the child blocks on the inherited mutex while its
+    // multithreaded parent goes on running; only then does the daemon start.
+    let live = spawn_locker("deadlock", &["20000"]);
+    let child = live.run.child();
+    std::thread::sleep(Duration::from_millis(300));
+    let daemon = daemon();
+    assert!(
+        daemon.log().contains("seeded from /proc"),
+        "{}",
+        daemon.log()
+    );
+    let f = daemon.expect_kind(child, "inherited_lock_deadlock", TIMEOUT);
+    assert_eq!(f["severity"], "critical");
+    assert_eq!(f["futex_addr"], live.run.text("lock"));
+    assert_eq!(f["parent_pid"], live.run.parent());
+    // What the parent did at the fork is unknown after a restart: no evidence is claimed.
+    assert_eq!(f["contended_in_parent_at_fork"], false);
+    assert!(
+        f["stack_summary"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("pthread_mutex_lock")
+    );
+    // Nothing stale: its fork was never seen, so no mt_fork_no_exec.
+    daemon.barrier();
+    assert!(daemon.findings_of(child, "mt_fork_no_exec").is_empty());
+    assert_eq!(lock_findings(&daemon, child).len(), 1);
 }

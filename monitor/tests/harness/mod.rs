@@ -401,6 +401,47 @@ impl Drop for KillOnDrop {
     }
 }
 
+/// `locker MODE ARGS...` left running in the background (killed with its child on drop),
+/// once it has printed its pids.
+pub fn spawn_locker(mode: &str, args: &[&str]) -> Background {
+    let mut process = Command::new(compiled("locker"))
+        .arg(mode)
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn locker");
+    let mut line = String::new();
+    BufReader::new(process.stdout.take().unwrap())
+        .read_line(&mut line)
+        .expect("locker's pids");
+    let values = line
+        .split_whitespace()
+        .filter_map(|w| w.split_once('='))
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .collect();
+    Background {
+        process,
+        run: FixtureRun { values },
+    }
+}
+
+/// A fixture still running, with what it printed.
+pub struct Background {
+    process: Child,
+    pub run: FixtureRun,
+}
+
+impl Drop for Background {
+    fn drop(&mut self) {
+        let _ = self.process.kill();
+        let _ = self.process.wait();
+        if let Ok(child) = self.run.text("child").parse() {
+            drop(KillOnDrop(child));
+        }
+    }
+}
+
 /// A fixture run whose child outlives it (a deadlocked child): killed on drop.
 pub struct LeftRunning(pub FixtureRun);
 

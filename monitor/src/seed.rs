@@ -1,0 +1,105 @@
+//! Restart recovery: hazards that were already live when the daemon started.
+//!
+//! The daemon never saw those forks, so it reconstructs what it can from /proc: a process whose
+//! parent runs the same executable (so it has not exec'd since the fork) while the parent has two
+//! or more threads is treated as a tracked child. Its `mt_fork_no_exec` is not reported: the
+//! thread count at its fork is unknown, and a stale finding would be a false one. But its threads
+//! that are already asleep in a futex wait will never be seen going to sleep again, so they are
+//! taken from /proc/<pid>/task/<tid>/syscall and re-verified at every scan (same wait, no context
+//! switch since), which is what lets a child deadlocked before the restart be reported.
+
+use crate::{
+    events::{BlockedWait, Fork},
+    procfs::{ForkContext, ProcFs, parse_futex_wait},
+};
+
+/// A child reconstructed from /proc.
+pub struct Seeded {
+    pub fork: Fork,
+    pub context: ForkContext,
+    pub waits: Vec<SeededWait>,
+}
+
+/// A futex wait found in /proc at start.
+#[derive(Clone, Debug)]
+pub struct SeededWait {
+    pub wait: BlockedWait,
+    /// The /proc syscall line and context-switch count when found: while both are unchanged,
+    /// the thread has been asleep in this wait the whole time.
+    line: String,
+    switches: u64,
+}
+
+/// Every live process that looks like a child of a multithreaded fork that never exec'd.
+pub fn scan(proc: &ProcFs, now_ns: u64) -> Vec<Seeded> {
+    let me = std::process::id();
+    proc.pids()
+        .into_iter()
+        .filter(|&pid| pid != me)
+        .filter_map(|pid| seeded(proc, pid, now_ns))
+        .collect()
+}
+
+fn seeded(proc: &ProcFs, pid: u32, now_ns: u64) -> Option<Seeded> {
+    let parent = u32::try_from(proc.status_value(pid, "PPid")?).ok()?;
+    if parent <= 1 || proc.status_value(parent, "Threads")? < 2 {
+        return None;
+    }
+    let exe = proc.exe(pid)?;
+    if proc.exe(parent)? != exe {
+        return None; // exec'd since the fork (or a different program altogether)
+    }
+    let start_ns = proc.start_ns(pid)?;
+    if start_ns < proc.start_ns(parent)? {
+        return None;
+    }
+    let waits = proc
+        .tids(pid)
+        .into_iter()
+        .filter_map(|tid| {
+            let line = proc.syscall_line(pid, tid)?;
+            let w = parse_futex_wait(&line)?;
+            Some(SeededWait {
+                wait: BlockedWait {
+                    pid,
+                    tid,
+                    syscall: w.nr,
+                    uaddr: w.uaddr,
+                    op: w.op,
+                    private: w.private,
+                    has_timeout: w.has_timeout,
+                    // How long it slept before the daemon started is unknown: count from now.
+                    since_ns: now_ns,
+                },
+                line,
+                switches: proc.context_switches(pid, tid)?,
+            })
+        })
+        .collect();
+    let comm = proc.comm(pid).unwrap_or_default();
+    let mut context = proc.fork_context(parent, 0, pid);
+    // What the parent's threads waited on *at the fork* is unknown; now is no evidence of it.
+    context.parent_futex_waits.clear();
+    Some(Seeded {
+        fork: Fork {
+            parent_pid: parent,
+            parent_tid: 0,
+            child_pid: pid,
+            parent_threads: u32::try_from(proc.status_value(parent, "Threads")?).ok()?,
+            shares_vm: false,
+            timestamp_ns: start_ns,
+            child_start_ns: start_ns,
+            cgroup_id: 0,
+            comm,
+        },
+        context,
+        waits,
+    })
+}
+
+/// Whether the thread is still in the same wait and has not run since it was found.
+pub fn still_blocked(proc: &ProcFs, seeded: &SeededWait) -> bool {
+    let (pid, tid) = (seeded.wait.pid, seeded.wait.tid);
+    proc.syscall_line(pid, tid).as_deref() == Some(seeded.line.as_str())
+        && proc.context_switches(pid, tid) == Some(seeded.switches)
+}

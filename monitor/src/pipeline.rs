@@ -118,25 +118,28 @@ impl Pipeline {
                 .correlator
                 .next_wakeup_ns()
                 .map(|at| Duration::from_nanos(at.saturating_sub(clock::boot_ns())));
+            // The work between awaits reads /proc and unwinds stacks: blocking, and under a fork
+            // storm long. block_in_place hands this worker's other tasks (the HTTP server) to
+            // another thread meanwhile, so /metrics and /healthz keep answering.
             tokio::select! {
                 () = &mut shutdown => break,
                 guard = self.events.readable_mut() => {
                     let mut guard = guard?;
                     guard.clear_ready();
                     drop(guard);
-                    self.drain();
+                    tokio::task::block_in_place(|| self.drain());
                 }
                 () = sleep_or_forever(wakeup) => {}
-                _ = scan.tick() => self.scan_blocked(),
-                _ = families.tick() => {
+                _ = scan.tick() => tokio::task::block_in_place(|| self.scan_blocked()),
+                _ = families.tick() => tokio::task::block_in_place(|| {
                     self.switch_write_probe();
                     let stats = self.probes.program_stats();
                     self.telemetry().metrics.programs(&stats);
                     self.report_lost_events();
-                }
+                }),
             }
             let decisions = self.correlator.tick(clock::boot_ns());
-            self.decide(decisions);
+            tokio::task::block_in_place(|| self.decide(decisions));
         }
         self.drain();
         Ok(())

@@ -274,8 +274,9 @@ pub fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
 
 /// [`http_get`] for a server that may not be listening yet.
 pub fn try_http_get(addr: SocketAddr, path: &str) -> std::io::Result<(u16, String)> {
-    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
-    stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+    // Generous: on a loaded 2-core machine (parallel tests, builds) a response can take seconds.
+    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(10))?;
+    stream.set_read_timeout(Some(Duration::from_secs(20)))?;
     write!(stream, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n")?;
     let mut response = String::new();
     stream.read_to_string(&mut response)?;

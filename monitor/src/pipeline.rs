@@ -41,6 +41,10 @@ const BLOCKED_SCAN_INTERVAL: Duration = Duration::from_millis(100);
 
 pub type BlockedMap = BpfHashMap<MapData, u32, monitor_common::BlockedWait>;
 
+/// A parent's fork context is read from /proc at most once per this long (per forking thread):
+/// in a fork storm from one process, reading it for every fork would cost more than the fork.
+const FORK_CONTEXT_REUSE_NS: u64 = 100_000_000;
+
 /// At most one `events_lost` record per this long: a storm must not flood the findings.
 const EVENTS_LOST_EVERY: Duration = Duration::from_secs(10);
 
@@ -60,6 +64,8 @@ pub struct Pipeline {
     /// Owned here to switch the write probe; dropping the pipeline detaches everything.
     probes: Probes,
     exec_grace_ns: u64,
+    /// (parent, forking thread) → (boot ns when read, context): see FORK_CONTEXT_REUSE_NS.
+    fork_contexts: std::collections::HashMap<(u32, u32), (u64, ForkContext)>,
     /// Lost-event counts as of the last `events_lost` record, and when it was written.
     lost_reported: [u64; monitor_common::lost_category::COUNT as usize],
     lost_reported_at: Option<std::time::Instant>,
@@ -92,6 +98,7 @@ impl Pipeline {
             seeded_waits: Vec::new(),
             probes,
             exec_grace_ns: config.correlator.exec_grace_ns,
+            fork_contexts: std::collections::HashMap::new(),
             lost_reported: Default::default(),
             lost_reported_at: None,
             correlator: Correlator::new(config.correlator),
@@ -133,6 +140,9 @@ impl Pipeline {
                 _ = scan.tick() => tokio::task::block_in_place(|| self.scan_blocked()),
                 _ = families.tick() => tokio::task::block_in_place(|| {
                     self.switch_write_probe();
+                    let now = clock::boot_ns();
+                    self.fork_contexts
+                        .retain(|_, (read_ns, _)| now.saturating_sub(*read_ns) < FORK_CONTEXT_REUSE_NS);
                     let stats = self.probes.program_stats();
                     self.telemetry().metrics.programs(&stats);
                     self.report_lost_events();
@@ -281,14 +291,31 @@ impl Pipeline {
 
     fn handle(&mut self, event: Event) {
         let context = match &event {
-            Event::Fork(f) => self
-                .proc
-                .fork_context(f.parent_pid, f.parent_tid, f.child_pid),
+            Event::Fork(f) => {
+                self.fork_context(f.parent_pid, f.parent_tid, f.child_pid, f.timestamp_ns)
+            }
             _ => ForkContext::default(),
         };
         self.telemetry().metrics.event(event.category());
         let decisions = self.correlator.on_event(event, context);
         self.decide(decisions);
+    }
+
+    /// The context of a fork at `at_ns`: from /proc, or from a read of the same parent and
+    /// thread less than FORK_CONTEXT_REUSE_NS old.
+    fn fork_context(&mut self, parent: u32, tid: u32, child: u32, at_ns: u64) -> ForkContext {
+        if let Some((read_ns, context)) = self.fork_contexts.get(&(parent, tid))
+            && at_ns.abs_diff(*read_ns) < FORK_CONTEXT_REUSE_NS
+        {
+            return context.clone();
+        }
+        let context = self.proc.fork_context(parent, tid, child);
+        // A parent already gone was described through its child: not reusable for its siblings.
+        if context.parent_comm.is_some() {
+            self.fork_contexts
+                .insert((parent, tid), (clock::boot_ns(), context.clone()));
+        }
+        context
     }
 
     fn decide(&mut self, decisions: Vec<correlator::Decision<ForkContext>>) {

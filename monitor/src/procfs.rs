@@ -55,24 +55,24 @@ impl ProcFs {
         self.root.join(pid.to_string()).join(leaf)
     }
 
-    /// Snapshot for a fork of `child` by thread `parent_tid` of `parent`.
+    /// Snapshot for a fork of `child` by thread `parent_tid` of `parent`. Read from the parent:
+    /// until it execs, a child runs the parent's executable with its argv in its cgroup, and
+    /// reading the child instead would describe the new program of a child that exec'd at once
+    /// (the usual case). The child is the fallback when the parent has already exited.
     pub fn fork_context(&self, parent: u32, parent_tid: u32, child: u32) -> ForkContext {
-        // Until it execs the child runs the parent's executable with the parent's argv; read the
-        // child first (it is what the finding is about) and fall back to the parent.
-        let exe = self.exe(child).or_else(|| self.exe(parent));
-        let mut cmdline = self.cmdline(child);
+        let mut cmdline = self.cmdline(parent);
         if cmdline.is_empty() {
-            cmdline = self.cmdline(parent);
+            cmdline = self.cmdline(child);
         }
         ForkContext {
             parent_comm: self.comm(parent),
             thread_names: self.thread_names(parent, parent_tid),
-            exe,
+            exe: self.exe(parent).or_else(|| self.exe(child)),
             cmdline,
             parent_futex_waits: self.futex_waits(parent, parent_tid),
             attribution: self
-                .attribution(child)
-                .or_else(|| self.attribution(parent))
+                .attribution(parent)
+                .or_else(|| self.attribution(child))
                 .unwrap_or_default(),
         }
     }

@@ -78,6 +78,10 @@ fn seeded(proc: &ProcFs, pid: u32, now_ns: u64) -> Option<Seeded> {
         .collect();
     let comm = proc.comm(pid).unwrap_or_default();
     let mut context = proc.fork_context(parent, 0, pid);
+    // A seeded child may have changed since its fork: describe it as it is now.
+    context.exe = Some(exe);
+    context.cmdline = proc.cmdline(pid);
+    context.attribution = proc.attribution(pid).unwrap_or(context.attribution);
     // What the parent's threads waited on *at the fork* is unknown; now is no evidence of it.
     context.parent_futex_waits.clear();
     Some(Seeded {

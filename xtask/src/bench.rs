@@ -27,7 +27,7 @@ use std::{
 use anyhow::{Context as _, bail};
 use serde_json::{Value, json};
 
-use crate::cmd;
+use crate::{cmd, cmd::describe, setup};
 
 /// Relative to the workspace root.
 const BENCH_DIR: &str = "target/bench";
@@ -1304,21 +1304,7 @@ fn ensure_bpftrace() -> anyhow::Result<()> {
     if cmd::output("bpftrace", &["--version"]).is_some() {
         return Ok(());
     }
-    let install = "apt-get update && apt-get install -y --no-install-recommends bpftrace";
-    if !Path::new("/usr/bin/apt-get").exists() {
-        bail!("the bench compares against bpftrace; install it with your package manager");
-    }
-    if !cmd::is_root() {
-        bail!(
-            "the bench compares against bpftrace; install it as root:\n    sudo sh -c '{install}'"
-        );
-    }
-    cmd::run_with(Command::new("apt-get").arg("update"))?;
-    cmd::run_with(
-        Command::new("apt-get")
-            .args(["install", "-y", "--no-install-recommends", "bpftrace"])
-            .env("DEBIAN_FRONTEND", "noninteractive"),
-    )
+    setup::apt_install(&["bpftrace"], "bpftrace, which the bench compares against")
 }
 
 /// tracefs mounted for bpftrace's tracepoints while the bench runs; unmounted again if the
@@ -1405,15 +1391,6 @@ fn strip_ansi(text: &str) -> String {
         }
     }
     out
-}
-
-fn describe(cmd: &Command) -> String {
-    let mut text = cmd.get_program().to_string_lossy().into_owned();
-    for arg in cmd.get_args() {
-        text.push(' ');
-        text.push_str(&arg.to_string_lossy());
-    }
-    text
 }
 
 #[cfg(test)]

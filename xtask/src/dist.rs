@@ -259,21 +259,7 @@ fn container_tool() -> anyhow::Result<Tool> {
             return Ok(tool);
         }
     }
-    let install = "apt-get update && apt-get install -y --no-install-recommends podman";
-    if !Path::new("/usr/bin/apt-get").exists() {
-        bail!("building the image needs podman or buildah; install one with your package manager");
-    }
-    if !cmd::is_root() {
-        bail!(
-            "building the image needs podman or buildah; install podman as root:\n    sudo sh -c '{install}'"
-        );
-    }
-    cmd::run_with(Command::new("apt-get").arg("update"))?;
-    cmd::run_with(
-        Command::new("apt-get")
-            .args(["install", "-y", "--no-install-recommends", "podman"])
-            .env("DEBIAN_FRONTEND", "noninteractive"),
-    )?;
+    setup::apt_install(&["podman"], "podman or buildah, to build the image")?;
     Ok(Tool::Podman)
 }
 

@@ -59,28 +59,38 @@ fn apt_packages() -> anyhow::Result<()> {
     if missing.is_empty() {
         return Ok(());
     }
+    apt_install(
+        &missing,
+        "LLVM 22 development files, a C compiler, python3 with its venv module, promtool, \
+         PostgreSQL and systemd-analyze",
+    )
+}
+
+/// Installs Debian packages `what` needs; where that cannot be done here (not Debian, not
+/// root), the error names the packages and the exact command.
+pub fn apt_install(packages: &[&str], what: &str) -> anyhow::Result<()> {
     let install = format!(
         "apt-get update && apt-get install -y --no-install-recommends {}",
-        missing.join(" ")
+        packages.join(" ")
     );
     if !Path::new("/usr/bin/apt-get").exists() {
         bail!(
-            "missing {}; this is not a Debian/Ubuntu host: install LLVM 22 development files, a C \
-             compiler, python3 with its venv module, promtool, PostgreSQL and systemd-analyze with \
-             your package manager",
-            missing.join(", ")
+            "missing {}; this is not a Debian/Ubuntu host: install {what} with your package \
+             manager",
+            packages.join(", ")
         );
     }
     if !cmd::is_root() {
         bail!(
-            "missing Debian packages {missing:?}; install them as root:\n    sudo sh -c '{install}'"
+            "missing Debian packages {packages:?} ({what}); install them as root:\n    sudo sh -c \
+             '{install}'"
         );
     }
     cmd::run_with(Command::new("apt-get").arg("update"))?;
     cmd::run_with(
         Command::new("apt-get")
             .args(["install", "-y", "--no-install-recommends"])
-            .args(&missing)
+            .args(packages)
             .env("DEBIAN_FRONTEND", "noninteractive"),
     )
 }

@@ -46,6 +46,14 @@ const FORK_KINDS: [(&str, &[u32]); 3] = [
     ("vfork", &[fork_counter::SHARED_VM]),
 ];
 
+/// Registers a metric and hands it back (metric handles are cheap clones of one shared value).
+fn register<M: prometheus::core::Collector + Clone + 'static>(registry: &Registry, metric: M) -> M {
+    registry
+        .register(Box::new(metric.clone()))
+        .expect("unique metric");
+    metric
+}
+
 impl Default for Metrics {
     fn default() -> Self {
         Self::new()
@@ -56,11 +64,10 @@ impl Metrics {
     pub fn new() -> Self {
         let registry = Registry::new();
         let counter_vec = |name: &str, help: &str, labels: &[&str]| {
-            let c = IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric");
-            registry
-                .register(Box::new(c.clone()))
-                .expect("unique metric");
-            c
+            register(
+                &registry,
+                IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric"),
+            )
         };
         let findings = counter_vec(
             "forkwatch_findings_total",
@@ -94,59 +101,59 @@ impl Metrics {
             "Times each eBPF program ran (counted while BPF run-time statistics are enabled).",
             &["program"],
         );
-        let program_seconds = CounterVec::new(
-            Opts::new(
-                "forkwatch_bpf_program_seconds_total",
-                "Time spent in each eBPF program (counted while BPF run-time statistics are \
+        let program_seconds = register(
+            &registry,
+            CounterVec::new(
+                Opts::new(
+                    "forkwatch_bpf_program_seconds_total",
+                    "Time spent in each eBPF program (counted while BPF run-time statistics are \
                      enabled).",
-            ),
-            &["program"],
-        )
-        .expect("valid metric");
-        registry
-            .register(Box::new(program_seconds.clone()))
-            .expect("unique metric");
-        let decode_errors = IntCounter::new(
-            "forkwatch_decode_errors_total",
-            "Ring-buffer records that could not be decoded.",
-        )
-        .expect("valid metric");
-        registry
-            .register(Box::new(decode_errors.clone()))
-            .expect("unique metric");
-        let tracked = IntGauge::new(
-            "forkwatch_tracked_processes",
-            "Children of multithreaded forks currently tracked (not yet exec'd or exited).",
-        )
-        .expect("valid metric");
-        registry
-            .register(Box::new(tracked.clone()))
-            .expect("unique metric");
-        let deadlocked = IntGauge::new(
-            "forkwatch_deadlocked_processes",
-            "Processes blocked right now on a reported inherited-lock deadlock.",
-        )
-        .expect("valid metric");
-        registry
-            .register(Box::new(deadlocked.clone()))
-            .expect("unique metric");
-        let write_probe = IntGauge::new(
-            "forkwatch_write_probe_attached",
-            "1 while the write probe (every syscall's slow path) is attached: a forked child \
+                ),
+                &["program"],
+            )
+            .expect("valid metric"),
+        );
+        let decode_errors = register(
+            &registry,
+            IntCounter::new(
+                "forkwatch_decode_errors_total",
+                "Ring-buffer records that could not be decoded.",
+            )
+            .expect("valid metric"),
+        );
+        let tracked = register(
+            &registry,
+            IntGauge::new(
+                "forkwatch_tracked_processes",
+                "Children of multithreaded forks currently tracked (not yet exec'd or exited).",
+            )
+            .expect("valid metric"),
+        );
+        let deadlocked = register(
+            &registry,
+            IntGauge::new(
+                "forkwatch_deadlocked_processes",
+                "Processes blocked right now on a reported inherited-lock deadlock.",
+            )
+            .expect("valid metric"),
+        );
+        let write_probe = register(
+            &registry,
+            IntGauge::new(
+                "forkwatch_write_probe_attached",
+                "1 while the write probe (every syscall's slow path) is attached: a forked child \
              has gone without exec for the grace window.",
-        )
-        .expect("valid metric");
-        registry
-            .register(Box::new(write_probe.clone()))
-            .expect("unique metric");
-        let build_info = IntGaugeVec::new(
-            Opts::new("forkwatch_build_info", "Build information; always 1."),
-            &["version"],
-        )
-        .expect("valid metric");
-        registry
-            .register(Box::new(build_info.clone()))
-            .expect("unique metric");
+            )
+            .expect("valid metric"),
+        );
+        let build_info = register(
+            &registry,
+            IntGaugeVec::new(
+                Opts::new("forkwatch_build_info", "Build information; always 1."),
+                &["version"],
+            )
+            .expect("valid metric"),
+        );
         build_info
             .with_label_values(&[env!("CARGO_PKG_VERSION")])
             .set(1);

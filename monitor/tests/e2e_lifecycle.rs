@@ -256,12 +256,7 @@ fn bad_environment_gets_a_clear_error_not_a_panic() {
 
     // Not root: drop to nobody with no capabilities.
     let out = Command::new("setpriv")
-        .args([
-            "--reuid=65534",
-            "--regid=65534",
-            "--clear-groups",
-            "--inh-caps=-all",
-        ])
+        .args(as_nobody_with("-all"))
         .args([BINARY, "run", "--metrics-addr", "127.0.0.1:0"])
         .output()
         .expect("setpriv (util-linux)");
@@ -271,12 +266,7 @@ fn bad_environment_gets_a_clear_error_not_a_panic() {
     assert!(!stderr.contains("panicked"), "{stderr}");
 
     let out = Command::new("setpriv")
-        .args([
-            "--reuid=65534",
-            "--regid=65534",
-            "--clear-groups",
-            "--inh-caps=-all",
-        ])
+        .args(as_nobody_with("-all"))
         .args([BINARY, "check"])
         .output()
         .unwrap();
@@ -314,23 +304,27 @@ fn usage_errors_exit_2_naming_the_flag() {
 /// The capabilities the README, the systemd unit and the DaemonSet grant, and nothing else.
 const CAPS: &str = "-all,+bpf,+perfmon,+sys_ptrace,+dac_read_search";
 
+/// setpriv's arguments to run as uid/gid 65534 holding exactly `caps` (setpriv's syntax, e.g.
+/// "-all,+bpf") as inheritable, ambient and bounding sets.
+fn as_nobody_with(caps: &str) -> Vec<String> {
+    vec![
+        "--reuid=65534".to_owned(),
+        "--regid=65534".to_owned(),
+        "--clear-groups".to_owned(),
+        format!("--inh-caps={caps}"),
+        format!("--ambient-caps={caps}"),
+        format!("--bounding-set={caps}"),
+    ]
+}
+
 #[test]
 fn detects_hazards_as_nobody_with_only_the_documented_capabilities() {
     if !privileged() {
         return;
     }
-    let inh = format!("--inh-caps={CAPS}");
-    let amb = format!("--ambient-caps={CAPS}");
-    let bnd = format!("--bounding-set={CAPS}");
-    let setpriv = [
-        "setpriv",
-        "--reuid=65534",
-        "--regid=65534",
-        "--clear-groups",
-        &inh,
-        &amb,
-        &bnd,
-    ];
+    let mut setpriv = vec!["setpriv".to_owned()];
+    setpriv.extend(as_nobody_with(CAPS));
+    let setpriv: Vec<&str> = setpriv.iter().map(String::as_str).collect();
     let daemon = Daemon::start_under(&setpriv, &["--deadlock-after", "500ms"]);
     // Thread names of a root process: reading its /proc needs CAP_DAC_READ_SEARCH/SYS_PTRACE.
     let run = run_forker("mt-fork-no-exec", &["3", "10"]);
@@ -385,10 +379,7 @@ fn check_names_each_missing_capability_and_the_fix() {
     ] {
         let caps = CAPS.replace(&format!(",+{missing}"), "");
         let out = Command::new("setpriv")
-            .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
-            .arg(format!("--inh-caps={caps}"))
-            .arg(format!("--ambient-caps={caps}"))
-            .arg(format!("--bounding-set={caps}"))
+            .args(as_nobody_with(&caps))
             .args([BINARY, "check"])
             .output()
             .unwrap();

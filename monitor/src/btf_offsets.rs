@@ -6,8 +6,9 @@
 
 use std::path::Path;
 
-use btf_rs::{Btf, BtfType, Type};
 use monitor_common::KernelOffsets;
+
+use crate::btf_raw::{RawBtf, RawBtfError};
 
 /// Where the running kernel publishes its BTF.
 pub const VMLINUX_BTF: &str = "/sys/kernel/btf/vmlinux";
@@ -19,7 +20,13 @@ pub enum OffsetError {
         "cannot read kernel BTF at {path}: {error}; forkwatch needs a kernel built with \
          CONFIG_DEBUG_INFO_BTF=y (most distribution kernels since 5.x are)"
     )]
-    Unreadable { path: String, error: btf_rs::Error },
+    Unreadable { path: String, error: std::io::Error },
+    // Not a `source`: the message shows it already (see `Unreadable`).
+    #[error(
+        "kernel BTF is malformed: {0}; --btf must name the running kernel's BTF \
+         ({VMLINUX_BTF}), or a copy of it"
+    )]
+    Malformed(RawBtfError),
     #[error("kernel BTF has no struct {0}; this kernel is not supported")]
     NoStruct(String),
     #[error("kernel BTF: struct {strukt} has no member {member}; this kernel is not supported")]
@@ -34,12 +41,22 @@ pub enum OffsetError {
     },
 }
 
-/// Reads the offsets the programs need from the BTF file at `path`.
-pub fn kernel_offsets(path: &Path) -> Result<KernelOffsets, OffsetError> {
-    let btf = Btf::from_file(path).map_err(|error| OffsetError::Unreadable {
+/// Reads the kernel BTF file at `path` whole (about 5 MB; the loader parses the same bytes).
+pub fn read_btf(path: &Path) -> Result<Vec<u8>, OffsetError> {
+    std::fs::read(path).map_err(|error| OffsetError::Unreadable {
         path: path.display().to_string(),
         error,
-    })?;
+    })
+}
+
+/// Reads the offsets the programs need from the BTF file at `path`.
+pub fn kernel_offsets(path: &Path) -> Result<KernelOffsets, OffsetError> {
+    offsets_from_btf(&read_btf(path)?)
+}
+
+/// The offsets the programs need, from raw kernel BTF bytes.
+pub fn offsets_from_btf(data: &[u8]) -> Result<KernelOffsets, OffsetError> {
+    let btf = RawBtf::parse(data).map_err(OffsetError::Malformed)?;
     let finder = OffsetFinder { btf: &btf };
     // struct sock_common is embedded in struct sock as __sk_common.
     let sk_common = finder.offset("sock", "__sk_common")?;
@@ -98,76 +115,35 @@ const SYSCALL_REGS: [&str; 5] = ["orig_ax", "di", "si", "r10", "r8"];
 compile_error!("forkwatch reads syscall registers from x86_64 pt_regs; port SYSCALL_REGS first");
 
 struct OffsetFinder<'a> {
-    btf: &'a Btf,
+    btf: &'a RawBtf<'a>,
 }
 
 impl OffsetFinder<'_> {
-    /// Byte offset of `member` in `struct strukt`, looking through anonymous structs and unions
-    /// (task_struct nests many of its members in them, depending on config).
+    /// Byte offset of `member` in `struct strukt`, looking through anonymous structs and unions.
     fn offset(&self, strukt: &str, member: &str) -> Result<u32, OffsetError> {
-        let types = self
+        let id = self
             .btf
-            .resolve_types_by_name(strukt)
-            .map_err(|_| OffsetError::NoStruct(strukt.to_owned()))?;
-        // The name may also belong to a forward declaration or a function; take the struct with
-        // members (a definition), never an empty forward one.
-        let definition = types.into_iter().find_map(|t| match t {
-            Type::Struct(s) if !s.members.is_empty() => Some(s),
-            _ => None,
-        });
-        let definition = definition.ok_or_else(|| OffsetError::NoStruct(strukt.to_owned()))?;
-        let (bits, bitfield) =
-            self.find_bits(&definition, member)
-                .ok_or_else(|| OffsetError::NoMember {
-                    strukt: strukt.to_owned(),
-                    member: member.to_owned(),
-                })?;
-        if bitfield || bits % 8 != 0 {
+            .struct_by_name(strukt)
+            .ok_or_else(|| OffsetError::NoStruct(strukt.to_owned()))?;
+        let found = self
+            .btf
+            .member_bits(id, member)
+            .ok_or_else(|| OffsetError::NoMember {
+                strukt: strukt.to_owned(),
+                member: member.to_owned(),
+            })?;
+        if found.bitfield || found.bit_offset % 8 != 0 {
             return Err(OffsetError::Unaligned {
                 strukt: strukt.to_owned(),
                 member: member.to_owned(),
             });
         }
-        u32::try_from(bits / 8).map_err(|_| OffsetError::TooFar {
+        let bytes = found.bit_offset / 8;
+        u32::try_from(bytes).map_err(|_| OffsetError::TooFar {
             strukt: strukt.to_owned(),
             member: member.to_owned(),
-            offset: bits / 8,
+            offset: bytes,
         })
-    }
-
-    /// Bit offset of `member` within `strukt`, recursing into anonymous members, and whether
-    /// the member is a bitfield.
-    fn find_bits(&self, strukt: &btf_rs::Struct, member: &str) -> Option<(u64, bool)> {
-        for m in &strukt.members {
-            let name = self.btf.resolve_name(m).unwrap_or_default();
-            if name == member {
-                let bitfield = m.bitfield_size().is_some_and(|size| size != 0);
-                return Some((u64::from(m.bit_offset()), bitfield));
-            }
-            if name.is_empty()
-                && let Some(inner) = self.aggregate_of(m)
-                && let Some((bits, bitfield)) = self.find_bits(&inner, member)
-            {
-                return Some((u64::from(m.bit_offset()) + bits, bitfield));
-            }
-        }
-        None
-    }
-
-    /// The struct or union a member's type resolves to, through typedefs and qualifiers.
-    fn aggregate_of(&self, member: &dyn BtfType) -> Option<btf_rs::Struct> {
-        let mut t = self.btf.resolve_chained_type(member).ok()?;
-        for _ in 0..16 {
-            t = match t {
-                Type::Struct(s) | Type::Union(s) => return Some(s),
-                Type::Typedef(x) => self.btf.resolve_chained_type(&x).ok()?,
-                Type::Const(x) => self.btf.resolve_chained_type(&x).ok()?,
-                Type::Volatile(x) => self.btf.resolve_chained_type(&x).ok()?,
-                Type::TypeTag(x) => self.btf.resolve_chained_type(&x).ok()?,
-                _ => return None,
-            };
-        }
-        None
     }
 }
 

@@ -5,6 +5,7 @@
 //! correlator (pure state machine) → enrich (/proc) → sinks (JSON, text) and metrics.
 
 pub mod btf_offsets;
+pub mod btf_raw;
 pub mod cgroup;
 pub mod check;
 pub mod cli;

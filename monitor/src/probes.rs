@@ -44,6 +44,8 @@ pub enum ProbeError {
         detail: String,
         hint: String,
     },
+    #[error("programs can no longer be verified: the kernel BTF was released after attach_all")]
+    BtfReleased,
     #[error("eBPF map {0} is missing from the object (build mismatch)")]
     MissingMap(&'static str),
     #[error("eBPF map {name} has an unexpected type: {error}")]
@@ -92,7 +94,9 @@ fn permission_hint(err: &dyn std::error::Error) -> String {
 
 pub struct Probes {
     ebpf: Ebpf,
-    btf: Btf,
+    /// The kernel's types, parsed by aya (about 15 MB): needed to verify tp_btf programs, then
+    /// released by `attach_all` so the long-lived daemon does not carry it.
+    btf: Option<Btf>,
     /// The write probe's link while attached (see `set_write_probe`).
     write_link: Option<BtfTracePointLinkId>,
 }
@@ -101,9 +105,13 @@ impl Probes {
     /// Creates the maps and readies the programs, without attaching anything yet.
     pub fn load(opts: &ProbeOptions) -> Result<Self, ProbeError> {
         raise_memlock_limit();
-        let offsets = btf_offsets::kernel_offsets(&opts.btf_path)?;
+        // Read the file once: the offsets and aya's parse both come from these bytes, and they
+        // are freed before the maps are created (the peak RSS is set here).
+        let raw = btf_offsets::read_btf(&opts.btf_path)?;
+        let offsets = btf_offsets::offsets_from_btf(&raw)?;
         tracing::debug!(?offsets, "kernel struct offsets from BTF");
-        let btf = load_btf(&opts.btf_path)?;
+        let btf = parse_btf(&raw, &opts.btf_path)?;
+        drop(raw);
         let ebpf = EbpfLoader::new()
             .btf(&btf)
             .override_global(OFFSETS_GLOBAL, &offsets, true)
@@ -119,7 +127,7 @@ impl Probes {
             })?;
         Ok(Self {
             ebpf,
-            btf,
+            btf: Some(btf),
             write_link: None,
         })
     }
@@ -130,8 +138,9 @@ impl Probes {
         program: &'static str,
         tracepoint: &str,
     ) -> Result<&mut BtfTracePoint, ProbeError> {
+        let btf = self.btf.as_ref().ok_or(ProbeError::BtfReleased)?;
         let prog = tp_btf(&mut self.ebpf, program)?;
-        prog.load(tracepoint, &self.btf)
+        prog.load(tracepoint, btf)
             .map_err(|e| program_error(program, "load (verifier)", e))?;
         Ok(prog)
     }
@@ -144,13 +153,16 @@ impl Probes {
         Ok(())
     }
 
-    /// Attaches every always-on program and verifies the on-demand write probe.
+    /// Attaches every always-on program and verifies the on-demand write probe; then every
+    /// program is loaded, and the kernel's parsed BTF is released.
     pub fn attach_all(&mut self) -> Result<(), ProbeError> {
         for (program, tracepoint) in names::PROGRAMS {
             self.attach(program, tracepoint)?;
             tracing::debug!(program, tracepoint, "attached");
         }
-        self.verify_write_probe()
+        self.verify_write_probe()?;
+        self.btf = None;
+        Ok(())
     }
 
     /// Verifies (loads, without attaching) the on-demand write probe.
@@ -262,8 +274,8 @@ fn program_error(program: &'static str, stage: &'static str, source: ProgramErro
     }
 }
 
-fn load_btf(path: &Path) -> Result<Btf, ProbeError> {
-    Btf::parse_file(path, Endianness::default()).map_err(|error| ProbeError::Btf {
+fn parse_btf(raw: &[u8], path: &Path) -> Result<Btf, ProbeError> {
+    Btf::parse(raw, Endianness::default()).map_err(|error| ProbeError::Btf {
         path: path.display().to_string(),
         detail: describe(&error),
     })

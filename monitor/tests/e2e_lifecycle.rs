@@ -254,6 +254,27 @@ fn bad_environment_gets_a_clear_error_not_a_panic() {
     assert!(stderr.contains("CONFIG_DEBUG_INFO_BTF"), "{stderr}");
     assert!(!stderr.contains("panicked"), "{stderr}");
 
+    // A damaged copy of the kernel's BTF (cut short): forkwatch parses it itself.
+    let kernel_btf = std::fs::read("/sys/kernel/btf/vmlinux").unwrap();
+    let truncated = std::env::temp_dir().join(format!("forkwatch-cut-{}.btf", std::process::id()));
+    std::fs::write(&truncated, &kernel_btf[..kernel_btf.len() / 2]).unwrap();
+    let out = Command::new(BINARY)
+        .arg("run")
+        .arg("--btf")
+        .arg(&truncated)
+        .args(["--metrics-addr", "127.0.0.1:0"])
+        .output()
+        .unwrap();
+    let _ = std::fs::remove_file(&truncated);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("kernel BTF is malformed: BTF data is truncated"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("--btf must name"), "{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+
     // Not root: drop to nobody with no capabilities.
     let out = Command::new("setpriv")
         .args(as_nobody_with("-all"))

@@ -1,20 +1,32 @@
-//! Bounded fuzzing of the parsers of untrusted input (fuzz/): ring-buffer records and config
-//! files. Part of `cargo xtask test`: each target runs for a fixed time with the pinned nightly
-//! (sanitizers need it) and any crash fails the run, leaving the input in fuzz/artifacts/.
+//! Bounded fuzzing of the parsers of untrusted input (fuzz/): ring-buffer records, config files
+//! and kernel BTF. Part of `cargo xtask test`: each target runs for a fixed time with the pinned
+//! nightly (sanitizers need it) and any crash fails the run, leaving the input in fuzz/artifacts/.
 
 use std::process::Command;
 
 use crate::{cmd, setup};
 
-pub const TARGETS: [&str; 2] = ["decode", "config"];
+pub const TARGETS: [&str; 3] = ["decode", "config", "btf"];
 
 /// Runs every fuzz target for `seconds` each.
 pub fn run(seconds: u32) -> anyhow::Result<()> {
     let channel = setup::ebpf_channel()?;
+    let fuzz_dir = cmd::workspace_root().join("fuzz");
     for target in TARGETS {
+        // The corpus grows across runs (ignored by git); committed seeds (fuzz/seeds/<target>)
+        // get a structured format past its magic number in seconds instead of never.
+        let corpus = fuzz_dir.join("corpus").join(target);
+        std::fs::create_dir_all(&corpus)?;
+        let seeds = fuzz_dir.join("seeds").join(target);
+        let mut command = Command::new("rustup");
+        command
+            .args(["run", &channel, "cargo", "fuzz", "run", target])
+            .arg(&corpus);
+        if seeds.is_dir() {
+            command.arg(&seeds);
+        }
         cmd::run_with(
-            Command::new("rustup")
-                .args(["run", &channel, "cargo", "fuzz", "run", target])
+            command
                 .arg("--")
                 .arg(format!("-max_total_time={seconds}"))
                 .arg("-print_final_stats=1"),

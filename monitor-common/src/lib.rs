@@ -315,6 +315,10 @@ pub struct KernelOffsets {
 /// Name of the global in the eBPF object that holds [`KernelOffsets`].
 pub const OFFSETS_GLOBAL: &str = "FORKWATCH_OFFSETS";
 
+/// Name of the eBPF global with the ring-buffer fill (bytes) from which a record wakes the
+/// daemon; below it the daemon's drain tick collects records.
+pub const WAKEUP_GLOBAL: &str = "FORKWATCH_WAKEUP_BYTES";
+
 /// Indices into the per-CPU `FORK_COUNTERS` array: every fork the kernel sees, by kind, including
 /// the ones filtered out before the ring buffer.
 pub mod fork_counter {
@@ -366,6 +370,12 @@ pub mod names {
         ("sock_recv_length", "sock_recv_length"),
     ];
 }
+
+/// The daemon reuses a parent's fork context (read from /proc) for this long per forking thread.
+pub const FORK_CONTEXT_REUSE_NS: u64 = 100_000_000;
+/// A thread's fork wakes the daemon at once at most once per this long (half the reuse time, so
+/// a fork collected by the drain tick still finds its context fresh); see the eBPF programs.
+pub const FORK_WAKEUP_EVERY_NS: u64 = FORK_CONTEXT_REUSE_NS / 2;
 
 /// Default capacity of the tracked-process map.
 pub const TRACKED_MAX_ENTRIES: u32 = 65_536;

@@ -9,6 +9,7 @@
 
 use aya_ebpf::{
     Global,
+    bindings::{BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
     helpers::{
         bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_get_current_pid_tgid,
         bpf_get_current_task_btf, bpf_ktime_get_boot_ns, bpf_probe_read_kernel,
@@ -20,10 +21,51 @@ use aya_ebpf::{
 };
 use monitor_common::{
     BLOCKED_MAX_ENTRIES, BLOCKED_PRIVATE, BLOCKED_TIMEOUT, BlockedWait, DIRECTION_RECV,
-    DIRECTION_SEND, EventKind, ExecEvent, ExitEvent, FAMILY_MAX_ENTRIES, ForkEvent, KernelOffsets,
-    RING_BUFFER_BYTES, SOCKET_MAX_ENTRIES, SharedFileEvent, SharedSocketEvent, SockPid, SockUser,
-    TRACKED_MAX_ENTRIES, ThreadEvent, fork_counter, futex, lost_category, syscall,
+    DIRECTION_SEND, EventKind, ExecEvent, ExitEvent, FAMILY_MAX_ENTRIES, FORK_WAKEUP_EVERY_NS,
+    ForkEvent, KernelOffsets, RING_BUFFER_BYTES, SOCKET_MAX_ENTRIES, SharedFileEvent,
+    SharedSocketEvent, SockPid, SockUser, TRACKED_MAX_ENTRIES, ThreadEvent, fork_counter, futex,
+    lost_category, syscall,
 };
+
+/// Ring-buffer fill (bytes) from which a routine record (exec, exit, thread) wakes the daemon.
+/// Below it they are submitted without a wakeup and the daemon collects them on its drain tick:
+/// under a fork+exec storm a wakeup per record costs more (a cross-CPU IPI and two context
+/// switches) than the rest of the work. Written by the loader; 0 (the fallback) always wakes.
+#[unsafe(no_mangle)]
+static FORKWATCH_WAKEUP_BYTES: Global<u64> = Global::new(0);
+
+/// Submit flags of records the daemon acts on at once (forks, shared sockets and files): it
+/// reads the processes' /proc entries, which a short-lived process takes with it. Forced: the
+/// kernel's own policy (flags 0) wakes only a reader that has caught up, and routine records
+/// left for the drain tick mean it has not.
+const URGENT: u64 = BPF_RB_FORCE_WAKEUP as u64;
+
+/// Submit flags of a fork event: urgent for the first fork of a thread in each
+/// FORK_WAKEUP_EVERY_NS, routine for the rest. The daemon reads the parent's fork context from
+/// /proc at the first (promptly, while it lives) and reuses it for the next forks of the same
+/// thread for longer than this (FORK_CONTEXT_REUSE_NS), so a fork storm wakes it a few times a
+/// second, not once per fork.
+#[inline(always)]
+fn fork_wakeup_flags(pid_tgid: u64, now_ns: u64) -> u64 {
+    if let Some(last) = unsafe { FORK_WAKEUPS.get(&pid_tgid) }
+        && now_ns.saturating_sub(*last) < FORK_WAKEUP_EVERY_NS
+    {
+        return wakeup_flags();
+    }
+    let _ = FORK_WAKEUPS.insert(&pid_tgid, &now_ns, 0);
+    URGENT
+}
+
+/// Submit flags of routine records: see FORKWATCH_WAKEUP_BYTES.
+#[inline(always)]
+fn wakeup_flags() -> u64 {
+    let pending = EVENTS.query(BPF_RB_AVAIL_DATA as u64);
+    if pending >= FORKWATCH_WAKEUP_BYTES.load() {
+        BPF_RB_FORCE_WAKEUP as u64
+    } else {
+        BPF_RB_NO_WAKEUP as u64
+    }
+}
 
 /// Member offsets of the running kernel, written by the loader from BTF.
 #[unsafe(no_mangle)]
@@ -86,6 +128,11 @@ static BLOCKED: HashMap<u32, BlockedWait> = HashMap::with_max_entries(BLOCKED_MA
 /// (measured: 4.0 → 2.9 µs per fork, 3.8 → 2.6 µs per exec in a fork+exec storm).
 #[map]
 static FAMILY: HashMap<u32, u32> = HashMap::with_max_entries(FAMILY_MAX_ENTRIES, 0);
+
+/// When a fork last woke the daemon, per forking thread (pid_tgid → boot ns): see
+/// `fork_wakeup_flags`. LRU: nothing removes entries, and a forgotten one only costs a wakeup.
+#[map]
+static FORK_WAKEUPS: LruHashMap<u64, u64> = LruHashMap::with_max_entries(4096, 0);
 
 /// Children in a fork family that have not exec'd (pid → when they joined). The daemon scans it
 /// to attach the write probe only while some child has gone without exec for the grace window.
@@ -185,6 +232,7 @@ unsafe fn on_fork(ctx: &BtfTracePointContext) -> Result<(), i32> {
         count(&FORK_COUNTERS, fork_counter::TRACK_FULL);
     }
     let pid_tgid = bpf_get_current_pid_tgid();
+    let now_ns = unsafe { bpf_ktime_get_boot_ns() };
     entry.write(ForkEvent {
         kind: EventKind::Fork as u32,
         parent_tgid: (pid_tgid >> 32) as u32,
@@ -192,12 +240,12 @@ unsafe fn on_fork(ctx: &BtfTracePointContext) -> Result<(), i32> {
         child_pid: pid,
         parent_threads: parent_threads as u32,
         flags: 0,
-        timestamp_ns: unsafe { bpf_ktime_get_boot_ns() },
+        timestamp_ns: now_ns,
         child_start_ns,
         cgroup_id: unsafe { bpf_get_current_cgroup_id() },
         comm: bpf_get_current_comm().unwrap_or([0; 16]),
     });
-    entry.submit(0);
+    entry.submit(fork_wakeup_flags(pid_tgid, now_ns));
     Ok(())
 }
 
@@ -220,7 +268,7 @@ pub fn sched_process_exec(_ctx: BtfTracePointContext) -> u32 {
                 timestamp_ns: unsafe { bpf_ktime_get_boot_ns() },
                 comm: bpf_get_current_comm().unwrap_or([0; 16]),
             });
-            entry.submit(0);
+            entry.submit(wakeup_flags());
         }
         None => count(&LOST_EVENTS, lost_category::EXEC),
     }
@@ -262,7 +310,7 @@ pub fn sched_process_exit(ctx: BtfTracePointContext) -> u32 {
                 exit_code: exit_code as u32,
                 _pad: 0,
             });
-            entry.submit(0);
+            entry.submit(wakeup_flags());
         }
         None => count(&LOST_EVENTS, lost_category::EXIT),
     }
@@ -372,7 +420,7 @@ fn send_thread_event(kind: EventKind, pid: u32, tid: u32) {
                 _pad: 0,
                 timestamp_ns: unsafe { bpf_ktime_get_boot_ns() },
             });
-            entry.submit(0);
+            entry.submit(wakeup_flags());
         }
         None => count(&LOST_EVENTS, lost_category::THREAD),
     }
@@ -576,7 +624,7 @@ unsafe fn on_socket_io(ctx: &BtfTracePointContext, direction: u8) -> Result<(), 
         }
         (*e).inode = inode;
     }
-    entry.submit(0);
+    entry.submit(URGENT);
     Ok(())
 }
 
@@ -722,7 +770,7 @@ unsafe fn on_file_write(ctx: &BtfTracePointContext, syscall: u32) -> Result<(), 
         _pad: 0,
         comm: bpf_get_current_comm().unwrap_or([0; 16]),
     });
-    entry.submit(0);
+    entry.submit(URGENT);
     Ok(())
 }
 

@@ -74,9 +74,9 @@ fn exit(success: bool) -> ExitCode {
 }
 
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
-    // Two workers: the pipeline and the HTTP server; the daemon does little else.
-    Ok(tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
+    // One thread for the HTTP server, signals and sinks; the event pipeline has its own thread
+    // (monitor.rs), so nothing here blocks for long.
+    Ok(tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?)
 }

@@ -7,10 +7,7 @@ use std::{
     time::Duration,
 };
 
-use tokio::{
-    sync::{mpsc, oneshot},
-    task::JoinHandle,
-};
+use tokio::sync::{mpsc, oneshot};
 
 use crate::{
     correlator,
@@ -39,7 +36,8 @@ pub struct Monitor {
     telemetry: Arc<Mutex<Telemetry>>,
     findings: mpsc::UnboundedReceiver<Finding>,
     stop: oneshot::Sender<()>,
-    pipeline: JoinHandle<anyhow::Result<()>>,
+    /// The pipeline thread's result, sent as it ends.
+    stopped: oneshot::Receiver<anyhow::Result<()>>,
 }
 
 impl Monitor {
@@ -68,18 +66,15 @@ impl Monitor {
         };
         let (tx, findings) = mpsc::unbounded_channel();
         // Attach before the pipeline takes the probes; the ring buffer holds the first events
-        // until the pipeline task polls it a moment later.
+        // until the pipeline polls it a moment later.
         probes.attach_all()?;
-        let pipeline = Pipeline::new(probes, config, tx, telemetry.clone())?;
         let (stop, stopped) = oneshot::channel::<()>();
-        let pipeline = tokio::spawn(pipeline.run(async {
-            let _ = stopped.await;
-        }));
+        let stopped = spawn_pipeline(probes, config, tx, telemetry.clone(), stopped)?;
         Ok(Self {
             telemetry,
             findings,
             stop,
-            pipeline,
+            stopped,
         })
     }
 
@@ -98,16 +93,70 @@ impl Monitor {
         let Self {
             mut findings,
             stop,
-            pipeline,
+            stopped,
             ..
         } = self;
         let _ = stop.send(());
-        let result = pipeline.await;
+        let result = stopped
+            .await
+            .unwrap_or_else(|_| Err(anyhow::anyhow!("the pipeline thread panicked")));
         let mut rest = Vec::new();
         while let Ok(finding) = findings.try_recv() {
             rest.push(finding);
         }
-        result??;
+        result?;
         Ok(rest)
     }
+}
+
+/// Starts the pipeline on a thread of its own, with a single-threaded runtime: its work blocks
+/// (/proc reads, stack unwinding) without holding up /metrics, and a ring-buffer wakeup wakes
+/// one thread, not a runtime's worth. Returns once the pipeline has seeded its state from /proc
+/// (the daemon is not ready before), with the receiver of its final result.
+fn spawn_pipeline(
+    probes: Probes,
+    config: PipelineConfig,
+    findings: mpsc::UnboundedSender<Finding>,
+    telemetry: Arc<Mutex<Telemetry>>,
+    stop: oneshot::Receiver<()>,
+) -> anyhow::Result<oneshot::Receiver<anyhow::Result<()>>> {
+    let (started_tx, started) = std::sync::mpsc::sync_channel::<anyhow::Result<()>>(1);
+    let (done_tx, done) = oneshot::channel();
+    std::thread::Builder::new()
+        .name("fw-pipeline".into())
+        .spawn(move || {
+            let run = || -> anyhow::Result<()> {
+                let runtime = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build();
+                let runtime = match runtime {
+                    Ok(runtime) => runtime,
+                    Err(err) => {
+                        let _ = started_tx.send(Err(err.into()));
+                        return Ok(());
+                    }
+                };
+                // The AsyncFd of the ring buffer registers with the runtime that creates it.
+                let _guard = runtime.enter();
+                let pipeline = Pipeline::new(probes, config, findings, telemetry);
+                let pipeline = match pipeline {
+                    Ok(pipeline) => {
+                        let _ = started_tx.send(Ok(()));
+                        pipeline
+                    }
+                    Err(err) => {
+                        let _ = started_tx.send(Err(err));
+                        return Ok(());
+                    }
+                };
+                runtime.block_on(pipeline.run(async {
+                    let _ = stop.await;
+                }))
+            };
+            let _ = done_tx.send(run());
+        })?;
+    started
+        .recv()
+        .map_err(|_| anyhow::anyhow!("the pipeline thread ended before it started"))??;
+    Ok(done)
 }

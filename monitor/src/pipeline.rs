@@ -43,10 +43,25 @@ pub type BlockedMap = BpfHashMap<MapData, u32, monitor_common::BlockedWait>;
 
 /// A parent's fork context is read from /proc at most once per this long (per forking thread):
 /// in a fork storm from one process, reading it for every fork would cost more than the fork.
-const FORK_CONTEXT_REUSE_NS: u64 = 100_000_000;
+/// The kernel wakes the daemon at once only for the first fork in each such window.
+use monitor_common::FORK_CONTEXT_REUSE_NS;
 
 /// At most one `events_lost` record per this long: a storm must not flood the findings.
 const EVENTS_LOST_EVERY: Duration = Duration::from_secs(10);
+
+/// How often the ring buffer is drained when the kernel did not wake the daemon. The programs
+/// wake it only once the ring is an eighth full (probes::wakeup_bytes): per-record wakeups cost
+/// a fork+exec storm more than everything else forkwatch does. Findings are decided at deadlines
+/// of a second or more, so this adds nothing that matters to their latency.
+pub const DRAIN_INTERVAL: Duration = Duration::from_millis(25);
+
+/// What woke the event loop.
+enum Wake {
+    Events,
+    Deadline,
+    Scan,
+    Families,
+}
 
 /// How often the fork families are checked for a child that went without exec, to attach or
 /// detach the write probe.
@@ -114,42 +129,56 @@ impl Pipeline {
 
     /// Runs until `shutdown` completes, then drains what the kernel already sent, so that no
     /// event that reached the ring buffer is lost on a clean stop.
+    ///
+    /// Runs on a thread of its own (see monitor.rs): the work between awaits reads /proc and
+    /// unwinds stacks, blocking, and under a fork storm long, and nothing else waits on it.
     pub async fn run(mut self, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
         tokio::pin!(shutdown);
-        let mut scan = tokio::time::interval(BLOCKED_SCAN_INTERVAL);
-        scan.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
-        let mut families = tokio::time::interval(FAMILY_SCAN_INTERVAL);
-        families.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+        let every = |period| {
+            let mut interval = tokio::time::interval(period);
+            interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+            interval
+        };
+        let (mut drain, mut scan) = (every(DRAIN_INTERVAL), every(BLOCKED_SCAN_INTERVAL));
+        let mut families = every(FAMILY_SCAN_INTERVAL);
         loop {
             let wakeup = self
                 .correlator
                 .next_wakeup_ns()
                 .map(|at| Duration::from_nanos(at.saturating_sub(clock::boot_ns())));
-            // The work between awaits reads /proc and unwinds stacks: blocking, and under a fork
-            // storm long. block_in_place hands this worker's other tasks (the HTTP server) to
-            // another thread meanwhile, so /metrics and /healthz keep answering.
-            tokio::select! {
+            let woken = tokio::select! {
                 () = &mut shutdown => break,
                 guard = self.events.readable_mut() => {
-                    let mut guard = guard?;
-                    guard.clear_ready();
-                    drop(guard);
-                    tokio::task::block_in_place(|| self.drain());
+                    guard?.clear_ready();
+                    Wake::Events
                 }
-                () = sleep_or_forever(wakeup) => {}
-                _ = scan.tick() => tokio::task::block_in_place(|| self.scan_blocked()),
-                _ = families.tick() => tokio::task::block_in_place(|| {
+                () = sleep_or_forever(wakeup) => Wake::Deadline,
+                // Routine records come only from tracked processes (forks, the only way to
+                // become tracked, wake the daemon): with none, an idle daemon sleeps.
+                _ = drain.tick(), if self.correlator.tracked() > 0 => Wake::Events,
+                _ = scan.tick() => Wake::Scan,
+                _ = families.tick() => Wake::Families,
+            };
+            // Whatever woke the loop, the ring is drained first: records below the wakeup
+            // threshold wait there without a wakeup, and a scan or a deadline decision must see
+            // every event that happened before it.
+            self.drain();
+            match woken {
+                Wake::Events | Wake::Deadline => {}
+                Wake::Scan => self.scan_blocked(),
+                Wake::Families => {
                     self.switch_write_probe();
                     let now = clock::boot_ns();
-                    self.fork_contexts
-                        .retain(|_, (read_ns, _)| now.saturating_sub(*read_ns) < FORK_CONTEXT_REUSE_NS);
+                    self.fork_contexts.retain(|_, (read_ns, _)| {
+                        now.saturating_sub(*read_ns) < FORK_CONTEXT_REUSE_NS
+                    });
                     let stats = self.probes.program_stats();
                     self.telemetry().metrics.programs(&stats);
                     self.report_lost_events();
-                }),
+                }
             }
             let decisions = self.correlator.tick(clock::boot_ns());
-            tokio::task::block_in_place(|| self.decide(decisions));
+            self.decide(decisions);
         }
         self.drain();
         Ok(())

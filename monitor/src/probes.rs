@@ -10,7 +10,7 @@ use aya::{
     maps::{HashMap as BpfHashMap, MapData, PerCpuArray, RingBuf},
     programs::{BtfTracePoint, ProgramError, tp_btf::BtfTracePointLinkId},
 };
-use monitor_common::{OFFSETS_GLOBAL, fork_counter, lost_category, names};
+use monitor_common::{OFFSETS_GLOBAL, WAKEUP_GLOBAL, fork_counter, lost_category, names};
 
 use crate::btf_offsets::{self, OffsetError};
 
@@ -115,6 +115,7 @@ impl Probes {
         let ebpf = EbpfLoader::new()
             .btf(&btf)
             .override_global(OFFSETS_GLOBAL, &offsets, true)
+            .override_global(WAKEUP_GLOBAL, &wakeup_bytes(opts.ring_buffer_bytes), true)
             .map_max_entries(names::EVENTS, opts.ring_buffer_bytes)
             .map_max_entries(names::TRACKED, opts.max_tracked)
             .load(OBJECT)
@@ -251,6 +252,13 @@ impl Probes {
             lost: self.take_map(names::LOST_EVENTS)?,
         })
     }
+}
+
+/// The ring-buffer fill from which a record wakes the daemon at once: an eighth of the ring.
+/// Below it the pipeline's drain tick collects records (see `pipeline::DRAIN_INTERVAL`); above
+/// it the daemon is woken with seven eighths of the ring still free.
+fn wakeup_bytes(ring_buffer_bytes: u32) -> u64 {
+    u64::from(ring_buffer_bytes) / 8
 }
 
 /// A tp_btf program of the object, by name.

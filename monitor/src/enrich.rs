@@ -396,6 +396,7 @@ mod tests {
             shares_vm: false,
             timestamp_ns: 1_000_000_000,
             child_start_ns: 1_000_000_000,
+            parent_start_ns: 500_000_000,
             cgroup_id: 9,
             comm: "gai-async".into(),
         }

@@ -248,13 +248,17 @@ impl ProcFs {
 
     /// Whether `pid` is still the process that started at `start_ns` (CLOCK_BOOTTIME), so that
     /// nothing read from /proc is attributed to a process that merely reused the pid.
+    ///
+    /// Exact to the tick: /proc/pid/stat shows the same `task->start_boottime` the kernel
+    /// programs read, rounded down to clock ticks the same way, so a process started a tick
+    /// later is told apart. One started within the same tick (10 ms) at the same pid is not:
+    /// callers that know a process is gone do not ask.
     pub fn is_same_process(&self, pid: u32, start_ns: u64) -> bool {
         let Some(ticks) = self.start_ticks(pid) else {
             return false;
         };
         let hz = clock_ticks_per_second();
-        let expected = start_ns / (1_000_000_000 / hz);
-        ticks.abs_diff(expected) <= 1
+        ticks == start_ns / (1_000_000_000 / hz)
     }
 }
 

@@ -64,6 +64,9 @@ pub struct ForkEvent {
     pub timestamp_ns: u64,
     /// `child->start_boottime`: with the pid, the identity of the child across pid reuse.
     pub child_start_ns: u64,
+    /// `parent->group_leader->start_boottime`: the forking process's identity with its tgid, so
+    /// that nothing learnt about one parent is reused for another that got the same pid.
+    pub parent_start_ns: u64,
     pub cgroup_id: u64,
     /// The forking thread's comm; the child starts with the same one.
     pub comm: [u8; COMM_LEN],
@@ -356,6 +359,7 @@ pub mod names {
     pub const LOST_EVENTS: &str = "LOST_EVENTS";
     pub const BLOCKED: &str = "BLOCKED";
     pub const CHILDREN: &str = "CHILDREN";
+    pub const FAMILY: &str = "FAMILY";
     /// The write probe (tp_btf sys_enter): attached only while a fork family has a child that
     /// has not exec'd for the grace window, because any syscall tracepoint slows every syscall.
     pub const WRITE_PROGRAM: (&str, &str) = ("sys_enter_write", "sys_enter");

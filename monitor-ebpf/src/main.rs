@@ -227,6 +227,11 @@ unsafe fn on_fork(ctx: &BtfTracePointContext) -> Result<(), i32> {
         return Ok(());
     };
     let child_start_ns: u64 = unsafe { read_at(child, offsets.task_start_boottime) }.unwrap_or(0);
+    let parent_start_ns: u64 =
+        match unsafe { read_at::<*const u8>(parent, offsets.task_group_leader) } {
+            Ok(leader) => unsafe { read_at(leader, offsets.task_start_boottime) }.unwrap_or(0),
+            Err(_) => 0,
+        };
     let pid = child_pid as u32;
     if TRACKED.insert(&pid, &child_start_ns, 0).is_err() {
         count(&FORK_COUNTERS, fork_counter::TRACK_FULL);
@@ -242,6 +247,7 @@ unsafe fn on_fork(ctx: &BtfTracePointContext) -> Result<(), i32> {
         flags: 0,
         timestamp_ns: now_ns,
         child_start_ns,
+        parent_start_ns,
         cgroup_id: unsafe { bpf_get_current_cgroup_id() },
         comm: bpf_get_current_comm().unwrap_or([0; 16]),
     });

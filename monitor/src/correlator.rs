@@ -488,6 +488,7 @@ mod tests {
             shares_vm: false,
             timestamp_ns: at,
             child_start_ns: at,
+            parent_start_ns: 0,
             cgroup_id: 1,
             comm: "worker".into(),
         })

@@ -44,6 +44,7 @@ pub fn decode(record: &[u8]) -> Result<Event, DecodeError> {
                 shares_vm: e.flags & FORK_FLAG_SHARES_VM != 0,
                 timestamp_ns: e.timestamp_ns,
                 child_start_ns: e.child_start_ns,
+                parent_start_ns: e.parent_start_ns,
                 cgroup_id: e.cgroup_id,
                 comm: comm_to_string(&e.comm),
             })
@@ -205,6 +206,7 @@ mod tests {
             flags: 0,
             timestamp_ns: 5_000,
             child_start_ns: 4_999,
+            parent_start_ns: 1_000,
             cgroup_id: 7,
             comm,
         }
@@ -220,6 +222,7 @@ mod tests {
             (100, 101, 200)
         );
         assert_eq!(fork.parent_threads, 3);
+        assert_eq!((fork.child_start_ns, fork.parent_start_ns), (4_999, 1_000));
         assert!(!fork.shares_vm);
         assert_eq!(fork.comm, "python3");
     }

@@ -103,12 +103,15 @@ impl Subject {
         }
     }
 
-    /// A tracked child, described with what was seen at its fork.
-    fn child(fork: &Fork, context: ForkContext, proc: &ProcFs) -> Self {
+    /// A tracked child, described with what was seen at its fork. `exited`: its exit was seen,
+    /// so whatever /proc now shows at its pid is another process.
+    fn child(fork: &Fork, context: ForkContext, proc: &ProcFs, exited: bool) -> Self {
         let pid = fork.child_pid;
         // A still-running child may have renamed itself (prctl) since the fork; only trust
-        // /proc if the pid still belongs to the same process.
-        let alive = proc.is_same_process(pid, fork.child_start_ns);
+        // /proc if the pid still belongs to the same process. /proc's start time counts in
+        // clock ticks (10 ms), so a process that got the pid within the same tick passes that
+        // check: a child known to have exited is never looked up at all.
+        let alive = !exited && proc.is_same_process(pid, fork.child_start_ns);
         let comm = alive
             .then(|| proc.comm(pid))
             .flatten()
@@ -167,7 +170,7 @@ fn mt_fork_no_exec(d: MtForkNoExec<ForkContext>, proc: &ProcFs, opts: EnrichOpti
         ms_without_exec: d.decided_ns.saturating_sub(d.fork.timestamp_ns) / 1_000_000,
         grace_ms: opts.exec_grace_ms,
     });
-    let subject = Subject::child(&d.fork, d.context, proc);
+    let subject = Subject::child(&d.fork, d.context, proc, exited_without_exec);
     common(Kind::MtForkNoExec, subject, d.decided_ns, opts, details)
 }
 
@@ -201,7 +204,7 @@ fn lock_wait(d: LockWait<ForkContext>, proc: &ProcFs, opts: EnrichOptions) -> Fi
         stack_summary: (!frames.is_empty()).then(|| stack::format_stack(&frames)),
         stack: frames,
     });
-    let subject = Subject::child(&d.fork, d.context, proc);
+    let subject = Subject::child(&d.fork, d.context, proc, false);
     common(kind, subject, d.decided_ns, opts, details)
 }
 
@@ -215,7 +218,7 @@ fn threads_after_mt_fork(
         threads: d.threads,
         parent_threads: d.fork.parent_threads,
     });
-    let subject = Subject::child(&d.fork, d.context, proc);
+    let subject = Subject::child(&d.fork, d.context, proc, false);
     common(
         Kind::ThreadsAfterMtFork,
         subject,
@@ -396,6 +399,7 @@ mod tests {
             shares_vm: false,
             timestamp_ns: 1_000_000_000,
             child_start_ns: 1_000_000_000,
+            parent_start_ns: 500_000_000,
             cgroup_id: 9,
             comm: "gai-async".into(),
         }

@@ -16,6 +16,8 @@ pub struct Fork {
     pub timestamp_ns: u64,
     /// The child's start time (CLOCK_BOOTTIME ns), its identity with the pid.
     pub child_start_ns: u64,
+    /// The parent's start time (CLOCK_BOOTTIME ns), its identity with `parent_pid`.
+    pub parent_start_ns: u64,
     pub cgroup_id: u64,
     /// The forking thread's name, which the child inherits.
     pub comm: String,

@@ -21,7 +21,7 @@ use crate::{
     correlator::{self, Correlator},
     decode,
     enrich::{self, EnrichOptions},
-    events::{BlockedWait, Event},
+    events::{BlockedWait, Event, Fork},
     finding::Finding,
     probes::Probes,
     procfs::{ForkContext, ProcFs},
@@ -67,6 +67,15 @@ enum Wake {
 /// detach the write probe.
 const FAMILY_SCAN_INTERVAL: Duration = Duration::from_millis(500);
 
+/// A forking thread, identified across pid reuse: a parent that exits and whose pid goes to a new
+/// process within FORK_CONTEXT_REUSE_NS must not lend it its executable, argv and thread names.
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
+struct ForkingThread {
+    parent: u32,
+    parent_start_ns: u64,
+    tid: u32,
+}
+
 pub struct Pipeline {
     events: AsyncFd<RingBuf<MapData>>,
     blocked: BlockedMap,
@@ -79,8 +88,8 @@ pub struct Pipeline {
     /// Owned here to switch the write probe; dropping the pipeline detaches everything.
     probes: Probes,
     exec_grace_ns: u64,
-    /// (parent, forking thread) → (boot ns when read, context): see FORK_CONTEXT_REUSE_NS.
-    fork_contexts: std::collections::HashMap<(u32, u32), (u64, ForkContext)>,
+    /// Forking thread → (boot ns when read, context): see FORK_CONTEXT_REUSE_NS.
+    fork_contexts: std::collections::HashMap<ForkingThread, (u64, ForkContext)>,
     /// Lost-event counts as of the last `events_lost` record, and when it was written.
     lost_reported: [u64; monitor_common::lost_category::COUNT as usize],
     lost_reported_at: Option<std::time::Instant>,
@@ -102,6 +111,7 @@ impl Pipeline {
         let blocked = probes.take_blocked()?;
         let children = probes.take_children()?;
         let tracked_map = probes.take_tracked()?;
+        let family_map = probes.take_family()?;
         let mut pipeline = Self {
             // SAFETY: the ring buffer owns its map fd, which stays open and unchanged for as long
             // as the AsyncFd owns the ring buffer.
@@ -124,6 +134,7 @@ impl Pipeline {
         };
         // Before the daemon reports ready: hazards already live are part of the state.
         pipeline.seed_from_proc();
+        seed_families(&pipeline.proc, family_map, &mut pipeline.children);
         Ok(pipeline)
     }
 
@@ -211,8 +222,17 @@ impl Pipeline {
         let count = seeded.len();
         for s in seeded {
             let pid = s.fork.child_pid;
-            if let Err(err) = self.tracked_map.insert(&pid, &s.fork.child_start_ns, 0) {
+            if let Err(err) = self
+                .tracked_map
+                .insert(&pid, &s.fork.child_start_ns, NO_EXIST)
+            {
                 tracing::debug!(%err, pid, "cannot track a seeded child in the kernel");
+            }
+            // Checked after the insert: exited before it, the kernel would never remove the
+            // entry, and the next process to get the pid would be tracked in its place.
+            if !self.proc.is_same_process(pid, s.fork.child_start_ns) {
+                let _ = self.tracked_map.remove(&pid);
+                continue;
             }
             self.seeded_waits.extend(s.waits);
             self.correlator.seed(s.fork, s.context);
@@ -320,9 +340,7 @@ impl Pipeline {
 
     fn handle(&mut self, event: Event) {
         let context = match &event {
-            Event::Fork(f) => {
-                self.fork_context(f.parent_pid, f.parent_tid, f.child_pid, f.timestamp_ns)
-            }
+            Event::Fork(f) => self.fork_context(f),
             _ => ForkContext::default(),
         };
         self.telemetry().metrics.event(event.category());
@@ -330,19 +348,25 @@ impl Pipeline {
         self.decide(decisions);
     }
 
-    /// The context of a fork at `at_ns`: from /proc, or from a read of the same parent and
-    /// thread less than FORK_CONTEXT_REUSE_NS old.
-    fn fork_context(&mut self, parent: u32, tid: u32, child: u32, at_ns: u64) -> ForkContext {
-        if let Some((read_ns, context)) = self.fork_contexts.get(&(parent, tid))
-            && at_ns.abs_diff(*read_ns) < FORK_CONTEXT_REUSE_NS
+    /// The context of a fork at `at_ns`: from /proc, or from a read of the same forking thread
+    /// of the same process (pid and start time) less than FORK_CONTEXT_REUSE_NS old.
+    fn fork_context(&mut self, fork: &Fork) -> ForkContext {
+        let thread = ForkingThread {
+            parent: fork.parent_pid,
+            parent_start_ns: fork.parent_start_ns,
+            tid: fork.parent_tid,
+        };
+        if let Some((read_ns, context)) = self.fork_contexts.get(&thread)
+            && fork.timestamp_ns.abs_diff(*read_ns) < FORK_CONTEXT_REUSE_NS
         {
             return context.clone();
         }
-        let context = self.proc.fork_context(parent, tid, child);
-        // A parent already gone was described through its child: not reusable for its siblings.
-        if context.parent_comm.is_some() {
+        let (context, from_parent) = self.proc.fork_context_of(fork);
+        // A parent already gone (or replaced) was described through its child: not reusable
+        // for its siblings.
+        if from_parent {
             self.fork_contexts
-                .insert((parent, tid), (clock::boot_ns(), context.clone()));
+                .insert(thread, (clock::boot_ns(), context.clone()));
         }
         context
     }
@@ -359,6 +383,42 @@ impl Pipeline {
 
     fn telemetry(&self) -> std::sync::MutexGuard<'_, Telemetry> {
         telemetry::lock(&self.telemetry)
+    }
+}
+
+/// BPF_NOEXIST: an entry the kernel programs made since attaching is newer than /proc's.
+const NO_EXIST: u64 = 1;
+
+/// Restart recovery for sharing: makes the members of fork families that share a socket (see
+/// seed.rs) members in the kernel again, so that their next uses of a shared connection are
+/// seen. Each is re-checked after the insert, like the tracked children.
+fn seed_families(
+    proc: &ProcFs,
+    mut family: BpfHashMap<MapData, u32, u32>,
+    children: &mut BpfHashMap<MapData, u32, u64>,
+) {
+    let now = clock::boot_ns();
+    let mut seeded = 0;
+    for m in seed::families(proc) {
+        if let Err(err) = family.insert(&m.pid, &m.family, NO_EXIST) {
+            tracing::debug!(%err, pid = m.pid, "cannot seed a fork-family member");
+            continue;
+        }
+        if m.child {
+            let _ = children.insert(&m.pid, &now, NO_EXIST);
+        }
+        if proc.is_same_process(m.pid, m.start_ns) {
+            seeded += 1;
+        } else {
+            let _ = family.remove(&m.pid);
+            let _ = children.remove(&m.pid);
+        }
+    }
+    if seeded > 0 {
+        tracing::info!(
+            members = seeded,
+            "seeded from /proc: fork families whose parent and child (never exec'd) share a socket"
+        );
     }
 }
 

@@ -216,6 +216,11 @@ impl Probes {
         self.take_map(names::CHILDREN)
     }
 
+    /// Fork families (pid → the family's root pid), for seeding at start. Can be taken once.
+    pub fn take_family(&mut self) -> Result<BpfHashMap<MapData, u32, u32>, ProbeError> {
+        self.take_map(names::FAMILY)
+    }
+
     /// A map of the object as its typed view. Each can be taken once.
     fn take_map<T>(&mut self, name: &'static str) -> Result<T, ProbeError>
     where

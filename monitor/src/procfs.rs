@@ -10,7 +10,10 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use crate::cgroup::{self, Attribution};
+use crate::{
+    cgroup::{self, Attribution},
+    events::Fork,
+};
 
 /// What the daemon learns about a fork when its event arrives, a few hundred microseconds after
 /// the fork itself. The parent's threads may have changed in between; the kernel's thread count
@@ -74,6 +77,27 @@ impl ProcFs {
                 .attribution(parent)
                 .or_else(|| self.attribution(child))
                 .unwrap_or_default(),
+        }
+    }
+
+    /// [`ProcFs::fork_context`] for a fork event, checked against the identities it carries:
+    /// /proc is read after the fork, by which time the parent may have exited and its pid gone
+    /// to another process, whose executable and threads would then be reported as the parent's.
+    /// Read first and checked after: a process still the same after the reads was the same
+    /// during them. Without the parent, the child is read alone if it is still itself; else
+    /// nothing is known. The flag says whether the context came from the parent.
+    pub fn fork_context_of(&self, fork: &Fork) -> (ForkContext, bool) {
+        let context = self.fork_context(fork.parent_pid, fork.parent_tid, fork.child_pid);
+        if self.is_same_process(fork.parent_pid, fork.parent_start_ns) {
+            let complete = context.parent_comm.is_some();
+            return (context, complete);
+        }
+        // No /proc/0: every parent read fails and the child fills in what it can.
+        let context = self.fork_context(0, 0, fork.child_pid);
+        if self.is_same_process(fork.child_pid, fork.child_start_ns) {
+            (context, false)
+        } else {
+            (ForkContext::default(), false)
         }
     }
 
@@ -170,6 +194,19 @@ impl ProcFs {
             .map(|p| p.to_string_lossy().into_owned())
     }
 
+    /// Inodes of the sockets `pid` has open (its /proc/pid/fd links `socket:[N]`).
+    pub fn socket_inodes(&self, pid: u32) -> std::collections::BTreeSet<u64> {
+        let Ok(entries) = fs::read_dir(self.path(pid, "fd")) else {
+            return Default::default();
+        };
+        entries
+            .filter_map(|e| {
+                let target = fs::read_link(e.ok()?.path()).ok()?;
+                parse_socket_link(target.to_str()?)
+            })
+            .collect()
+    }
+
     /// What fd `fd` of `pid` refers to (the target of /proc/pid/fd/N), if it is still the file
     /// with inode `ino` (the fd may have been closed and reused since).
     pub fn fd_path(&self, pid: u32, fd: u32, ino: u64) -> Option<String> {
@@ -211,13 +248,17 @@ impl ProcFs {
 
     /// Whether `pid` is still the process that started at `start_ns` (CLOCK_BOOTTIME), so that
     /// nothing read from /proc is attributed to a process that merely reused the pid.
+    ///
+    /// Exact to the tick: /proc/pid/stat shows the same `task->start_boottime` the kernel
+    /// programs read, rounded down to clock ticks the same way, so a process started a tick
+    /// later is told apart. One started within the same tick (10 ms) at the same pid is not:
+    /// callers that know a process is gone do not ask.
     pub fn is_same_process(&self, pid: u32, start_ns: u64) -> bool {
         let Some(ticks) = self.start_ticks(pid) else {
             return false;
         };
         let hz = clock_ticks_per_second();
-        let expected = start_ns / (1_000_000_000 / hz);
-        ticks.abs_diff(expected) <= 1
+        ticks == start_ns / (1_000_000_000 / hz)
     }
 }
 
@@ -265,6 +306,15 @@ pub fn parse_futex_wait(line: &str) -> Option<SyscallWait> {
     }
 }
 
+/// The inode in an fd link `socket:[12345]`.
+fn parse_socket_link(target: &str) -> Option<u64> {
+    target
+        .strip_prefix("socket:[")?
+        .strip_suffix(']')?
+        .parse()
+        .ok()
+}
+
 fn read_trimmed(path: &Path) -> Option<String> {
     let raw = fs::read(path).ok()?;
     let text = String::from_utf8_lossy(&raw);
@@ -295,6 +345,22 @@ mod tests {
         assert_eq!(parse_start_ticks(stat), Some(123_456));
         assert_eq!(parse_start_ticks("42 (x"), None);
         assert_eq!(parse_start_ticks(""), None);
+    }
+
+    #[test]
+    fn socket_links_give_their_inode() {
+        assert_eq!(parse_socket_link("socket:[4242]"), Some(4242));
+        assert_eq!(parse_socket_link("pipe:[4242]"), None);
+        assert_eq!(parse_socket_link("socket:[x]"), None);
+        assert_eq!(parse_socket_link("/tmp/socket:[1]"), None);
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        use std::os::fd::AsRawFd as _;
+        use std::os::unix::fs::MetadataExt as _;
+        let ino = std::fs::metadata(format!("/proc/self/fd/{}", listener.as_raw_fd()))
+            .unwrap()
+            .ino();
+        let inodes = ProcFs::default().socket_inodes(std::process::id());
+        assert!(inodes.contains(&ino), "{inodes:?} lacks {ino}");
     }
 
     #[test]

@@ -7,6 +7,18 @@
 //! that are already asleep in a futex wait will never be seen going to sleep again, so they are
 //! taken from /proc/<pid>/task/<tid>/syscall and re-verified at every scan (same wait, no context
 //! switch since), which is what lets a child deadlocked before the restart be reported.
+//!
+//! Fork families are rebuilt the same way: the kernel watches the socket I/O of family members
+//! only, and families are joined at fork. A parent and a child that never exec'd (same
+//! executable, started after it) that have a socket open in common are made members again, so
+//! that their next uses of a shared connection are seen. Which sharing is a hazard (not a
+//! listener, not stdio, a second member using it) is then decided in the kernel as for any family.
+//!
+//! Everything here is keyed by pid and read a moment before it is used: each process is carried
+//! with its start time, and the caller re-checks it after writing the kernel's maps, so that a
+//! process that exited meanwhile does not leave its pid tracked for whoever gets it next.
+
+use std::collections::BTreeMap;
 
 use crate::{
     events::{BlockedWait, Fork},
@@ -28,6 +40,8 @@ pub struct SeededWait {
     /// the thread has been asleep in this wait the whole time.
     line: String,
     switches: u64,
+    /// The process's start time: a thread of another process with the same ids is not it.
+    start_ns: u64,
 }
 
 /// Every live process that looks like a child of a multithreaded fork that never exec'd.
@@ -50,7 +64,8 @@ fn seeded(proc: &ProcFs, pid: u32, now_ns: u64) -> Option<Seeded> {
         return None; // exec'd since the fork (or a different program altogether)
     }
     let start_ns = proc.start_ns(pid)?;
-    if start_ns < proc.start_ns(parent)? {
+    let parent_start_ns = proc.start_ns(parent)?;
+    if start_ns < parent_start_ns {
         return None;
     }
     let waits = proc
@@ -73,6 +88,7 @@ fn seeded(proc: &ProcFs, pid: u32, now_ns: u64) -> Option<Seeded> {
                 },
                 line,
                 switches: proc.context_switches(pid, tid)?,
+                start_ns,
             })
         })
         .collect();
@@ -93,6 +109,7 @@ fn seeded(proc: &ProcFs, pid: u32, now_ns: u64) -> Option<Seeded> {
             shares_vm: false,
             timestamp_ns: start_ns,
             child_start_ns: start_ns,
+            parent_start_ns,
             cgroup_id: 0,
             comm,
         },
@@ -106,4 +123,78 @@ pub fn still_blocked(proc: &ProcFs, seeded: &SeededWait) -> bool {
     let (pid, tid) = (seeded.wait.pid, seeded.wait.tid);
     proc.syscall_line(pid, tid).as_deref() == Some(seeded.line.as_str())
         && proc.context_switches(pid, tid) == Some(seeded.switches)
+        && proc.is_same_process(pid, seeded.start_ns)
+}
+
+/// A process to make a fork-family member again.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Member {
+    pub pid: u32,
+    pub start_ns: u64,
+    /// The family's root: the topmost member, as the kernel names families.
+    pub family: u32,
+    /// A child that has not exec'd (the kernel's CHILDREN map), not the family's root.
+    pub child: bool,
+}
+
+/// Members of every fork family that shares a socket: each (parent, child) pair where the child
+/// never exec'd and both have a socket open in common, grouped under their topmost member.
+pub fn families(proc: &ProcFs) -> Vec<Member> {
+    let me = std::process::id();
+    // child → (its start time, parent, parent's start time)
+    let pairs: BTreeMap<u32, (u64, u32, u64)> = proc
+        .pids()
+        .into_iter()
+        .filter(|&pid| pid != me)
+        .filter_map(|pid| sharing_pair(proc, pid).map(|pair| (pid, pair)))
+        .collect();
+    let root = |mut pid: u32| {
+        // Bounded: a chain of pids cannot be longer than the map (a cycle cannot exist, but a
+        // reused pid read at the wrong moment must not loop forever).
+        for _ in 0..=pairs.len() {
+            match pairs.get(&pid) {
+                Some(&(_, parent, _)) => pid = parent,
+                None => break,
+            }
+        }
+        pid
+    };
+    let mut members: BTreeMap<u32, Member> = BTreeMap::new();
+    for (&child, &(start_ns, parent, parent_start_ns)) in &pairs {
+        let family = root(child);
+        members.insert(
+            child,
+            Member {
+                pid: child,
+                start_ns,
+                family,
+                child: true,
+            },
+        );
+        members.entry(parent).or_insert(Member {
+            pid: parent,
+            start_ns: parent_start_ns,
+            family,
+            child: false,
+        });
+    }
+    members.into_values().collect()
+}
+
+/// (start time, parent, parent's start time) of `pid` if it is a child that has not exec'd
+/// since its fork and has a socket open in common with its parent.
+fn sharing_pair(proc: &ProcFs, pid: u32) -> Option<(u64, u32, u64)> {
+    let parent = u32::try_from(proc.status_value(pid, "PPid")?).ok()?;
+    if parent <= 1 || proc.exe(pid)? != proc.exe(parent)? {
+        return None;
+    }
+    let (start_ns, parent_start_ns) = (proc.start_ns(pid)?, proc.start_ns(parent)?);
+    if start_ns < parent_start_ns {
+        return None;
+    }
+    let sockets = proc.socket_inodes(pid);
+    if sockets.is_empty() || proc.socket_inodes(parent).is_disjoint(&sockets) {
+        return None;
+    }
+    Some((start_ns, parent, parent_start_ns))
 }

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use std::time::Instant;
 
-use harness::{Daemon, EchoServer, privileged, run_sharer};
+use harness::{Daemon, EchoServer, privileged, run_sharer, spawn_sharer};
 
 const TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -130,4 +130,86 @@ fn appends_are_not_shared_file_offset() {
         "O_APPEND writes by parent and child",
         &[run.child(), run.parent()],
     );
+}
+
+/// Shared-socket findings about either process of a pair.
+fn shared_between(daemon: &Daemon, a: u32, b: u32) -> Vec<serde_json::Value> {
+    daemon
+        .findings()
+        .into_iter()
+        .filter(|f| f["kind"] == "shared_socket" && (f["pid"] == a || f["pid"] == b))
+        .collect()
+}
+
+#[test]
+fn a_connection_already_shared_when_the_daemon_starts_is_reported_at_its_next_uses() {
+    if !privileged() {
+        return;
+    }
+    let server = EchoServer::start();
+    // Parent and child (never exec'd) are talking on one connection before the daemon starts:
+    // the fork that made them a family was never seen.
+    let live = spawn_sharer("live", &[&server.port.to_string()]);
+    let (parent, child) = (live.run.parent(), live.run.child());
+    std::thread::sleep(Duration::from_millis(300));
+    let daemon = Daemon::start(&[]);
+    assert!(daemon.log().contains("fork families"), "{}", daemon.log());
+    let deadline = Instant::now() + TIMEOUT;
+    let f = loop {
+        if let Some(f) = shared_between(&daemon, parent, child).into_iter().next() {
+            break f;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no shared_socket for {parent}/{child}; log:\n{}",
+            daemon.log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    // Whichever of the two used it second since the start is the finding's subject.
+    let other = if f["pid"] == parent { child } else { parent };
+    assert_eq!(f["parent_pid"], other, "{f}");
+    assert_eq!(f["family_pid"], parent, "{f}");
+    assert_eq!(f["socket"]["peer"], format!("127.0.0.1:{}", server.port));
+    // They keep talking: still one finding.
+    std::thread::sleep(Duration::from_millis(500));
+    let all = shared_between(&daemon, parent, child);
+    assert_eq!(all.len(), 1, "once per socket and process: {all:?}");
+}
+
+#[test]
+fn a_shared_listener_and_an_execd_child_live_at_start_stay_quiet() {
+    if !privileged() {
+        return;
+    }
+    let server = EchoServer::start();
+    // A prefork server (workers share only the listener) and a child that exec'd a program that
+    // uses the inherited connection on purpose (inetd style), both live before the daemon.
+    let prefork = spawn_sharer("live-prefork", &[]);
+    let execd = spawn_sharer("live-exec", &[&server.port.to_string()]);
+    std::thread::sleep(Duration::from_millis(300));
+    let daemon = Daemon::start(&[]);
+    // The workers' next connections, each served by one worker.
+    let port = prefork.run.get("port");
+    for _ in 0..6 {
+        let mut conn = std::net::TcpStream::connect(("127.0.0.1", port as u16)).unwrap();
+        use std::io::{Read as _, Write as _};
+        conn.write_all(b"hello\n").unwrap();
+        let mut reply = [0u8; 16];
+        assert!(conn.read(&mut reply).unwrap() > 0);
+    }
+    // The exec'd child and its parent go on writing meanwhile.
+    std::thread::sleep(Duration::from_millis(1000));
+    let mut pids = vec![prefork.run.parent(), prefork.run.child()];
+    pids.extend([execd.run.parent(), execd.run.child()]);
+    daemon.assert_quiet("sharing that is not a hazard, live at start", &pids);
+    let found: Vec<_> = daemon
+        .findings()
+        .into_iter()
+        .filter(|f| {
+            pids.iter()
+                .any(|&p| f["family_pid"] == p || f["parent_pid"] == p)
+        })
+        .collect();
+    assert!(found.is_empty(), "{found:?}");
 }

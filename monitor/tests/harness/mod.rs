@@ -415,17 +415,27 @@ impl Drop for KillOnDrop {
 /// `locker MODE ARGS...` left running in the background (killed with its child on drop),
 /// once it has printed its pids.
 pub fn spawn_locker(mode: &str, args: &[&str]) -> Background {
-    let mut process = Command::new(compiled("locker"))
+    spawn_fixture("locker", mode, args)
+}
+
+/// `sharer MODE ARGS...` left running in the background, like [`spawn_locker`].
+pub fn spawn_sharer(mode: &str, args: &[&str]) -> Background {
+    spawn_fixture("sharer", mode, args)
+}
+
+/// The C fixture NAME run in the background until dropped, once it has printed its pids.
+fn spawn_fixture(name: &str, mode: &str, args: &[&str]) -> Background {
+    let mut process = Command::new(compiled(name))
         .arg(mode)
         .args(args)
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
-        .expect("spawn locker");
+        .unwrap_or_else(|e| panic!("spawn {name}: {e}"));
     let mut line = String::new();
     BufReader::new(process.stdout.take().unwrap())
         .read_line(&mut line)
-        .expect("locker's pids");
+        .unwrap_or_else(|e| panic!("{name}'s pids: {e}"));
     let values = line
         .split_whitespace()
         .filter_map(|w| w.split_once('='))

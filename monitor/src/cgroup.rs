@@ -14,6 +14,10 @@ pub struct Attribution {
     pub container: Option<Container>,
     /// Kubernetes pod UID, from a `kubepods` cgroup.
     pub pod_uid: Option<String>,
+    /// The pod's namespace and name, from the API server (`--k8s-pod-names`); null when off or
+    /// not known (yet).
+    pub pod_namespace: Option<String>,
+    pub pod_name: Option<String>,
     /// The systemd unit (service or scope) of a host process.
     pub systemd_unit: Option<String>,
 }
@@ -71,6 +75,7 @@ pub fn attribute(path: &str) -> Attribution {
         container,
         pod_uid,
         systemd_unit,
+        ..Default::default()
     }
 }
 

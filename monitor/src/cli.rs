@@ -5,7 +5,10 @@ use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
-use crate::btf_offsets::VMLINUX_BTF;
+use crate::{
+    btf_offsets::VMLINUX_BTF,
+    k8s_settings::{CA_FILE, TOKEN_FILE},
+};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -24,6 +27,10 @@ pub struct Cli {
 }
 
 #[derive(Debug, Subcommand)]
+#[allow(
+    clippy::large_enum_variant,
+    reason = "parsed once at start and moved into its command; boxing would save nothing"
+)]
 pub enum Command {
     /// Watch the host and report findings (the default).
     Run(RunArgs),
@@ -86,8 +93,39 @@ pub struct RunArgs {
     #[arg(long, env = "FORKWATCH_BPF_STATS")]
     pub bpf_stats: bool,
     #[command(flatten)]
+    pub k8s: K8sArgs,
+    #[command(flatten)]
     pub common: CommonArgs,
 }
+
+/// `--k8s-pod-names` and where it finds the API server. Off by default: without it the daemon
+/// makes no API request and needs no RBAC.
+#[derive(Debug, Clone, Args)]
+pub struct K8sArgs {
+    /// Add pod_namespace and pod_name to findings from Kubernetes pods, from the API server
+    /// (lists this node's pods every 30 s; needs RBAC `list` on pods), and export
+    /// forkwatch_findings_by_namespace_total.
+    #[arg(long, env = "FORKWATCH_K8S_POD_NAMES")]
+    pub k8s_pod_names: bool,
+    /// The API server [default: https://$KUBERNETES_SERVICE_HOST:$KUBERNETES_SERVICE_PORT].
+    #[arg(long, env = "FORKWATCH_K8S_API_URL", value_name = "URL")]
+    pub k8s_api_url: Option<String>,
+    /// Bearer token file, re-read for every request (tokens rotate).
+    #[arg(long, env = "FORKWATCH_K8S_TOKEN_FILE", default_value = TOKEN_FILE, value_name = "PATH")]
+    pub k8s_token_file: PathBuf,
+    /// CA certificate(s) (PEM) the API server's certificate must chain to.
+    #[arg(long, env = "FORKWATCH_K8S_CA_FILE", default_value = CA_FILE, value_name = "PATH")]
+    pub k8s_ca_file: PathBuf,
+    /// This node's name, to list only its pods [default: $NODE_NAME, from the downward API].
+    #[arg(long, env = "FORKWATCH_K8S_NODE_NAME", value_name = "NAME")]
+    pub k8s_node_name: Option<String>,
+}
+
+/// A configuration the daemon cannot run with, found after parsing (e.g. `--k8s-pod-names`
+/// outside a cluster with no `--k8s-api-url`): exits 2 like a bad flag.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct UsageError(pub String);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum Format {
@@ -167,6 +205,8 @@ mod tests {
         assert_eq!(cli.run.exec_grace, Duration::from_secs(1));
         assert_eq!(cli.run.metrics_addr.to_string(), "127.0.0.1:9571");
         assert!(!cli.run.full_cmdline);
+        assert!(!cli.run.k8s.k8s_pod_names, "pod names are opt-in");
+        assert_eq!(cli.run.k8s.k8s_token_file, PathBuf::from(TOKEN_FILE));
     }
 
     #[test]

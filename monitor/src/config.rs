@@ -8,7 +8,7 @@
 use std::{ffi::OsString, path::PathBuf};
 
 /// The keys a config file may set: (key, environment variable, the TOML type it takes).
-const KEYS: [(&str, &str, Kind); 11] = [
+const KEYS: [(&str, &str, Kind); 16] = [
     ("format", "FORKWATCH_FORMAT", Kind::String),
     ("output", "FORKWATCH_OUTPUT", Kind::String),
     ("exec_grace", "FORKWATCH_EXEC_GRACE", Kind::String),
@@ -24,6 +24,11 @@ const KEYS: [(&str, &str, Kind); 11] = [
     ("bpf_stats", "FORKWATCH_BPF_STATS", Kind::Bool),
     ("log_format", "FORKWATCH_LOG_FORMAT", Kind::String),
     ("btf", "FORKWATCH_BTF", Kind::String),
+    ("k8s_pod_names", "FORKWATCH_K8S_POD_NAMES", Kind::Bool),
+    ("k8s_api_url", "FORKWATCH_K8S_API_URL", Kind::String),
+    ("k8s_token_file", "FORKWATCH_K8S_TOKEN_FILE", Kind::String),
+    ("k8s_ca_file", "FORKWATCH_K8S_CA_FILE", Kind::String),
+    ("k8s_node_name", "FORKWATCH_K8S_NODE_NAME", Kind::String),
 ];
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -174,13 +179,14 @@ mod tests {
     #[test]
     fn every_flag_key_maps_to_its_environment_variable() {
         let text = "exec-grace = \"2s\"\nmetrics_addr = \"0.0.0.0:9571\"\nfull_cmdline = true\n\
-                    ring_buffer_size = 65536\n";
+                    ring_buffer_size = 65536\nk8s-pod-names = true\n";
         let settings = parse(text, "f.toml").unwrap();
         assert_eq!(
             settings,
             [
                 ("FORKWATCH_EXEC_GRACE", "2s".to_owned()),
                 ("FORKWATCH_FULL_CMDLINE", "true".to_owned()),
+                ("FORKWATCH_K8S_POD_NAMES", "true".to_owned()),
                 ("FORKWATCH_METRICS_ADDR", "0.0.0.0:9571".to_owned()),
                 ("FORKWATCH_RING_BUFFER_SIZE", "65536".to_owned()),
             ]

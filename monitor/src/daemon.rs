@@ -12,9 +12,13 @@ use anyhow::Context as _;
 use tokio::signal::unix::{SignalKind, signal};
 
 use crate::{
-    cli::{Format, RunArgs},
+    cli::{Format, RunArgs, UsageError},
+    finding::Finding,
     http::{self, HttpState},
+    k8s_client::K8sClient,
+    k8s_settings,
     monitor::{Monitor, MonitorOptions},
+    pod_names::PodNames,
     sinks::{JsonSink, Sinks, TextSink},
     telemetry,
 };
@@ -25,6 +29,7 @@ const COUNTER_REFRESH: Duration = Duration::from_secs(5);
 pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     // Everything that can be wrong with the configuration fails before the probes load.
     let mut sinks = sinks(&args)?;
+    let k8s = k8s_client(&args)?;
     let listener = http::bind(args.metrics_addr).await?;
     let metrics_addr = listener.local_addr()?;
     let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
@@ -47,6 +52,28 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         deadlock_after: args.deadlock_after,
         full_cmdline: args.full_cmdline,
     })?;
+    let telemetry = monitor.telemetry();
+    // The refresher runs beside the pipeline; findings only ever read its cache.
+    let (pod_names, refresher) = match k8s {
+        Some(client) => {
+            telemetry::lock(&telemetry).metrics.enable_pod_names();
+            tracing::info!(
+                api = client.settings().authority,
+                node = client.settings().node_name,
+                "pod names on: listing this node's pods every 30 s"
+            );
+            let (names, task) = PodNames::start(client, telemetry.clone());
+            (Some(names), Some(task))
+        }
+        None => (None, None),
+    };
+    let report = |mut finding: Finding, sinks: &mut Sinks| {
+        if let Some(names) = &pod_names {
+            names.annotate(&mut finding.attribution);
+        }
+        telemetry::lock(&telemetry).metrics.finding(&finding);
+        sinks.emit(&finding);
+    };
     let ready = Arc::new(AtomicBool::new(false));
     let (http_stop, http_stopped) = tokio::sync::oneshot::channel::<()>();
     let server = tokio::spawn(http::serve(
@@ -68,15 +95,11 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         "ready"
     );
 
-    let telemetry = monitor.telemetry();
     let mut refresh = tokio::time::interval(COUNTER_REFRESH);
     loop {
         tokio::select! {
             finding = monitor.next_finding() => match finding {
-                Some(finding) => {
-                    telemetry::lock(&telemetry).metrics.finding(&finding);
-                    sinks.emit(&finding);
-                }
+                Some(finding) => report(finding, &mut sinks),
                 None => anyhow::bail!("the event pipeline stopped unexpectedly"),
             },
             _ = sigterm.recv() => break,
@@ -87,13 +110,26 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     tracing::info!("stopping: detaching probes");
     ready.store(false, Ordering::Release);
     for finding in monitor.stop().await? {
-        telemetry::lock(&telemetry).metrics.finding(&finding);
-        sinks.emit(&finding);
+        report(finding, &mut sinks);
+    }
+    if let Some(task) = refresher {
+        task.abort();
     }
     let _ = http_stop.send(());
     let _ = server.await;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// With `--k8s-pod-names`, the API client; a missing or wrong setting is a usage error (exit
+/// 2) found before the probes load. Without the flag nothing of it is built.
+fn k8s_client(args: &RunArgs) -> anyhow::Result<Option<K8sClient>> {
+    if !args.k8s.k8s_pod_names {
+        return Ok(None);
+    }
+    let settings =
+        k8s_settings::resolve(&args.k8s, |name| std::env::var(name).ok()).map_err(UsageError)?;
+    Ok(Some(K8sClient::new(settings).map_err(UsageError)?))
 }
 
 fn sinks(args: &RunArgs) -> anyhow::Result<Sinks> {

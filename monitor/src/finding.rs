@@ -234,6 +234,36 @@ pub struct MtForkNoExecDetails {
 }
 
 impl Finding {
+    /// A `mt_fork_no_exec` finding about a process named `comm`, for unit tests.
+    #[cfg(test)]
+    pub fn example(comm: &str) -> Finding {
+        Finding {
+            schema: SCHEMA_VERSION,
+            kind: Kind::MtForkNoExec,
+            severity: Severity::Warning,
+            time: "2026-11-27T10:00:00.000Z".into(),
+            pid: 2,
+            comm: comm.into(),
+            parent_pid: 1,
+            parent_comm: "python3".into(),
+            exe: Some("/usr/bin/python3".into()),
+            argv0: Some("python3".into()),
+            cmdline: None,
+            cgroup_id: 1,
+            attribution: Default::default(),
+            details: Details::MtForkNoExec(MtForkNoExecDetails {
+                parent_tid: 1,
+                parent_threads: 2,
+                thread_names: vec!["worker".into()],
+                exited_without_exec: true,
+                exit_code: Some(0),
+                exec_after_ms: None,
+                ms_without_exec: 12,
+                grace_ms: 1000,
+            }),
+        }
+    }
+
     pub fn to_json_line(&self) -> String {
         // Serializing a struct of strings and integers cannot fail.
         let mut line = serde_json::to_string(self).unwrap_or_default();

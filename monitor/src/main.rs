@@ -8,7 +8,7 @@ use tracing_subscriber::{EnvFilter, fmt};
 
 use forkwatch::{
     check,
-    cli::{Cli, Command, LogFormat},
+    cli::{Cli, Command, LogFormat, UsageError},
     config, daemon, fixture, selftest,
 };
 
@@ -60,7 +60,12 @@ fn main() -> ExitCode {
                 LogFormat::Json => tracing::error!("{err:#}"),
                 LogFormat::Text => eprintln!("forkwatch: error: {err:#}"),
             }
-            ExitCode::FAILURE
+            // A configuration it cannot run with is a usage error, like a bad flag.
+            if err.is::<UsageError>() {
+                ExitCode::from(2)
+            } else {
+                ExitCode::FAILURE
+            }
         }
     }
 }

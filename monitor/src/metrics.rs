@@ -12,6 +12,7 @@ use prometheus::{
 use crate::{
     correlator::Stats,
     finding::{Finding, Kind},
+    namespace_labels::NamespaceLabels,
     probes::KernelCounts,
 };
 
@@ -28,11 +29,20 @@ pub struct Metrics {
     correlator: IntCounterVec,
     program_runs: IntCounterVec,
     program_seconds: CounterVec,
+    /// Only with `--k8s-pod-names` (see [`Metrics::enable_pod_names`]).
+    pod_names: Option<PodNameMetrics>,
     /// Per program: runs and run time as of the last refresh.
     last_programs: HashMap<String, (u64, Duration)>,
     /// The kernel counts as of the last refresh, to turn absolute values into increments.
     last_kernel: KernelCounts,
     last_stats: Stats,
+}
+
+/// `forkwatch_findings_by_namespace_total` and `forkwatch_pod_lookup_errors_total`.
+struct PodNameMetrics {
+    by_namespace: IntCounterVec,
+    namespaces: NamespaceLabels,
+    lookup_errors: IntCounter,
 }
 
 /// Fork kinds as exported: `process` is every new process that does not share the parent's
@@ -186,16 +196,66 @@ impl Metrics {
             correlator,
             program_runs,
             program_seconds,
+            pod_names: None,
             last_programs: HashMap::new(),
             last_kernel: KernelCounts::default(),
             last_stats: Stats::default(),
         }
     }
 
-    pub fn finding(&self, finding: &Finding) {
+    pub fn finding(&mut self, finding: &Finding) {
         self.findings
             .with_label_values(&[finding.kind.as_str(), finding.severity.as_str()])
             .inc();
+        if let Some(pods) = &mut self.pod_names {
+            let a = &finding.attribution;
+            let namespace = pods
+                .namespaces
+                .label(a.pod_uid.is_some(), a.pod_namespace.as_deref());
+            pods.by_namespace
+                .with_label_values(&[finding.kind.as_str(), namespace])
+                .inc();
+        }
+    }
+
+    /// Registers the metrics of `--k8s-pod-names`. Without the flag they do not exist at all,
+    /// so a daemon that makes no API requests exports no per-namespace series.
+    pub fn enable_pod_names(&mut self) {
+        if self.pod_names.is_some() {
+            return;
+        }
+        let by_namespace = register(
+            &self.registry,
+            IntCounterVec::new(
+                Opts::new(
+                    "forkwatch_findings_by_namespace_total",
+                    "Findings by kind and pod namespace (--k8s-pod-names). At most 100 distinct \
+                     namespaces, then _other; _unknown: a pod not resolved; _none: not a pod.",
+                ),
+                &["kind", "namespace"],
+            )
+            .expect("valid metric"),
+        );
+        let lookup_errors = register(
+            &self.registry,
+            IntCounter::new(
+                "forkwatch_pod_lookup_errors_total",
+                "Failed requests for this node's pod list (--k8s-pod-names).",
+            )
+            .expect("valid metric"),
+        );
+        self.pod_names = Some(PodNameMetrics {
+            by_namespace,
+            namespaces: NamespaceLabels::default(),
+            lookup_errors,
+        });
+    }
+
+    /// A failed pod-list request.
+    pub fn pod_lookup_error(&self) {
+        if let Some(pods) = &self.pod_names {
+            pods.lookup_errors.inc();
+        }
     }
 
     pub fn event(&self, category: &str) {
@@ -314,6 +374,58 @@ mod tests {
         assert!(
             text.contains(critical),
             "every kind exported from the start: {text}"
+        );
+        assert!(!text.contains("by_namespace"), "only with --k8s-pod-names");
+    }
+
+    #[test]
+    fn findings_by_namespace_only_when_enabled_and_capped() {
+        use crate::namespace_labels::MAX_NAMESPACES;
+        let finding = |uid: Option<&str>, ns: Option<String>| {
+            let mut f = Finding::example("p");
+            f.attribution.pod_uid = uid.map(Into::into);
+            f.attribution.pod_namespace = ns;
+            f
+        };
+        let mut m = Metrics::new();
+        m.finding(&finding(Some("u"), Some("shop".into())));
+        assert!(!m.render().contains("forkwatch_findings_by_namespace_total"));
+        m.enable_pod_names();
+        for i in 0..MAX_NAMESPACES + 20 {
+            m.finding(&finding(Some("u"), Some(format!("ns-{i}"))));
+        }
+        m.finding(&finding(Some("u"), Some("ns-0".into())));
+        m.finding(&finding(Some("u"), None));
+        m.finding(&finding(None, None));
+        m.pod_lookup_error();
+        let text = m.render();
+        let series = |labels: &str| {
+            format!("forkwatch_findings_by_namespace_total{{kind=\"mt_fork_no_exec\",{labels}}}")
+        };
+        assert!(
+            text.contains(&(series("namespace=\"ns-0\"") + " 2")),
+            "{text}"
+        );
+        assert!(
+            text.contains(&(series("namespace=\"_other\"") + " 20")),
+            "{text}"
+        );
+        assert!(
+            text.contains(&(series("namespace=\"_unknown\"") + " 1")),
+            "{text}"
+        );
+        assert!(
+            text.contains(&(series("namespace=\"_none\"") + " 1")),
+            "{text}"
+        );
+        let values = text
+            .lines()
+            .filter(|l| l.starts_with("forkwatch_findings_by_namespace_total{"))
+            .count();
+        assert_eq!(values, MAX_NAMESPACES + 3, "{text}");
+        assert!(
+            text.contains("forkwatch_pod_lookup_errors_total 1"),
+            "{text}"
         );
     }
 }

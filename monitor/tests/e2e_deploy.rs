@@ -331,15 +331,7 @@ fn kustomization_lists_every_manifest_and_renders_the_expected_kinds() {
     let objects: Vec<Value> = manifests.into_iter().map(|(_, o)| o).collect();
     check_object_set(&objects, &expected_kinds);
 
-    if Command::new("kubectl")
-        .arg("version")
-        .arg("--client")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_err()
-    {
-        eprintln!("NOTE: kubectl is not installed: `kubectl kustomize` not run");
+    if !have_kubectl() {
         return;
     }
     let rendered = run_ok(
@@ -357,18 +349,134 @@ fn kustomization_lists_every_manifest_and_renders_the_expected_kinds() {
     );
 
     // What `kubectl apply -k` sends validates too.
-    let scratch = Scratch::new("kustomize");
+    assert_valid(&rendered, "kustomize");
+}
+
+/// Whether `kubectl` can run (it renders kustomizations); says so when it cannot.
+fn have_kubectl() -> bool {
+    let found = Command::new("kubectl")
+        .arg("version")
+        .arg("--client")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok();
+    if !found {
+        eprintln!("NOTE: kubectl is not installed: `kubectl kustomize` not run");
+    }
+    found
+}
+
+/// Asserts every object of a rendered set validates (the PodMonitor has no schema there).
+fn assert_valid(rendered: &str, what: &str) {
+    let scratch = Scratch::new(what);
     let file = scratch.0.join("rendered.yaml");
-    std::fs::write(&file, &rendered).unwrap();
+    std::fs::write(&file, rendered).unwrap();
     let report = python(&["validate", MIN_KUBERNETES, file.to_str().unwrap()], b"");
     for result in report["results"].as_array().unwrap() {
         assert!(
             result["result"] == "valid"
                 || (result["result"] == "no_schema" && result["kind"] == "PodMonitor"),
-            "rendered {}: {result}",
+            "{what}: rendered {}: {result}",
             result["kind"]
         );
     }
+}
+
+/// The opt-in for pod names (deploy/kubernetes/pod-names, a Component, applied through
+/// deploy/kubernetes-pod-names): its RBAC files validate on their own; the overlay renders to the
+/// default set plus exactly a ClusterRole that may only read pods and its binding to the
+/// forkwatch ServiceAccount; the DaemonSet gains the flag, NODE_NAME from the downward API and a
+/// mounted token, and is otherwise unchanged (least privilege kept). The default set stays
+/// without RBAC (`kustomization_lists_every_manifest_and_renders_the_expected_kinds`).
+#[test]
+fn pod_names_component_adds_read_only_rbac_and_the_flag() {
+    let component = deploy("kubernetes/pod-names");
+    let kustomization = load(&component.join("kustomization.yaml"));
+    assert_eq!(kustomization[0]["kind"], "Component");
+    let rbac: Vec<String> = strings(&kustomization[0]["resources"])
+        .into_iter()
+        .map(|name| component.join(name).to_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(rbac.len(), 2, "{rbac:?}");
+    let mut args = vec!["validate", MIN_KUBERNETES];
+    args.extend(rbac.iter().map(String::as_str));
+    let report = python(&args, b"");
+    for result in report["results"].as_array().unwrap() {
+        assert_eq!(result["result"], "valid", "{result}");
+    }
+
+    if !have_kubectl() {
+        return;
+    }
+    let kustomize = |dir: &str| {
+        run_ok(
+            Command::new("kubectl").arg("kustomize").arg(deploy(dir)),
+            b"",
+        )
+    };
+    let base = load_text(&kustomize("kubernetes"));
+    let rendered_text = kustomize("kubernetes-pod-names");
+    assert_valid(&rendered_text, "pod-names");
+    let rendered = load_text(&rendered_text);
+    let kinds: BTreeSet<&str> = rendered
+        .iter()
+        .map(|o| o["kind"].as_str().unwrap())
+        .collect();
+    let base_kinds: BTreeSet<&str> = base.iter().map(|o| o["kind"].as_str().unwrap()).collect();
+    let added: BTreeSet<&str> = kinds.difference(&base_kinds).copied().collect();
+    assert_eq!(added, ["ClusterRole", "ClusterRoleBinding"].into());
+    assert_eq!(rendered.len(), base.len() + 2);
+
+    // Read-only, pods only.
+    let role = only_of_kind(&rendered, "ClusterRole");
+    let rules = role["rules"].as_array().unwrap();
+    assert_eq!(rules.len(), 1, "{role}");
+    assert_eq!(strings(&rules[0]["apiGroups"]), [""]);
+    assert_eq!(strings(&rules[0]["resources"]), ["pods"]);
+    let verbs: BTreeSet<&str> = strings(&rules[0]["verbs"]).into_iter().collect();
+    assert!(verbs.contains("list"), "the daemon lists pods: {verbs:?}");
+    assert!(
+        verbs.is_subset(&["get", "list", "watch"].into()),
+        "{verbs:?}"
+    );
+    let binding = only_of_kind(&rendered, "ClusterRoleBinding");
+    assert_eq!(binding["roleRef"]["kind"], "ClusterRole");
+    assert_eq!(binding["roleRef"]["name"], role["metadata"]["name"]);
+    let account = only_of_kind(&rendered, "ServiceAccount");
+    let subjects = binding["subjects"].as_array().unwrap();
+    assert_eq!(subjects.len(), 1);
+    assert_eq!(subjects[0]["kind"], "ServiceAccount");
+    assert_eq!(subjects[0]["name"], account["metadata"]["name"]);
+    assert_eq!(subjects[0]["namespace"], account["metadata"]["namespace"]);
+
+    // The DaemonSet: the flag, NODE_NAME, the token; nothing else changed.
+    let mut ds = only_of_kind(&rendered, "DaemonSet");
+    let pod = &mut ds["spec"]["template"]["spec"];
+    assert_eq!(pod["automountServiceAccountToken"], true);
+    let env = pod["containers"][0]["env"].as_array_mut().unwrap();
+    let take = |env: &mut Vec<Value>, name: &str| {
+        let i = env
+            .iter()
+            .position(|e| e["name"] == name)
+            .unwrap_or_else(|| panic!("no {name} in {env:?}"));
+        env.remove(i)
+    };
+    assert_eq!(take(env, "FORKWATCH_K8S_POD_NAMES")["value"], "true");
+    assert_eq!(
+        take(env, "NODE_NAME")["valueFrom"]["fieldRef"]["fieldPath"],
+        "spec.nodeName"
+    );
+    assert!(
+        daemon_env_vars().contains("FORKWATCH_K8S_POD_NAMES"),
+        "the daemon reads FORKWATCH_K8S_POD_NAMES"
+    );
+    pod["automountServiceAccountToken"] = Value::Bool(false);
+    assert_eq!(
+        ds,
+        only_of_kind(&base, "DaemonSet"),
+        "the component changes the DaemonSet only by the flag, NODE_NAME and the token"
+    );
 }
 
 fn check_object_set(objects: &[Value], expected_kinds: &BTreeSet<&str>) {

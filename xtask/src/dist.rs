@@ -32,16 +32,23 @@ pub const IMAGE: &str = "localhost/forkwatch:latest";
 pub fn dist() -> anyhow::Result<PathBuf> {
     static_target()?;
     let started = Instant::now();
-    cmd::cargo(&[
-        "build",
-        "--release",
-        "--package",
-        "forkwatch",
-        "--target",
-        STATIC_TARGET,
-        "--target-dir",
-        DIST_TARGET_DIR,
-    ])?;
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned());
+    cmd::run_with(
+        Command::new(cargo)
+            .args([
+                "build",
+                "--release",
+                "--package",
+                "forkwatch",
+                "--target",
+                STATIC_TARGET,
+                "--target-dir",
+                DIST_TARGET_DIR,
+            ])
+            // ring (rustls' crypto, for --k8s-pod-names) has C and assembly parts; cc-rs looks
+            // for a cross compiler named x86_64-linux-musl-gcc, which Debian calls musl-gcc.
+            .env(MUSL_CC_VAR, MUSL_CC),
+    )?;
     let build_time = started.elapsed();
     let root = cmd::workspace_root();
     let built = root
@@ -101,8 +108,18 @@ fn workspace_channel() -> anyhow::Result<String> {
     setup::toolchain_channel("rust-toolchain.toml")
 }
 
-/// The musl target's standard library for the workspace toolchain.
+/// The C compiler for the musl target (Debian package `musl-tools`), and cc-rs's variable for it.
+const MUSL_CC: &str = "musl-gcc";
+const MUSL_CC_VAR: &str = "CC_x86_64_unknown_linux_musl";
+
+/// The musl target's standard library for the workspace toolchain, and musl's C compiler.
 fn static_target() -> anyhow::Result<()> {
+    if cmd::output(MUSL_CC, &["--version"]).is_none() {
+        setup::apt_install(
+            &["musl-tools"],
+            "musl-gcc, to compile ring's C code for musl",
+        )?;
+    }
     let channel = workspace_channel()?;
     let installed = cmd::output(
         "rustup",

@@ -129,6 +129,9 @@ pub fn render(f: &Finding, color: bool) -> String {
     if let Some(exe) = &f.exe {
         let _ = write!(line, " exe={}", escape(exe));
     }
+    if let (Some(namespace), Some(name)) = (&f.attribution.pod_namespace, &f.attribution.pod_name) {
+        let _ = write!(line, " pod={}/{}", escape(namespace), escape(name));
+    }
     line.push('\n');
     line
 }
@@ -150,34 +153,9 @@ pub fn escape(s: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::finding::{Kind, MtForkNoExecDetails, SCHEMA_VERSION};
 
     fn finding(comm: &str) -> Finding {
-        Finding {
-            schema: SCHEMA_VERSION,
-            kind: Kind::MtForkNoExec,
-            severity: Severity::Warning,
-            time: "2026-11-27T10:00:00.000Z".into(),
-            pid: 2,
-            comm: comm.into(),
-            parent_pid: 1,
-            parent_comm: "python3".into(),
-            exe: Some("/usr/bin/python3".into()),
-            argv0: Some("python3".into()),
-            cmdline: None,
-            cgroup_id: 1,
-            attribution: Default::default(),
-            details: Details::MtForkNoExec(MtForkNoExecDetails {
-                parent_tid: 1,
-                parent_threads: 2,
-                thread_names: vec!["worker".into()],
-                exited_without_exec: true,
-                exit_code: Some(0),
-                exec_after_ms: None,
-                ms_without_exec: 12,
-                grace_ms: 1000,
-            }),
-        }
+        Finding::example(comm)
     }
 
     #[test]
@@ -190,6 +168,10 @@ mod tests {
              12 ms exe=/usr/bin/python3\n"
         );
         assert!(render(&finding("x"), true).contains("\x1b[1;33mWARNING"));
+        let mut in_pod = finding("x");
+        in_pod.attribution.pod_namespace = Some("shop".into());
+        in_pod.attribution.pod_name = Some("web-0".into());
+        assert!(render(&in_pod, false).ends_with(" exe=/usr/bin/python3 pod=shop/web-0\n"));
     }
 
     #[test]

@@ -335,7 +335,7 @@ fn fixtures_dir() -> PathBuf {
 
 /// A C fixture (`tests/fixtures/NAME.c`), compiled once per test binary into cargo's temporary
 /// directory, with debug info so that reported stacks can name its functions.
-fn compiled(name: &str) -> PathBuf {
+pub fn compiled(name: &str) -> PathBuf {
     static BUILT: OnceLock<Mutex<HashMap<String, PathBuf>>> = OnceLock::new();
     let mut built = BUILT.get_or_init(Default::default).lock().unwrap();
     built

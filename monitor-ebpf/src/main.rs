@@ -46,13 +46,15 @@ const URGENT: u64 = BPF_RB_FORCE_WAKEUP as u64;
 /// thread for longer than this (FORK_CONTEXT_REUSE_NS), so a fork storm wakes it a few times a
 /// second, not once per fork.
 #[inline(always)]
-fn fork_wakeup_flags(pid_tgid: u64, now_ns: u64) -> u64 {
-    if let Some(last) = unsafe { FORK_WAKEUPS.get(&pid_tgid) }
+fn fork_wakeup_flags(pid_tgid: u64, parent_start_ns: u64, now_ns: u64) -> u64 {
+    // With the process's start time: a pid reused by a new process is a new forking thread.
+    let key = [pid_tgid, parent_start_ns];
+    if let Some(last) = unsafe { FORK_WAKEUPS.get(&key) }
         && now_ns.saturating_sub(*last) < FORK_WAKEUP_EVERY_NS
     {
         return wakeup_flags();
     }
-    let _ = FORK_WAKEUPS.insert(&pid_tgid, &now_ns, 0);
+    let _ = FORK_WAKEUPS.insert(&key, &now_ns, 0);
     URGENT
 }
 
@@ -129,10 +131,10 @@ static BLOCKED: HashMap<u32, BlockedWait> = HashMap::with_max_entries(BLOCKED_MA
 #[map]
 static FAMILY: HashMap<u32, u32> = HashMap::with_max_entries(FAMILY_MAX_ENTRIES, 0);
 
-/// When a fork last woke the daemon, per forking thread (pid_tgid → boot ns): see
+/// When a fork last woke the daemon, per forking thread ([pid_tgid, process start] → boot ns): see
 /// `fork_wakeup_flags`. LRU: nothing removes entries, and a forgotten one only costs a wakeup.
 #[map]
-static FORK_WAKEUPS: LruHashMap<u64, u64> = LruHashMap::with_max_entries(4096, 0);
+static FORK_WAKEUPS: LruHashMap<[u64; 2], u64> = LruHashMap::with_max_entries(4096, 0);
 
 /// Children in a fork family that have not exec'd (pid → when they joined). The daemon scans it
 /// to attach the write probe only while some child has gone without exec for the grace window.
@@ -251,7 +253,7 @@ unsafe fn on_fork(ctx: &BtfTracePointContext) -> Result<(), i32> {
         cgroup_id: unsafe { bpf_get_current_cgroup_id() },
         comm: bpf_get_current_comm().unwrap_or([0; 16]),
     });
-    entry.submit(fork_wakeup_flags(pid_tgid, now_ns));
+    entry.submit(fork_wakeup_flags(pid_tgid, parent_start_ns, now_ns));
     Ok(())
 }
 

@@ -532,7 +532,17 @@ fn fork_storm_with_a_tiny_ring_buffer_loses_events_loudly_and_never_invents_find
     // The loss is counted and said in the findings stream, once for the burst.
     let lost = daemon.expect_kind(0, "events_lost", Duration::from_secs(5));
     assert!(lost["lost_total"].as_u64().unwrap() > 0, "{lost}");
-    assert!(daemon.metric("forkwatch_events_lost_total{category=\"fork\"}") > 0.0);
+    // Which categories overflow depends on how fast the daemon drains; each one in the record
+    // is counted in the metric under its own name.
+    let categories = lost["lost"].as_object().unwrap();
+    assert!(!categories.is_empty(), "{lost}");
+    for (category, count) in categories {
+        let metric = format!("forkwatch_events_lost_total{{category=\"{category}\"}}");
+        assert!(
+            daemon.metric(&metric) >= count.as_f64().unwrap(),
+            "{metric}: {lost}"
+        );
+    }
     assert!(
         daemon.findings_of(0, "events_lost").len() <= 2,
         "rate-limited"

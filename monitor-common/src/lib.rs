@@ -439,7 +439,7 @@ mod tests {
     fn records_have_no_implicit_padding() {
         // Explicit padding keeps every byte the kernel writes initialized and the layout equal
         // on both sides; the sizes below are the sums of the fields.
-        assert_eq!(size_of::<ForkEvent>(), 6 * 4 + 3 * 8 + COMM_LEN);
+        assert_eq!(size_of::<ForkEvent>(), 6 * 4 + 4 * 8 + COMM_LEN);
         assert_eq!(size_of::<ExecEvent>(), 2 * 4 + 8 + COMM_LEN);
         assert_eq!(size_of::<ExitEvent>(), 2 * 4 + 8 + 2 * 4);
         assert_eq!(size_of::<KernelOffsets>(), 37 * 4);

@@ -7,7 +7,8 @@
 //! During (b) it also measures the daemon's CPU time and peak RSS, events received and lost
 //! (from /metrics), and workload 0 once more while a long-lived fork family makes the daemon
 //! attach its syscall write probe. Then, with separate daemons so that neither perturbs (b): the
-//! in-kernel cost per program call (`--bpf-stats`), idle CPU, and a sustained fork storm.
+//! in-kernel cost per program call (`--bpf-stats`), idle CPU, finding latency (bench/latency.rs)
+//! and a sustained fork storm.
 //!
 //! Targets are reported, never enforced: a miss is marked in the table and in
 //! target/bench/report.json. `--smoke` runs tiny sizes once and only checks that the run works
@@ -29,6 +30,8 @@ use serde_json::{Value, json};
 
 use crate::{cmd, cmd::describe, setup};
 
+mod latency;
+
 /// Relative to the workspace root.
 const BENCH_DIR: &str = "target/bench";
 const WORKLOADS_SOURCE: &str = "xtask/bench/workloads.c";
@@ -47,8 +50,12 @@ const IDLE_FULL: Duration = Duration::from_secs(5);
 const IDLE_SMOKE: Duration = Duration::from_secs(1);
 const SUSTAIN_FULL_SECONDS: u32 = 10;
 const SUSTAIN_SMOKE_SECONDS: u32 = 1;
-/// Threads forking in parallel in the sustained storm (one per core here).
+/// Processes forking in parallel in the sustained storm (one per core here).
 const SUSTAIN_FORKERS: u32 = 2;
+/// Tries of the sustained storm until one reaches the target rate (see idle_and_sustained).
+const SUSTAIN_ATTEMPTS: usize = 3;
+/// Rounds of the finding-latency measurement (each ~1.1 s: the grace window).
+const LATENCY_RUNS: usize = 5;
 const SUSTAIN_TARGET_FORKS_PER_S: f64 = 20_000.0;
 const RSS_TARGET_KIB: u64 = 32 * 1024;
 const IDLE_CPU_TARGET_PCT: f64 = 0.5;
@@ -174,6 +181,7 @@ struct Results {
     /// Workload name → program → (runs, seconds), deltas with --bpf-stats.
     bpf_stats: BTreeMap<String, BTreeMap<String, (f64, f64)>>,
     idle: Option<Value>,
+    latency: Option<Value>,
     sustained: Option<Value>,
 }
 
@@ -187,13 +195,22 @@ pub fn bench(smoke: bool) -> anyhow::Result<()> {
         bail!("{} is missing: build it first", daemon.display());
     }
     ensure_bpftrace()?;
-    let workloads = dir.join("workloads");
-    cmd::run_with(
-        Command::new("cc")
-            .args(["-O2", "-pthread", "-Wall", "-o"])
-            .arg(&workloads)
-            .arg(root.join(WORKLOADS_SOURCE)),
-    )?;
+    let build = |name: &str, extra: &[&str]| -> anyhow::Result<PathBuf> {
+        let out = dir.join(name);
+        cmd::run_with(
+            Command::new("cc")
+                .args(["-O2", "-pthread", "-Wall"])
+                .args(extra)
+                .arg("-o")
+                .arg(&out)
+                .arg(root.join(WORKLOADS_SOURCE)),
+        )?;
+        Ok(out)
+    };
+    let workloads = build("workloads", &[])?;
+    // The sustained storm forks from a static copy: fewer mappings to copy per fork, so this
+    // machine gets closer to the 20,000 forks/s the target asks for.
+    let storm_workloads = build("workloads-static", &["-static"])?;
     // bpftrace attaches tracepoints through tracefs; the daemon does not need it.
     let _tracefs = Tracefs::ensure()?;
     let foreign = foreign_monitors(&[]);
@@ -209,6 +226,7 @@ pub fn bench(smoke: bool) -> anyhow::Result<()> {
         dir: dir.clone(),
         daemon,
         workloads,
+        storm_workloads,
     };
     let reps = if smoke { 1 } else { REPETITIONS };
     let mut results = Results::default();
@@ -252,6 +270,8 @@ struct Bench {
     dir: PathBuf,
     daemon: PathBuf,
     workloads: PathBuf,
+    /// The same program linked statically, for the sustained storm.
+    storm_workloads: PathBuf,
 }
 
 impl Bench {
@@ -262,13 +282,23 @@ impl Bench {
     /// Runs one workload; the seconds of its timed part (as the program measured it) and the
     /// wall time of the whole process.
     fn run(&self, mode: &str, args: &[String]) -> anyhow::Result<(f64, f64)> {
+        self.run_program(&self.workloads, mode, args)
+    }
+
+    /// `run`, of the given build of the workloads program.
+    fn run_program(
+        &self,
+        program: &Path,
+        mode: &str,
+        args: &[String],
+    ) -> anyhow::Result<(f64, f64)> {
         let begin = Instant::now();
-        let out = Command::new(&self.workloads)
+        let out = Command::new(program)
             .arg(mode)
             .args(args)
             .stdin(Stdio::null())
             .output()
-            .with_context(|| format!("cannot run {}", self.workloads.display()))?;
+            .with_context(|| format!("cannot run {}", program.display()))?;
         let wall = begin.elapsed().as_secs_f64();
         let stdout = String::from_utf8_lossy(&out.stdout);
         if !out.status.success() {
@@ -420,9 +450,9 @@ impl Bench {
         daemon.stop()
     }
 
-    /// Idle CPU of a fresh daemon, then the sustained fork-without-exec storm.
+    /// Idle CPU of a fresh daemon, finding latency, then the sustained fork-without-exec storm.
     fn idle_and_sustained(&self, results: &mut Results) -> anyhow::Result<()> {
-        eprintln!("xtask: bench: idle CPU and sustained fork storm");
+        eprintln!("xtask: bench: idle CPU, finding latency and sustained fork storm");
         let daemon = Daemon::start(self, false, "sustained")?;
         sleep(Duration::from_millis(500));
         let idle = if self.smoke { IDLE_SMOKE } else { IDLE_FULL };
@@ -446,18 +476,55 @@ impl Bench {
             "met": idle_pct <= IDLE_CPU_TARGET_PCT,
         }));
 
+        let runs = if self.smoke { 1 } else { LATENCY_RUNS };
+        results.latency = Some(latency::measure(&self.workloads, &daemon.findings, runs)?);
+
         let seconds = if self.smoke {
             SUSTAIN_SMOKE_SECONDS
         } else {
             SUSTAIN_FULL_SECONDS
         };
+        // How fast this machine can fork varies from run to run (nested virtualization): the
+        // storm is tried up to SUSTAIN_ATTEMPTS times until one reaches the target rate. Every
+        // attempt is in the report, and a loss in any of them fails the target.
+        let attempts = if self.smoke { 1 } else { SUSTAIN_ATTEMPTS };
+        let mut runs: Vec<Value> = Vec::new();
+        for _ in 0..attempts {
+            let run = self.storm_once(&daemon, seconds)?;
+            let reached = run["rate_reached"] == true;
+            runs.push(run);
+            if reached {
+                break;
+            }
+        }
+        let rate = |v: &Value| v["forks_per_s"].as_f64().unwrap_or(0.0);
+        let fastest = runs
+            .iter()
+            .max_by(|a, b| rate(a).total_cmp(&rate(b)))
+            .cloned()
+            .context("no storm attempt")?;
+        let lost_in_all: f64 = runs
+            .iter()
+            .map(|r| r["events_lost"].as_f64().unwrap_or(0.0))
+            .sum();
+        let mut sustained = fastest;
+        sustained["attempts"] = Value::from(runs);
+        sustained["events_lost_all_attempts"] = Value::from(lost_in_all);
+        sustained["met"] = Value::from(sustained["rate_reached"] == true && lost_in_all == 0.0);
+        results.sustained = Some(sustained);
+        results.note_rss("sustained fork storm", daemon.peak_rss_kib()?);
+        daemon.stop()
+    }
+
+    /// One sustained fork-without-exec storm of `seconds` against `daemon`, from its /metrics.
+    fn storm_once(&self, daemon: &Daemon, seconds: u32) -> anyhow::Result<Value> {
         let before = daemon.scrape()?;
         let cpu_before = daemon.cpu_seconds()?;
-        let (elapsed, _) = self.run(
+        let (elapsed, _) = self.run_program(
+            &self.storm_workloads,
             "fork-noexec-for",
             &[seconds.to_string(), SUSTAIN_FORKERS.to_string()],
         )?;
-        // The forks count comes back as `ops`; run() checked it is there, read it again here.
         sleep(Duration::from_secs(1));
         let after = daemon.scrape()?;
         let forks = after.get("forkwatch_forks_total", "kind", "process")
@@ -466,20 +533,19 @@ impl Bench {
             after.sum("forkwatch_events_lost_total") - before.sum("forkwatch_events_lost_total");
         let events = after.sum("forkwatch_events_total") - before.sum("forkwatch_events_total");
         let rate = forks / elapsed;
-        results.sustained = Some(json!({
+        Ok(json!({
             "seconds": elapsed,
-            "forker_threads": SUSTAIN_FORKERS,
+            "forker_processes": SUSTAIN_FORKERS,
             "forks_seen_by_kernel": forks,
             "forks_per_s": rate,
             "events_received": events,
             "events_lost": lost,
             "daemon_cpu_pct_of_one_core": 100.0 * (daemon.cpu_seconds()? - cpu_before) / elapsed,
             "target_forks_per_s": SUSTAIN_TARGET_FORKS_PER_S,
-            "rate_reached": rate >= SUSTAIN_TARGET_FORKS_PER_S,
-            "met": rate >= SUSTAIN_TARGET_FORKS_PER_S && lost == 0.0,
-        }));
-        results.note_rss("sustained fork storm", daemon.peak_rss_kib()?);
-        daemon.stop()
+            // The target is a rate held for SUSTAIN_FULL_SECONDS: a smoke run's second is not.
+            "rate_reached": rate >= SUSTAIN_TARGET_FORKS_PER_S
+                && elapsed >= f64::from(SUSTAIN_FULL_SECONDS),
+        }))
     }
 }
 
@@ -500,6 +566,8 @@ impl Results {
 struct Daemon {
     child: Child,
     addr: String,
+    /// Its JSON findings (stdout).
+    findings: PathBuf,
 }
 
 impl Daemon {
@@ -526,7 +594,11 @@ impl Daemon {
                     .find_map(|w| w.strip_prefix("metrics_addr="))
                     .map(|a| a.trim_matches('"').to_owned())
                     .with_context(|| format!("no metrics_addr in the ready line: {line}"))?;
-                return Ok(Daemon { child, addr });
+                return Ok(Daemon {
+                    child,
+                    addr,
+                    findings: stdout,
+                });
             }
             if let Some(status) = child.try_wait()? {
                 bail!("the daemon exited ({status}) before it was ready:\n{log}");
@@ -951,14 +1023,32 @@ fn report(
             "met": idle["met"],
         }));
     }
+    if let Some(l) = &results.latency {
+        targets.push(json!({
+            "target": format!(
+                "findings within the grace window + {} ms (exit: {} ms)",
+                latency::TARGET_MS,
+                latency::TARGET_MS
+            ),
+            "measured": format!(
+                "at most {:.0} ms past the grace window, {:.0} ms after the exit ({} runs)",
+                l["past_grace_ms_max"].as_f64().unwrap_or(f64::NAN),
+                l["after_exit_ms_max"].as_f64().unwrap_or(f64::NAN),
+                l["runs"]
+            ),
+            "met": l["met"],
+        }));
+    }
     if let Some(s) = &results.sustained {
         targets.push(json!({
             "target": "0 events lost at >= 20000 forks/s for 10 s",
             "measured": format!(
-                "{:.0} forks/s for {:.1} s, {} lost",
+                "{:.0} forks/s for {:.1} s, {} lost (fastest of {} attempts; {} lost in all)",
                 s["forks_per_s"].as_f64().unwrap_or(f64::NAN),
                 s["seconds"].as_f64().unwrap_or(f64::NAN),
-                s["events_lost"]
+                s["events_lost"],
+                s["attempts"].as_array().map_or(0, Vec::len),
+                s["events_lost_all_attempts"]
             ),
             "met": s["met"],
         }));
@@ -1036,6 +1126,7 @@ fn report(
             "rss_at_end_kib_by_session": results.rss_now_by_session,
             "idle": results.idle,
         },
+        "finding_latency": results.latency,
         "sustained_fork_storm": results.sustained,
         "bpf_stats": bpf_stats,
         "bpf_in_kernel_totals": in_kernel,
@@ -1202,12 +1293,23 @@ fn table(report: &Value) -> String {
         num(&d["idle"]["seconds"]),
         num(&d["idle"]["cpu_pct_of_one_core_schedstat"]),
     ));
+    let l = &report["finding_latency"];
+    out.push_str(&format!(
+        "Finding latency ({} runs): a child that never execs reported {} ms past the grace \
+         window, one that exits without exec {} ms after its exit (target ≤ {} ms).\n",
+        l["runs"],
+        latency::ms_list(&l["past_grace_ms"]),
+        latency::ms_list(&l["after_exit_ms"]),
+        l["target_ms"],
+    ));
     let s = &report["sustained_fork_storm"];
     out.push_str(&format!(
-        "Sustained fork-without-exec storm ({} forking threads of a multithreaded parent): {:.0} \
-         forks in {:.1} s = {:.0} forks/s (target ≥ {:.0}), {:.0} events received, {:.0} lost; \
-         daemon CPU {:.1} % of one core.\n",
-        s["forker_threads"],
+        "Sustained fork-without-exec storm ({} multithreaded processes forking; the fastest of {} \
+         attempts, {:.0} events lost in all of them): {:.0} forks in {:.1} s = {:.0} forks/s \
+         (target ≥ {:.0}), {:.0} events received, {:.0} lost; daemon CPU {:.1} % of one core.\n",
+        s["forker_processes"],
+        s["attempts"].as_array().map_or(0, Vec::len),
+        num(&s["events_lost_all_attempts"]),
         num(&s["forks_seen_by_kernel"]),
         num(&s["seconds"]),
         num(&s["forks_per_s"]),
@@ -1291,7 +1393,13 @@ fn validate(path: &Path) -> anyhow::Result<()> {
             }
         }
     }
-    for key in ["daemon", "sustained_fork_storm", "bpf_stats", "targets"] {
+    for key in [
+        "daemon",
+        "finding_latency",
+        "sustained_fork_storm",
+        "bpf_stats",
+        "targets",
+    ] {
         if report[key].is_null() {
             bail!("report.json: no {key}");
         }

@@ -6,6 +6,9 @@
 //! every process that is not tracked. Only forks of multithreaded processes reach userspace.
 #![no_std]
 #![no_main]
+// The BPF target has no atomic types in core; the intrinsic is the atomic add (BPF_ATOMIC).
+#![allow(internal_features)]
+#![feature(core_intrinsics)]
 
 use aya_ebpf::{
     Global,
@@ -16,7 +19,7 @@ use aya_ebpf::{
         bpf_probe_read_kernel_str_bytes, bpf_probe_read_user, bpf_task_pt_regs,
     },
     macros::{btf_tracepoint, map},
-    maps::{HashMap, LruHashMap, PerCpuArray, RingBuf},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
     programs::BtfTracePointContext,
 };
 use monitor_common::{
@@ -158,6 +161,38 @@ static SOCK_USERS: LruHashMap<u64, SockUser> = LruHashMap::with_max_entries(SOCK
 #[map]
 static SOCK_REPORTED: LruHashMap<SockPid, u8> = LruHashMap::with_max_entries(SOCKET_MAX_ENTRIES, 0);
 
+/// How many entries `BLOCKED` holds. Every insert and delete of it is in these programs and
+/// adjusts the count, so with none (nearly always) `sched_wakeup` returns after one array read,
+/// before reading the task or hashing. A stale high count is only slower, never wrong; it
+/// cannot read 0 with an entry present: the insert and its increment happen in `sched_switch`
+/// before the sleeping task is off its CPU, which a wakeup of that task waits for.
+#[map]
+static BLOCKED_COUNT: Array<u64> = Array::with_max_entries(1, 0);
+
+fn blocked_count() -> u64 {
+    BLOCKED_COUNT.get(0).copied().unwrap_or(u64::MAX)
+}
+
+/// Adds `delta` (two's complement for a decrement) to `BLOCKED_COUNT`, atomically: sleeps and
+/// wakeups run on every CPU at once.
+fn blocked_count_add(delta: u64) {
+    if let Some(slot) = BLOCKED_COUNT.get_ptr_mut(0) {
+        // SAFETY: the map's value is a valid, aligned u64 for the program's lifetime.
+        unsafe {
+            core::intrinsics::atomic_xadd::<u64, u64, { core::intrinsics::AtomicOrdering::Relaxed }>(
+                slot, delta,
+            )
+        };
+    }
+}
+
+/// Removes `tid` from `BLOCKED` if it is there, keeping the count.
+fn unblock(tid: u32) {
+    if unsafe { BLOCKED.get(&tid) }.is_some() && BLOCKED.remove(&tid).is_ok() {
+        blocked_count_add(u64::MAX);
+    }
+}
+
 #[map]
 static FORK_COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(fork_counter::COUNT, 0);
 
@@ -293,13 +328,14 @@ pub fn sched_process_exit(ctx: BtfTracePointContext) -> u32 {
     if group_dead {
         leave_family(pid);
     }
+    // A thread that is exiting is not blocked in a futex any more (normally the wakeup already
+    // removed it; a fatal signal may not have gone through one, and an exec that killed the
+    // other threads untracked the process first: so before the TRACKED check).
+    if blocked_count() != 0 {
+        unblock(tid);
+    }
     if unsafe { TRACKED.get(&pid) }.is_none() {
         return 0;
-    }
-    // A thread that is exiting is not blocked in a futex any more (normally the wakeup already
-    // removed it; a fatal signal may not have gone through one).
-    if unsafe { BLOCKED.get(&tid) }.is_some() {
-        let _ = BLOCKED.remove(&tid);
     }
     if !group_dead {
         send_thread_event(EventKind::ThreadExited, pid, tid);
@@ -509,23 +545,29 @@ unsafe fn record_futex_wait(pid: u32, tid: u32) -> Result<(), i32> {
         flags,
         since_ns: unsafe { bpf_ktime_get_boot_ns() },
     };
-    BLOCKED.insert(&tid, &wait, 0)
+    let new = unsafe { BLOCKED.get(&tid) }.is_none();
+    BLOCKED.insert(&tid, &wait, 0)?;
+    if new {
+        blocked_count_add(1);
+    }
+    Ok(())
 }
 
 /// A task is woken: whatever it was waiting for, it is not blocked any more.
 #[btf_tracepoint(function = "sched_wakeup")]
 pub fn sched_wakeup(ctx: BtfTracePointContext) -> u32 {
-    // TP_PROTO(struct task_struct *p). A lookup (lock-free) first: deleting takes a bucket lock,
-    // and almost no woken task is in the map.
+    // TP_PROTO(struct task_struct *p). Runs on every wakeup on the host: with nothing blocked
+    // (BLOCKED_COUNT), return at once. Else a lookup (lock-free) first: deleting takes a
+    // bucket lock, and almost no woken task is in the map.
+    if blocked_count() == 0 {
+        return 0;
+    }
     let task: *const u8 = ctx.arg(0);
     let offsets = FORKWATCH_OFFSETS.load();
     let Ok(tid) = (unsafe { read_at::<i32>(task, offsets.task_pid) }) else {
         return 0;
     };
-    let tid = tid as u32;
-    if unsafe { BLOCKED.get(&tid) }.is_some() {
-        let _ = BLOCKED.remove(&tid);
-    }
+    unblock(tid as u32);
     0
 }
 

@@ -363,6 +363,10 @@ pub mod names {
     /// The write probe (tp_btf sys_enter): attached only while a fork family has a child that
     /// has not exec'd for the grace window, because any syscall tracepoint slows every syscall.
     pub const WRITE_PROGRAM: (&str, &str) = ("sys_enter_write", "sys_enter");
+    /// The scheduler probes (of PROGRAMS): they find the futex waits of tracked processes and
+    /// run on every context switch and wakeup on the host, so the daemon attaches them only
+    /// while something is tracked (`forkwatch check` attaches every program once).
+    pub const SCHEDULER_PROGRAMS: [&str; 2] = ["sched_switch", "sched_wakeup"];
     /// (program name in the object, tp_btf tracepoint it attaches to).
     pub const PROGRAMS: [(&str, &str); 7] = [
         ("sched_process_fork", "sched_process_fork"),

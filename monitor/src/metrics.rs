@@ -26,6 +26,7 @@ pub struct Metrics {
     tracked: IntGauge,
     deadlocked: IntGauge,
     write_probe: IntGauge,
+    scheduler_probes: IntGauge,
     correlator: IntCounterVec,
     program_runs: IntCounterVec,
     program_seconds: CounterVec,
@@ -156,6 +157,15 @@ impl Metrics {
             )
             .expect("valid metric"),
         );
+        let scheduler_probes = register(
+            &registry,
+            IntGauge::new(
+                "forkwatch_scheduler_probes_attached",
+                "1 while the scheduler probes (sched_switch, sched_wakeup: every context switch \
+                 on the host) are attached: something is tracked, or was in the last 2 s.",
+            )
+            .expect("valid metric"),
+        );
         let build_info = register(
             &registry,
             IntGaugeVec::new(
@@ -193,6 +203,7 @@ impl Metrics {
             tracked,
             deadlocked,
             write_probe,
+            scheduler_probes,
             correlator,
             program_runs,
             program_seconds,
@@ -264,6 +275,10 @@ impl Metrics {
 
     pub fn write_probe(&self, attached: bool) {
         self.write_probe.set(i64::from(attached));
+    }
+
+    pub fn scheduler_probes(&self, attached: bool) {
+        self.scheduler_probes.set(i64::from(attached));
     }
 
     /// A decision withdrawn because /proc showed its evidence was lost.

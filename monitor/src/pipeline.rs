@@ -55,6 +55,10 @@ const EVENTS_LOST_EVERY: Duration = Duration::from_secs(10);
 /// of a second or more, so this adds nothing that matters to their latency.
 pub const DRAIN_INTERVAL: Duration = Duration::from_millis(25);
 
+/// The scheduler probes stay attached this long after the last tracked process is gone: fork
+/// storms of multithreaded processes come and go, and each attach rescans /proc.
+const SCHEDULER_LINGER: Duration = Duration::from_secs(2);
+
 /// What woke the event loop.
 enum Wake {
     Events,
@@ -93,6 +97,8 @@ pub struct Pipeline {
     /// Lost-event counts as of the last `events_lost` record, and when it was written.
     lost_reported: [u64; monitor_common::lost_category::COUNT as usize],
     lost_reported_at: Option<std::time::Instant>,
+    /// Since when nothing has been tracked while the scheduler probes are attached.
+    scheduler_idle_since: Option<std::time::Instant>,
     correlator: Correlator<ForkContext>,
     proc: ProcFs,
     enrich: EnrichOptions,
@@ -126,6 +132,7 @@ impl Pipeline {
             fork_contexts: std::collections::HashMap::new(),
             lost_reported: Default::default(),
             lost_reported_at: None,
+            scheduler_idle_since: None,
             correlator: Correlator::new(config.correlator),
             proc: ProcFs::default(),
             enrich: config.enrich,
@@ -174,6 +181,7 @@ impl Pipeline {
             // threshold wait there without a wakeup, and a scan or a deadline decision must see
             // every event that happened before it.
             self.drain();
+            self.switch_scheduler_probes();
             match woken {
                 Wake::Events | Wake::Deadline => {}
                 Wake::Scan => self.scan_blocked(),
@@ -272,6 +280,56 @@ impl Pipeline {
         let decisions = self.correlator.on_blocked(&waits, clock::boot_ns());
         self.decide(decisions);
         self.update_gauges();
+    }
+
+    /// Attaches the scheduler probes as soon as something is tracked, and detaches them once
+    /// nothing has been (in the correlator nor in the kernel's map) for SCHEDULER_LINGER. A
+    /// tracked child's thread that went to sleep before they were attached is never seen going
+    /// to sleep again: at each attach, the tracked children's waits are read from /proc (and
+    /// re-verified at every scan, like those found at start). Without that, three of the
+    /// deadlock tests fail: their children block within a millisecond of the fork.
+    fn switch_scheduler_probes(&mut self) {
+        let busy = self.correlator.tracked() > 0;
+        let attached = self.probes.scheduler_probes_attached();
+        if busy {
+            self.scheduler_idle_since = None;
+        }
+        if busy && !attached {
+            match self.probes.set_scheduler_probes(true) {
+                Ok(()) => self.waits_from_proc(),
+                Err(err) => tracing::warn!(%err, "attaching the scheduler probes failed"),
+            }
+        } else if !busy && attached {
+            let since = *self
+                .scheduler_idle_since
+                .get_or_insert_with(std::time::Instant::now);
+            if since.elapsed() >= SCHEDULER_LINGER && self.tracked_map.keys().next().is_none() {
+                if let Err(err) = self.probes.set_scheduler_probes(false) {
+                    tracing::warn!(%err, "detaching the scheduler probes failed");
+                }
+                self.scheduler_idle_since = None;
+            }
+        }
+        self.telemetry()
+            .metrics
+            .scheduler_probes(self.probes.scheduler_probes_attached());
+    }
+
+    /// The futex waits of every process the kernel tracks, from /proc, for the scan.
+    fn waits_from_proc(&mut self) {
+        let now = clock::boot_ns();
+        let tracked: Vec<(u32, u64)> = self.tracked_map.iter().filter_map(Result::ok).collect();
+        for (pid, start_ns) in tracked {
+            for wait in seed::waits(&self.proc, pid, start_ns, now) {
+                if !self
+                    .seeded_waits
+                    .iter()
+                    .any(|s| s.wait.tid == wait.wait.tid)
+                {
+                    self.seeded_waits.push(wait);
+                }
+            }
+        }
     }
 
     /// Attaches the write probe while some fork family has a child that has gone without exec

@@ -99,6 +99,8 @@ pub struct Probes {
     btf: Option<Btf>,
     /// The write probe's link while attached (see `set_write_probe`).
     write_link: Option<BtfTracePointLinkId>,
+    /// The scheduler probes' links while attached (see `set_scheduler_probes`).
+    scheduler_links: Vec<(&'static str, BtfTracePointLinkId)>,
 }
 
 impl Probes {
@@ -130,6 +132,7 @@ impl Probes {
             ebpf,
             btf: Some(btf),
             write_link: None,
+            scheduler_links: Vec::new(),
         })
     }
 
@@ -154,16 +157,49 @@ impl Probes {
         Ok(())
     }
 
-    /// Attaches every always-on program and verifies the on-demand write probe; then every
-    /// program is loaded, and the kernel's parsed BTF is released.
+    /// Attaches every always-on program and verifies the on-demand ones (the write probe, the
+    /// scheduler probes); then every program is loaded, and the kernel's parsed BTF is released.
     pub fn attach_all(&mut self) -> Result<(), ProbeError> {
         for (program, tracepoint) in names::PROGRAMS {
+            if names::SCHEDULER_PROGRAMS.contains(&program) {
+                self.load_program(program, tracepoint)?;
+                continue;
+            }
             self.attach(program, tracepoint)?;
             tracing::debug!(program, tracepoint, "attached");
         }
         self.verify_write_probe()?;
         self.btf = None;
         Ok(())
+    }
+
+    /// Attaches or detaches the scheduler probes (sched_switch, sched_wakeup), which find the
+    /// futex waits of tracked processes. They run on every context switch and wakeup on the
+    /// host, so they are attached only while something is tracked; the caller finds the waits
+    /// that began before they were attached in /proc.
+    pub fn set_scheduler_probes(&mut self, attached: bool) -> Result<(), ProbeError> {
+        if attached == !self.scheduler_links.is_empty() {
+            return Ok(());
+        }
+        if attached {
+            for program in names::SCHEDULER_PROGRAMS {
+                let link = tp_btf(&mut self.ebpf, program)?
+                    .attach()
+                    .map_err(|e| program_error(program, "attach", e))?;
+                self.scheduler_links.push((program, link));
+            }
+        } else {
+            for (program, link) in std::mem::take(&mut self.scheduler_links) {
+                tp_btf(&mut self.ebpf, program)?
+                    .detach(link)
+                    .map_err(|e| program_error(program, "detach", e))?;
+            }
+        }
+        Ok(())
+    }
+
+    pub fn scheduler_probes_attached(&self) -> bool {
+        !self.scheduler_links.is_empty()
     }
 
     /// Verifies (loads, without attaching) the on-demand write probe.

@@ -68,30 +68,7 @@ fn seeded(proc: &ProcFs, pid: u32, now_ns: u64) -> Option<Seeded> {
     if start_ns < parent_start_ns {
         return None;
     }
-    let waits = proc
-        .tids(pid)
-        .into_iter()
-        .filter_map(|tid| {
-            let line = proc.syscall_line(pid, tid)?;
-            let w = parse_futex_wait(&line)?;
-            Some(SeededWait {
-                wait: BlockedWait {
-                    pid,
-                    tid,
-                    syscall: w.nr,
-                    uaddr: w.uaddr,
-                    op: w.op,
-                    private: w.private,
-                    has_timeout: w.has_timeout,
-                    // How long it slept before the daemon started is unknown: count from now.
-                    since_ns: now_ns,
-                },
-                line,
-                switches: proc.context_switches(pid, tid)?,
-                start_ns,
-            })
-        })
-        .collect();
+    let waits = waits(proc, pid, start_ns, now_ns);
     let comm = proc.comm(pid).unwrap_or_default();
     let mut context = proc.fork_context(parent, 0, pid);
     // A seeded child may have changed since its fork: describe it as it is now.
@@ -116,6 +93,37 @@ fn seeded(proc: &ProcFs, pid: u32, now_ns: u64) -> Option<Seeded> {
         context,
         waits,
     })
+}
+
+/// The threads of `pid` (started at `start_ns`) asleep in a futex wait now, from /proc. Used at
+/// start, and whenever the scheduler probes are attached (they see only waits that begin after).
+pub fn waits(proc: &ProcFs, pid: u32, start_ns: u64, now_ns: u64) -> Vec<SeededWait> {
+    if !proc.is_same_process(pid, start_ns) {
+        return Vec::new();
+    }
+    proc.tids(pid)
+        .into_iter()
+        .filter_map(|tid| {
+            let line = proc.syscall_line(pid, tid)?;
+            let w = parse_futex_wait(&line)?;
+            Some(SeededWait {
+                wait: BlockedWait {
+                    pid,
+                    tid,
+                    syscall: w.nr,
+                    uaddr: w.uaddr,
+                    op: w.op,
+                    private: w.private,
+                    has_timeout: w.has_timeout,
+                    // How long it has slept is unknown: count from now.
+                    since_ns: now_ns,
+                },
+                line,
+                switches: proc.context_switches(pid, tid)?,
+                start_ns,
+            })
+        })
+        .collect()
 }
 
 /// Whether the thread is still in the same wait and has not run since it was found.

@@ -350,8 +350,11 @@ impl Bench {
         let cpu_before = daemon.cpu_seconds()?;
         let wall_before = Instant::now();
         for w in &WORKLOADS {
+            let idle = daemon.wait_scheduler_idle()?;
             let before = daemon.scrape()?;
             let (mut sample, wall) = self.run_checked(w, &[daemon.pid()])?;
+            // A sample that began with another fork family's scheduler probes attached is not clean.
+            sample.clean &= idle;
             sleep(SETTLE);
             let after = daemon.scrape()?;
             let probe = before.sum("forkwatch_write_probe_attached")
@@ -430,6 +433,7 @@ impl Bench {
         };
         for w in &WORKLOADS {
             sleep(STATS_SETTLE);
+            daemon.wait_scheduler_idle()?;
             let before = daemon.scrape()?;
             self.run_workload(w)?;
             sleep(STATS_SETTLE);
@@ -637,10 +641,21 @@ impl Daemon {
 
     /// Waits until forkwatch_write_probe_attached is 1 (`attached`) or 0; whether it got there.
     fn wait_probe(&self, attached: bool) -> anyhow::Result<bool> {
+        self.wait_gauge("forkwatch_write_probe_attached", attached)
+    }
+
+    /// Waits until the scheduler probes are detached: the daemon keeps them for 2 s after the
+    /// last tracked child, and a workload of the "nothing tracked" kind must not start while a
+    /// previous fork storm's are still attached. Whether they were detached in time.
+    fn wait_scheduler_idle(&self) -> anyhow::Result<bool> {
+        self.wait_gauge("forkwatch_scheduler_probes_attached", false)
+    }
+
+    fn wait_gauge(&self, gauge: &str, attached: bool) -> anyhow::Result<bool> {
         let want = if attached { 1.0 } else { 0.0 };
         let deadline = Instant::now() + PROBE_SWITCH_TIMEOUT;
         loop {
-            if self.scrape()?.sum("forkwatch_write_probe_attached") == want {
+            if self.scrape()?.sum(gauge) == want {
                 return Ok(true);
             }
             if Instant::now() > deadline {
@@ -1168,9 +1183,10 @@ fn table(report: &Value) -> String {
     out.push_str(&format!(
         "Repetitions: {}{}. Times in seconds of the timed part, min / median [clean samples / \
          all]; ratio = to no monitor, by min (by median); targets are judged on the min ratio. \
-         A sample is not clean when another forkwatch or bpftrace ran on the host, or the \
-         daemon's write probe was attached for some other process's fork family; the figures \
-         use the clean samples when there are any.\n\n",
+         A sample is not clean when another forkwatch or bpftrace ran on the host, the \
+         daemon's write probe was attached for some other process's fork family, or its \
+         scheduler probes were still attached from an earlier fork storm; the figures use the \
+         clean samples when there are any.\n\n",
         report["repetitions"],
         if report["smoke"] == true {
             " (smoke: tiny sizes, not a measurement)"

@@ -333,8 +333,8 @@ static void thread_storm(long n) {
     report(start, (uint64_t)n);
 }
 
-/* A long-lived fork family: the child neither execs nor exits until the parent goes. */
-static void hold(void) {
+/* Forks a child that neither execs nor exits; it dies with this process. */
+static pid_t fork_lingering_child(void) {
     pid_t parent = getpid();
     pid_t child = fork();
     if (child < 0) die("fork");
@@ -343,13 +343,24 @@ static void hold(void) {
         if (getppid() != parent) _exit(0);
         for (;;) pause();
     }
-    printf("holding child=%d\n", (int)child);
-    fflush(stdout);
+    return child;
+}
+
+/* Waits until stdin closes (the bench is done with us), then ends `child`. */
+static void end_with_stdin(pid_t child) {
     char buf[64];
     while (read(0, buf, sizeof buf) > 0) {
     }
     kill(child, SIGKILL);
     waitpid(child, NULL, 0);
+}
+
+/* A long-lived fork family: the child neither execs nor exits until the parent goes. */
+static void hold(void) {
+    pid_t child = fork_lingering_child();
+    printf("holding child=%d\n", (int)child);
+    fflush(stdout);
+    end_with_stdin(child);
 }
 
 static uint64_t realtime_ns(void) {
@@ -360,20 +371,12 @@ static uint64_t realtime_ns(void) {
 
 /* Finding latency: a multithreaded parent forks one child that never execs (the daemon reports
  * it at the exec-grace deadline) and one that _exit()s without exec after 50 ms (reported at its
- * exit). Prints the children and the wall-clock times (CLOCK_REALTIME ns, the clock of the
- * findings' `time`) of the first fork and of the second child's exit, then keeps the first
- * child until stdin closes. */
+ * exit). Prints the children and the wall-clock times (CLOCK_REALTIME ns) of the first fork
+ * and of the second child's exit, then keeps the first child until stdin closes. */
 static void latency(void) {
     start_idle_threads(1);
-    pid_t parent = getpid();
     uint64_t fork_ns = realtime_ns();
-    pid_t waiting = fork();
-    if (waiting < 0) die("fork");
-    if (waiting == 0) {
-        prctl(PR_SET_PDEATHSIG, SIGKILL);
-        if (getppid() != parent) _exit(0);
-        for (;;) pause();
-    }
+    pid_t waiting = fork_lingering_child();
     pid_t exiting = fork();
     if (exiting < 0) die("fork");
     if (exiting == 0) {
@@ -385,11 +388,7 @@ static void latency(void) {
     printf("latency deadline_child=%d fork_ns=%llu exit_child=%d exit_ns=%llu\n", (int)waiting,
            (unsigned long long)fork_ns, (int)exiting, (unsigned long long)exit_ns);
     fflush(stdout);
-    char buf[64];
-    while (read(0, buf, sizeof buf) > 0) {
-    }
-    kill(waiting, SIGKILL);
-    waitpid(waiting, NULL, 0);
+    end_with_stdin(waiting);
 }
 
 int main(int argc, char **argv) {

@@ -822,6 +822,21 @@ impl Drop for Bpftrace {
     }
 }
 
+/// Starts `program MODE` with piped stdin and stdout and reads its first line. The program
+/// runs until its stdin closes (dropping the handle closes it, also on an error).
+fn spawn_until_line(program: &Path, mode: &str) -> anyhow::Result<(Child, ChildStdin, String)> {
+    let mut child = Command::new(program)
+        .arg(mode)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("cannot start `{} {mode}`", program.display()))?;
+    let stdin = child.stdin.take().context("piped stdin")?;
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().context("piped stdout")?).read_line(&mut line)?;
+    Ok((child, stdin, line))
+}
+
 /// `workloads hold`: a process and its forked child that neither execs nor exits, until stdin
 /// closes (the child dies with its parent).
 struct Holder {
@@ -831,19 +846,14 @@ struct Holder {
 
 impl Holder {
     fn start(bench: &Bench) -> anyhow::Result<Holder> {
-        let mut child = Command::new(&bench.workloads)
-            .arg("hold")
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .spawn()
-            .context("cannot start the fork-family holder")?;
-        let stdin = child.stdin.take();
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().context("piped stdout")?).read_line(&mut line)?;
+        let (child, stdin, line) = spawn_until_line(&bench.workloads, "hold")?;
         if !line.starts_with("holding") {
             bail!("the fork-family holder did not start: {line:?}");
         }
-        Ok(Holder { child, stdin })
+        Ok(Holder {
+            child,
+            stdin: Some(stdin),
+        })
     }
 
     fn stop(mut self) -> anyhow::Result<()> {

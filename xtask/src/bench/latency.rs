@@ -8,9 +8,7 @@
 //! `time` is when its hazard happened, not when it was written, so it cannot measure this.)
 
 use std::{
-    io::{BufRead, BufReader},
     path::Path,
-    process::{Command, Stdio},
     thread::sleep,
     time::{Duration, Instant, SystemTime},
 };
@@ -48,16 +46,7 @@ pub fn measure(workloads: &Path, findings: &Path, runs: usize) -> anyhow::Result
 }
 
 fn one(workloads: &Path, findings: &Path) -> anyhow::Result<Sample> {
-    let mut child = Command::new(workloads)
-        .arg("latency")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .context("cannot start `workloads latency`")?;
-    // Closing stdin (dropping it, also on an error) ends the fixture and its waiting child.
-    let stdin = child.stdin.take();
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().context("piped stdout")?).read_line(&mut line)?;
+    let (mut child, stdin, line) = super::spawn_until_line(workloads, "latency")?;
     let field = |key: &str| -> anyhow::Result<u64> {
         line.split_whitespace()
             .find_map(|w| w.strip_prefix(key)?.strip_prefix('='))

@@ -366,7 +366,9 @@ pub mod names {
     /// The scheduler probes (of PROGRAMS): they find the futex waits of tracked processes and
     /// run on every context switch and wakeup on the host, so the daemon attaches them only
     /// while something is tracked (`forkwatch check` attaches every program once).
-    pub const SCHEDULER_PROGRAMS: [&str; 2] = ["sched_switch", "sched_wakeup"];
+    /// In attach order: sched_wakeup first, so that no entry sched_switch adds can miss the
+    /// wakeup that removes it; detached in reverse.
+    pub const SCHEDULER_PROGRAMS: [&str; 2] = ["sched_wakeup", "sched_switch"];
     /// (program name in the object, tp_btf tracepoint it attaches to).
     pub const PROGRAMS: [(&str, &str); 7] = [
         ("sched_process_fork", "sched_process_fork"),

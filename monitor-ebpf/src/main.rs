@@ -478,8 +478,12 @@ pub fn sched_switch(ctx: BtfTracePointContext) -> u32 {
     //          unsigned int prev_state); prev is current.
     let preempt: u64 = ctx.arg(0);
     let prev_state: u64 = ctx.arg(3);
-    if preempt & 0xff != 0 || prev_state as u32 == 0 {
-        return 0; // preempted or still runnable: not waiting for anything
+    // Only a sleep (TASK_INTERRUPTIBLE, or TASK_UNINTERRUPTIBLE as in killable waits): not a
+    // preemption, not still runnable, and not a dying thread's last switch (TASK_DEAD), whose
+    // saved registers still show the futex wait it was killed in but whose exit hook has run,
+    // so its entry would never be removed.
+    if preempt & 0xff != 0 || prev_state as u32 & TASK_SLEEPING == 0 {
+        return 0;
     }
     let pid_tgid = bpf_get_current_pid_tgid();
     let pid = (pid_tgid >> 32) as u32;
@@ -570,6 +574,9 @@ pub fn sched_wakeup(ctx: BtfTracePointContext) -> u32 {
     unblock(tid as u32);
     0
 }
+
+/// TASK_INTERRUPTIBLE | TASK_UNINTERRUPTIBLE (include/linux/sched.h, stable UAPI-like values).
+const TASK_SLEEPING: u32 = 0x1 | 0x2;
 
 /// TCP_LISTEN: a listening socket only hands out connections; sharing it is the prefork pattern.
 const TCP_LISTEN: u8 = 10;

@@ -22,6 +22,8 @@ pub enum RawBtfError {
 const MAGIC: u16 = 0xeb9f;
 const HEADER_LEN: usize = 24;
 const TYPE_HEADER_LEN: usize = 12;
+/// Most aggregates one member search visits (task_struct's nesting needs a few dozen).
+const SEARCH_BUDGET: u32 = 4096;
 
 // Kinds (include/uapi/linux/btf.h) this reader needs by name.
 const KIND_STRUCT: u32 = 4;
@@ -132,14 +134,24 @@ impl<'a> RawBtf<'a> {
     /// Where `member` sits in the struct or union `id`, looking through anonymous struct and
     /// union members (task_struct nests many of its members in them, depending on config).
     pub fn member_bits(&self, id: u32, member: &str) -> Option<MemberBits> {
-        self.member_bits_at_depth(id, member, 0)
+        let mut budget = SEARCH_BUDGET;
+        self.member_bits_at_depth(id, member, 0, &mut budget)
     }
 
-    fn member_bits_at_depth(&self, id: u32, member: &str, depth: u32) -> Option<MemberBits> {
-        // Kernel types nest anonymous aggregates a few levels deep; a cycle is corrupt data.
-        if depth > 16 {
+    fn member_bits_at_depth(
+        &self,
+        id: u32,
+        member: &str,
+        depth: u32,
+        budget: &mut u32,
+    ) -> Option<MemberBits> {
+        // Kernel types nest anonymous aggregates a few levels deep; a cycle is corrupt data,
+        // and so is a search that visits more aggregates than any real struct has (corrupt
+        // data can make every anonymous member point back: exponential without a budget).
+        if depth > 16 || *budget == 0 {
             return None;
         }
+        *budget -= 1;
         let header = self.header(id)?;
         if header.kind != KIND_STRUCT && header.kind != KIND_UNION {
             return None;
@@ -167,7 +179,7 @@ impl<'a> RawBtf<'a> {
             }
             if name.is_empty()
                 && let Some(inner) = self.aggregate_of(ty)
-                && let Some(found) = self.member_bits_at_depth(inner, member, depth + 1)
+                && let Some(found) = self.member_bits_at_depth(inner, member, depth + 1, budget)
             {
                 return Some(MemberBits {
                     bit_offset: bit_offset + found.bit_offset,
@@ -374,6 +386,18 @@ pub(crate) mod tests {
             RawBtf::parse(&b.build()).err(),
             Some(RawBtfError::UnknownKind { id: 1, kind: 31 })
         );
+    }
+
+    #[test]
+    fn anonymous_members_pointing_back_do_not_explode() {
+        // Struct 1 has 64 anonymous members of its own type: without a budget, a search for a
+        // missing member would visit 64^16 aggregates.
+        let mut b = Builder::new();
+        let members: Vec<(&str, u32, u32, u32)> = (0..64).map(|_| ("", 1, 0, 0)).collect();
+        b.aggregate(KIND_STRUCT, "loop", &members);
+        let data = b.build();
+        let btf = RawBtf::parse(&data).unwrap();
+        assert_eq!(btf.member_bits(1, "nothing"), None);
     }
 
     #[test]

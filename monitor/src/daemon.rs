@@ -100,7 +100,11 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         tokio::select! {
             finding = monitor.next_finding() => match finding {
                 Some(finding) => report(finding, &mut sinks),
-                None => anyhow::bail!("the event pipeline stopped unexpectedly"),
+                // The pipeline ended on its own: say why (its error comes back from stop).
+                None => {
+                    monitor.stop().await?;
+                    anyhow::bail!("the event pipeline stopped unexpectedly");
+                }
             },
             _ = sigterm.recv() => break,
             _ = sigint.recv() => break,

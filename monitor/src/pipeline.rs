@@ -99,6 +99,10 @@ pub struct Pipeline {
     lost_reported_at: Option<std::time::Instant>,
     /// Since when nothing has been tracked while the scheduler probes are attached.
     scheduler_idle_since: Option<std::time::Instant>,
+    /// When the scheduler probes were last attached (boot ns). A BLOCKED entry from before is
+    /// not trusted: its wakeup may have come while they were detached. Waits in progress at
+    /// the attach are read from /proc instead (waits_from_proc).
+    scheduler_attached_ns: u64,
     correlator: Correlator<ForkContext>,
     proc: ProcFs,
     enrich: EnrichOptions,
@@ -133,6 +137,7 @@ impl Pipeline {
             lost_reported: Default::default(),
             lost_reported_at: None,
             scheduler_idle_since: None,
+            scheduler_attached_ns: 0,
             correlator: Correlator::new(config.correlator),
             proc: ProcFs::default(),
             enrich: config.enrich,
@@ -171,8 +176,9 @@ impl Pipeline {
                     Wake::Events
                 }
                 () = sleep_or_forever(wakeup) => Wake::Deadline,
-                // Routine records come only from tracked processes (forks, the only way to
-                // become tracked, wake the daemon): with none, an idle daemon sleeps.
+                // Routine records come only from tracked processes (a process becomes tracked by
+                // a fork, and the first fork of a thread per 50 ms wakes the daemon): with none
+                // tracked, the 100 ms scan tick drains what is left, and an idle daemon sleeps.
                 _ = drain.tick(), if self.correlator.tracked() > 0 => Wake::Events,
                 _ = scan.tick() => Wake::Scan,
                 _ = families.tick() => Wake::Families,
@@ -265,6 +271,7 @@ impl Pipeline {
                 .iter()
                 .filter_map(Result::ok)
                 .map(|(tid, wait)| BlockedWait::from_kernel(tid, &wait))
+                .filter(|w| w.since_ns >= self.scheduler_attached_ns)
                 .collect()
         };
         // Seeded waits count for as long as the thread provably has not moved.
@@ -295,6 +302,7 @@ impl Pipeline {
             self.scheduler_idle_since = None;
         }
         if busy && !attached {
+            self.scheduler_attached_ns = clock::boot_ns();
             match self.probes.set_scheduler_probes(true) {
                 Ok(()) => self.waits_from_proc(),
                 Err(err) => tracing::warn!(%err, "attaching the scheduler probes failed"),

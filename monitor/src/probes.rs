@@ -183,13 +183,23 @@ impl Probes {
         }
         if attached {
             for program in names::SCHEDULER_PROGRAMS {
-                let link = tp_btf(&mut self.ebpf, program)?
-                    .attach()
-                    .map_err(|e| program_error(program, "attach", e))?;
-                self.scheduler_links.push((program, link));
+                let link = tp_btf(&mut self.ebpf, program).and_then(|prog| {
+                    prog.attach()
+                        .map_err(|e| program_error(program, "attach", e))
+                });
+                match link {
+                    Ok(link) => self.scheduler_links.push((program, link)),
+                    Err(err) => {
+                        // Both or neither: sched_switch without sched_wakeup would leave every
+                        // wait in the map as if it never ended.
+                        let _ = self.set_scheduler_probes(false);
+                        return Err(err);
+                    }
+                }
             }
         } else {
-            for (program, link) in std::mem::take(&mut self.scheduler_links) {
+            // In reverse: sched_switch first, so no entry is added once sched_wakeup is gone.
+            while let Some((program, link)) = self.scheduler_links.pop() {
                 tp_btf(&mut self.ebpf, program)?
                     .detach(link)
                     .map_err(|e| program_error(program, "detach", e))?;

@@ -97,10 +97,59 @@ pub struct Probes {
     /// The kernel's types, parsed by aya (about 15 MB): needed to verify tp_btf programs, then
     /// released by `attach_all` so the long-lived daemon does not carry it.
     btf: Option<Btf>,
-    /// The write probe's link while attached (see `set_write_probe`).
-    write_link: Option<BtfTracePointLinkId>,
-    /// The scheduler probes' links while attached (see `set_scheduler_probes`).
-    scheduler_links: Vec<(&'static str, BtfTracePointLinkId)>,
+    /// The write probe while attached (see `set_write_probe`).
+    write: OnDemand,
+    /// The scheduler probes while attached (see `set_scheduler_probes`).
+    scheduler: OnDemand,
+}
+
+/// Programs attached and detached together while the daemon runs, with their links while
+/// attached. Both or neither: a failed attach detaches what it had attached.
+struct OnDemand {
+    /// In attach order; detached in reverse.
+    programs: &'static [&'static str],
+    links: Vec<(&'static str, BtfTracePointLinkId)>,
+}
+
+impl OnDemand {
+    fn new(programs: &'static [&'static str]) -> Self {
+        Self {
+            programs,
+            links: Vec::new(),
+        }
+    }
+
+    fn attached(&self) -> bool {
+        !self.links.is_empty()
+    }
+
+    fn set(&mut self, ebpf: &mut Ebpf, attached: bool) -> Result<(), ProbeError> {
+        if attached == self.attached() {
+            return Ok(());
+        }
+        if !attached {
+            while let Some((program, link)) = self.links.pop() {
+                tp_btf(ebpf, program)?
+                    .detach(link)
+                    .map_err(|e| program_error(program, "detach", e))?;
+            }
+            return Ok(());
+        }
+        for &program in self.programs {
+            let link = tp_btf(ebpf, program).and_then(|prog| {
+                prog.attach()
+                    .map_err(|e| program_error(program, "attach", e))
+            });
+            match link {
+                Ok(link) => self.links.push((program, link)),
+                Err(err) => {
+                    let _ = self.set(ebpf, false);
+                    return Err(err);
+                }
+            }
+        }
+        Ok(())
+    }
 }
 
 impl Probes {
@@ -131,8 +180,8 @@ impl Probes {
         Ok(Self {
             ebpf,
             btf: Some(btf),
-            write_link: None,
-            scheduler_links: Vec::new(),
+            write: OnDemand::new(&WRITE_PROGRAMS),
+            scheduler: OnDemand::new(&names::SCHEDULER_PROGRAMS),
         })
     }
 
@@ -177,39 +226,15 @@ impl Probes {
     /// futex waits of tracked processes. They run on every context switch and wakeup on the
     /// host, so they are attached only while something is tracked; the caller finds the waits
     /// that began before they were attached in /proc.
+    ///
+    /// sched_wakeup is attached first and detached last, so that no entry sched_switch adds can
+    /// miss the wakeup that removes it; without sched_wakeup every wait would look endless.
     pub fn set_scheduler_probes(&mut self, attached: bool) -> Result<(), ProbeError> {
-        if attached == !self.scheduler_links.is_empty() {
-            return Ok(());
-        }
-        if attached {
-            for program in names::SCHEDULER_PROGRAMS {
-                let link = tp_btf(&mut self.ebpf, program).and_then(|prog| {
-                    prog.attach()
-                        .map_err(|e| program_error(program, "attach", e))
-                });
-                match link {
-                    Ok(link) => self.scheduler_links.push((program, link)),
-                    Err(err) => {
-                        // Both or neither: sched_switch without sched_wakeup would leave every
-                        // wait in the map as if it never ended.
-                        let _ = self.set_scheduler_probes(false);
-                        return Err(err);
-                    }
-                }
-            }
-        } else {
-            // In reverse: sched_switch first, so no entry is added once sched_wakeup is gone.
-            while let Some((program, link)) = self.scheduler_links.pop() {
-                tp_btf(&mut self.ebpf, program)?
-                    .detach(link)
-                    .map_err(|e| program_error(program, "detach", e))?;
-            }
-        }
-        Ok(())
+        self.scheduler.set(&mut self.ebpf, attached)
     }
 
     pub fn scheduler_probes_attached(&self) -> bool {
-        !self.scheduler_links.is_empty()
+        self.scheduler.attached()
     }
 
     /// Verifies (loads, without attaching) the on-demand write probe.
@@ -222,22 +247,7 @@ impl Probes {
     /// the host takes the tracing slow path, so it is attached only while a fork family has a
     /// child that has gone without exec for the grace window.
     pub fn set_write_probe(&mut self, attached: bool) -> Result<(), ProbeError> {
-        let (program, _) = names::WRITE_PROGRAM;
-        let prog = tp_btf(&mut self.ebpf, program)?;
-        match (attached, self.write_link.take()) {
-            (true, None) => {
-                self.write_link = Some(
-                    prog.attach()
-                        .map_err(|e| program_error(program, "attach", e))?,
-                );
-            }
-            (false, Some(link)) => {
-                prog.detach(link)
-                    .map_err(|e| program_error(program, "detach", e))?;
-            }
-            (_, link) => self.write_link = link,
-        }
-        Ok(())
+        self.write.set(&mut self.ebpf, attached)
     }
 
     /// (program, times run, total run time) of every loaded program, from the kernel's program
@@ -254,7 +264,7 @@ impl Probes {
     }
 
     pub fn write_probe_attached(&self) -> bool {
-        self.write_link.is_some()
+        self.write.attached()
     }
 
     /// Children in fork families that have not exec'd (pid → joined, boot ns). Can be taken once.
@@ -311,6 +321,9 @@ impl Probes {
 fn wakeup_bytes(ring_buffer_bytes: u32) -> u64 {
     u64::from(ring_buffer_bytes) / 8
 }
+
+/// The write probe as an on-demand group of one.
+const WRITE_PROGRAMS: [&str; 1] = [names::WRITE_PROGRAM.0];
 
 /// A tp_btf program of the object, by name.
 fn tp_btf<'a>(

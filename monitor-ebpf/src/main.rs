@@ -249,7 +249,9 @@ unsafe fn on_fork(ctx: &BtfTracePointContext) -> Result<(), i32> {
         count(&FORK_COUNTERS, fork_counter::SHARED_VM);
         return Ok(());
     }
-    join_family((bpf_get_current_pid_tgid() >> 32) as u32, child_pid as u32);
+    // The parent is current: its ids are read once for the family, the event and the wakeup.
+    let pid_tgid = bpf_get_current_pid_tgid();
+    join_family((pid_tgid >> 32) as u32, child_pid as u32);
     let signal: *const u8 = unsafe { read_at(parent, offsets.task_signal)? };
     let parent_threads: i32 = unsafe { read_at(signal, offsets.signal_nr_threads)? };
     if parent_threads < 2 {
@@ -273,7 +275,6 @@ unsafe fn on_fork(ctx: &BtfTracePointContext) -> Result<(), i32> {
     if TRACKED.insert(&pid, &child_start_ns, 0).is_err() {
         count(&FORK_COUNTERS, fork_counter::TRACK_FULL);
     }
-    let pid_tgid = bpf_get_current_pid_tgid();
     let now_ns = unsafe { bpf_ktime_get_boot_ns() };
     entry.write(ForkEvent {
         kind: EventKind::Fork as u32,

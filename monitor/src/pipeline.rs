@@ -11,6 +11,10 @@ use std::{
 };
 
 use aya::maps::{HashMap as BpfHashMap, MapData, RingBuf};
+// A parent's fork context is read from /proc at most once per FORK_CONTEXT_REUSE_NS per forking
+// thread: in a fork storm from one process, reading it for every fork would cost more than the
+// fork. The kernel wakes the daemon at once only for the first fork in each such window.
+use monitor_common::FORK_CONTEXT_REUSE_NS;
 use tokio::{
     io::{Interest, unix::AsyncFd},
     sync::mpsc,
@@ -41,11 +45,6 @@ const BLOCKED_SCAN_INTERVAL: Duration = Duration::from_millis(100);
 
 pub type BlockedMap = BpfHashMap<MapData, u32, monitor_common::BlockedWait>;
 
-/// A parent's fork context is read from /proc at most once per this long (per forking thread):
-/// in a fork storm from one process, reading it for every fork would cost more than the fork.
-/// The kernel wakes the daemon at once only for the first fork in each such window.
-use monitor_common::FORK_CONTEXT_REUSE_NS;
-
 /// At most one `events_lost` record per this long: a storm must not flood the findings.
 const EVENTS_LOST_EVERY: Duration = Duration::from_secs(10);
 
@@ -53,7 +52,7 @@ const EVENTS_LOST_EVERY: Duration = Duration::from_secs(10);
 /// wake it only once the ring is an eighth full (probes::wakeup_bytes): per-record wakeups cost
 /// a fork+exec storm more than everything else forkwatch does. Findings are decided at deadlines
 /// of a second or more, so this adds nothing that matters to their latency.
-pub const DRAIN_INTERVAL: Duration = Duration::from_millis(25);
+const DRAIN_INTERVAL: Duration = Duration::from_millis(25);
 
 /// The scheduler probes stay attached this long after the last tracked process is gone: fork
 /// storms of multithreaded processes come and go, and each attach rescans /proc.

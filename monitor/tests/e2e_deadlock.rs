@@ -5,7 +5,7 @@
 
 mod harness;
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use harness::{Daemon, privileged, run_forker, run_locker, run_python, spawn_locker};
 
@@ -71,14 +71,12 @@ fn c_child_locking_an_inherited_mutex_is_a_certain_deadlock() {
     // The gauge counts it while it is blocked, and drops once the process is gone.
     assert_eq!(daemon.metric("forkwatch_deadlocked_processes"), 1.0);
     drop(run); // SIGKILL
-    let deadline = Instant::now() + Duration::from_secs(3);
-    while daemon.metric("forkwatch_deadlocked_processes") != 0.0 {
-        assert!(
-            Instant::now() < deadline,
-            "gauge stayed up after the process died"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    daemon.wait_metric(
+        "forkwatch_deadlocked_processes",
+        |v| v == 0.0,
+        Duration::from_secs(3),
+        "gauge stayed up after the process died",
+    );
     daemon.barrier();
     assert_eq!(
         lock_findings(&daemon, child).len(),

@@ -5,27 +5,11 @@
 
 mod harness;
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use harness::{Daemon, privileged, run_forker};
 
 const GAUGE: &str = "forkwatch_scheduler_probes_attached";
-
-/// Polls the gauge until it reads `want`; how long that took.
-fn until_gauge(daemon: &Daemon, want: f64, within: Duration) -> Duration {
-    let begin = Instant::now();
-    loop {
-        if daemon.metric(GAUGE) == want {
-            return begin.elapsed();
-        }
-        assert!(
-            begin.elapsed() < within,
-            "{GAUGE} is not {want} after {within:?}\nlog:\n{}",
-            daemon.log()
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
 
 #[test]
 fn scheduler_probes_are_attached_only_while_something_is_tracked() {
@@ -34,14 +18,14 @@ fn scheduler_probes_are_attached_only_while_something_is_tracked() {
     }
     let daemon = Daemon::start(&[]);
     // Idle host: nothing tracked, nothing attached.
-    until_gauge(&daemon, 0.0, Duration::from_secs(5));
+    daemon.wait_metric(GAUGE, |v| v == 0.0, Duration::from_secs(5), "idle");
     // A child of a 3-thread parent that lives 1.5 s without exec is tracked all that time.
     let forker = std::thread::spawn(|| run_forker("mt-fork-no-exec", &["3", "1500"]));
-    until_gauge(&daemon, 1.0, Duration::from_secs(1));
+    daemon.wait_metric(GAUGE, |v| v == 1.0, Duration::from_secs(1), "not attached");
     let run = forker.join().unwrap();
     daemon.expect_finding(run.child(), Duration::from_secs(5));
     // Gone 2 s after the last tracked child (plus a scan period).
-    let took = until_gauge(&daemon, 0.0, Duration::from_secs(5));
+    let took = daemon.wait_metric(GAUGE, |v| v == 0.0, Duration::from_secs(5), "not detached");
     assert!(
         took >= Duration::from_millis(500),
         "detached {took:?} after the child's exit, before the 2 s linger"

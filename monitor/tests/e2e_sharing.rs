@@ -112,11 +112,12 @@ fn writes_through_one_open_file_without_o_append_are_shared_file_offset() {
     assert_eq!(f["later_use"]["syscall"], "write");
     // The family is gone: the write probe (every syscall's slow path) comes off again. (Other
     // tests' children that linger past the grace window keep it on meanwhile: hence the margin.)
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while daemon.metric("forkwatch_write_probe_attached") != 0.0 {
-        assert!(Instant::now() < deadline, "write probe still attached");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    daemon.wait_metric(
+        "forkwatch_write_probe_attached",
+        |v| v == 0.0,
+        Duration::from_secs(20),
+        "write probe still attached",
+    );
 }
 
 #[test]

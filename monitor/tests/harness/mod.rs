@@ -188,6 +188,30 @@ impl Daemon {
             .unwrap_or_else(|| panic!("no {series} in\n{body}"))
     }
 
+    /// Polls a metric series until `done(value)` holds, failing the test with `what` after
+    /// `within`; how long it took.
+    pub fn wait_metric(
+        &self,
+        series: &str,
+        done: impl Fn(f64) -> bool,
+        within: Duration,
+        what: &str,
+    ) -> Duration {
+        let begin = Instant::now();
+        loop {
+            let value = self.metric(series);
+            if done(value) {
+                return begin.elapsed();
+            }
+            assert!(
+                begin.elapsed() < within,
+                "{what}: {series} is {value} after {within:?}\nlog:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// Proves the daemon has decided everything that happened before this call: a control
     /// process whose child outlives the grace window is decided at its deadline, and deadlines
     /// are decided in order, so once its finding is out every earlier fork has been decided.

@@ -317,9 +317,11 @@ impl Pipeline {
                 self.scheduler_idle_since = None;
             }
         }
-        self.telemetry()
-            .metrics
-            .scheduler_probes(self.probes.scheduler_probes_attached());
+        let now_attached = self.probes.scheduler_probes_attached();
+        // Runs at every wakeup of the loop: the gauge is only touched when the state changed.
+        if now_attached != attached {
+            self.telemetry().metrics.scheduler_probes(now_attached);
+        }
     }
 
     /// The futex waits of every process the kernel tracks, from /proc, for the scan.

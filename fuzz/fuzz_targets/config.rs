@@ -4,5 +4,5 @@
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|text: &str| {
-    let _ = forkwatch::config::parse(text, "fuzz.toml");
+    let _ = forkwatch::cli::config::parse(text, "fuzz.toml");
 });

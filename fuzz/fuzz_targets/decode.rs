@@ -4,5 +4,5 @@
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|record: &[u8]| {
-    let _ = forkwatch::decode::decode(record);
+    let _ = forkwatch::wire::decode(record);
 });

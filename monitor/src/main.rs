@@ -7,9 +7,8 @@ use clap::Parser as _;
 use tracing_subscriber::{EnvFilter, fmt};
 
 use forkwatch::{
-    check,
-    cli::{Cli, Command, LogFormat, UsageError},
-    config, daemon, fixture, selftest,
+    cli::{Cli, Command, LogFormat, UsageError, config},
+    commands::{check, fixture, run, selftest},
 };
 
 fn main() -> ExitCode {
@@ -35,7 +34,7 @@ fn main() -> ExitCode {
     let result = match command {
         Command::Run(args) => {
             init_logging(args.common.log_format);
-            runtime().and_then(|rt| rt.block_on(daemon::run(args)))
+            runtime().and_then(|rt| rt.block_on(run::run(args)))
         }
         Command::Check(args) => {
             init_logging(args.log_format);
@@ -80,7 +79,7 @@ fn exit(success: bool) -> ExitCode {
 
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
     // One thread for the HTTP server, signals and sinks; the event pipeline has its own thread
-    // (monitor.rs), so nothing here blocks for long.
+    // (pipeline/), so nothing here blocks for long.
     Ok(tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?)

@@ -1,6 +1,8 @@
 //! Ring-buffer records → [`Event`]s. A record is untrusted bytes: a short, unknown or malformed
 //! one is an error value, never a panic.
 
+pub mod event;
+
 use std::mem::size_of;
 
 use std::net::{Ipv4Addr, Ipv6Addr};
@@ -10,7 +12,9 @@ use monitor_common::{
     SharedFileEvent, SharedSocketEvent, ThreadEvent,
 };
 
-use crate::events::{Event, Exec, Exit, Fork, ResourceUse, SharedFile, SharedSocket, ThreadChange};
+use crate::wire::event::{
+    Event, Exec, Exit, Fork, ResourceUse, SharedFile, SharedSocket, ThreadChange,
+};
 
 #[derive(Debug, PartialEq, Eq, thiserror::Error)]
 pub enum DecodeError {

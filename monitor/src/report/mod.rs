@@ -1,5 +1,7 @@
 //! Where findings go: JSON lines (stdout or a file) and a readable terminal line.
 
+pub mod finding;
+
 mod json;
 mod text;
 
@@ -8,7 +10,7 @@ use std::io;
 pub use json::JsonSink;
 pub use text::TextSink;
 
-use crate::finding::Finding;
+use crate::report::finding::Finding;
 
 pub trait Sink: Send {
     /// Writes one finding. Sinks flush every finding: findings are rare and a log shipper (or a

@@ -102,7 +102,7 @@ pub struct Finding {
     pub cgroup_id: u64,
     /// cgroup path, container {runtime, id}, pod_uid, systemd_unit.
     #[serde(flatten)]
-    pub attribution: crate::cgroup::Attribution,
+    pub attribution: crate::enrich::cgroup::Attribution,
     #[serde(flatten)]
     pub details: Details,
 }
@@ -203,7 +203,7 @@ pub struct LockWaitDetails {
     pub reason: Option<String>,
     /// The blocked thread's user stack, innermost first ("a ← b ← c").
     pub stack_summary: Option<String>,
-    pub stack: Vec<crate::stack::Frame>,
+    pub stack: Vec<crate::enrich::stack::Frame>,
 }
 
 /// `threads_after_mt_fork`.

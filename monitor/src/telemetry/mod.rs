@@ -1,9 +1,12 @@
 //! Metrics plus the kernel counters they are refreshed from, shared by the pipeline, the daemon
 //! and the HTTP server behind one lock (every critical section is a few counter updates).
 
+pub mod http;
+pub mod metrics;
+
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use crate::{metrics::Metrics, probes::KernelCounters};
+use crate::{kernel::KernelCounters, telemetry::metrics::Metrics};
 
 pub struct Telemetry {
     pub metrics: Metrics,

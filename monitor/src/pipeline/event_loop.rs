@@ -22,20 +22,20 @@ use tokio::{
 
 use crate::{
     clock,
-    correlator::{self, Correlator},
-    decode,
+    correlate::{self, Correlator},
+    enrich::procfs::{ForkContext, ProcFs},
     enrich::{self, EnrichOptions},
-    events::{BlockedWait, Event, Fork},
-    finding::Finding,
-    probes::Probes,
-    procfs::{ForkContext, ProcFs},
-    seed,
+    kernel::Probes,
+    pipeline::seed,
+    report::finding::Finding,
     telemetry::{self, Telemetry},
+    wire,
+    wire::event::{BlockedWait, Event, Fork},
 };
 
 #[derive(Clone, Copy, Debug)]
 pub struct PipelineConfig {
-    pub correlator: correlator::Config,
+    pub correlator: correlate::Config,
     pub enrich: EnrichOptions,
 }
 
@@ -152,7 +152,7 @@ impl Pipeline {
     /// Runs until `shutdown` completes, then drains what the kernel already sent, so that no
     /// event that reached the ring buffer is lost on a clean stop.
     ///
-    /// Runs on a thread of its own (see monitor.rs): the work between awaits reads /proc and
+    /// Runs on a thread of its own (see pipeline/mod.rs): the work between awaits reads /proc and
     /// unwinds stacks, blocking, and under a fork storm long, and nothing else waits on it.
     pub async fn run(mut self, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
         tokio::pin!(shutdown);
@@ -215,7 +215,7 @@ impl Pipeline {
                 let Some(record) = self.events.get_mut().next() else {
                     break;
                 };
-                decode::decode(&record)
+                wire::decode(&record)
             };
             match decoded {
                 Ok(event) => self.handle(event),
@@ -438,7 +438,7 @@ impl Pipeline {
         context
     }
 
-    fn decide(&mut self, decisions: Vec<correlator::Decision<ForkContext>>) {
+    fn decide(&mut self, decisions: Vec<correlate::Decision<ForkContext>>) {
         for decision in decisions {
             match enrich::finding(decision, &self.proc, self.enrich) {
                 // The receiver only goes away when the daemon is shutting down.

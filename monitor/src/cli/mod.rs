@@ -1,13 +1,15 @@
 //! Command line. Every flag can also come from a `FORKWATCH_*` environment variable (systemd
 //! units and DaemonSets set those); a bad value is a usage error (exit code 2) naming the flag.
 
+pub mod config;
+
 use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::{
-    btf_offsets::VMLINUX_BTF,
-    k8s_settings::{CA_FILE, TOKEN_FILE},
+    k8s::settings::{CA_FILE, TOKEN_FILE},
+    kernel::btf_offsets::VMLINUX_BTF,
 };
 
 #[derive(Debug, Parser)]

@@ -3,6 +3,9 @@
 //! Dropping [`Probes`] detaches every program and frees every map: there is nothing pinned, so a
 //! crashed or killed daemon leaves nothing behind in the kernel.
 
+pub mod btf_offsets;
+pub(crate) mod btf_raw;
+
 use std::path::{Path, PathBuf};
 
 use aya::{
@@ -12,7 +15,7 @@ use aya::{
 };
 use monitor_common::{OFFSETS_GLOBAL, WAKEUP_GLOBAL, fork_counter, lost_category, names};
 
-use crate::btf_offsets::{self, OffsetError};
+use self::btf_offsets::OffsetError;
 
 /// The compiled kernel programs, built by build.rs with the pinned nightly.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/forkwatch"));

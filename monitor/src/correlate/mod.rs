@@ -35,7 +35,7 @@
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 
-use crate::events::{BlockedWait, Event, Exit, Fork, SharedFile, SharedSocket, ThreadChange};
+use crate::wire::event::{BlockedWait, Event, Exit, Fork, SharedFile, SharedSocket, ThreadChange};
 
 /// What the rules need from the fork-time context.
 pub trait ForkEvidence {
@@ -252,7 +252,7 @@ impl<C: Clone + ForkEvidence> Correlator<C> {
         }
     }
 
-    /// Tracks a child reconstructed at start (see seed.rs): its fork was not seen, so it is never
+    /// Tracks a child reconstructed at start (see pipeline/seed.rs): its fork was not seen, so it is never
     /// reported as `mt_fork_no_exec`, but every other rule applies to it.
     pub fn seed(&mut self, fork: Fork, context: C) {
         let pid = fork.child_pid;
@@ -442,7 +442,7 @@ impl<C: Clone + ForkEvidence> Correlator<C> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::events::Exec;
+    use crate::wire::event::Exec;
 
     const MS: u64 = 1_000_000;
     const GRACE: u64 = 1_000 * MS;
@@ -829,7 +829,7 @@ mod tests {
     }
 
     fn shared(sk_family: u16, sk_type: u16, state: u8) -> Event {
-        let user = |pid| crate::events::ResourceUse {
+        let user = |pid| crate::wire::event::ResourceUse {
             pid,
             syscall: 1,
             send: true,

@@ -4,7 +4,7 @@ use std::{
 };
 
 use super::Sink;
-use crate::finding::{Details, Finding, Severity};
+use crate::report::finding::{Details, Finding, Severity};
 
 /// A readable line per finding, for a human at a terminal.
 pub struct TextSink<W> {

@@ -10,10 +10,10 @@ use prometheus::{
 };
 
 use crate::{
-    correlator::Stats,
-    finding::{Finding, Kind},
-    namespace_labels::NamespaceLabels,
-    probes::KernelCounts,
+    correlate::Stats,
+    k8s::namespace_labels::NamespaceLabels,
+    kernel::KernelCounts,
+    report::finding::{Finding, Kind},
 };
 
 pub struct Metrics {
@@ -395,7 +395,7 @@ mod tests {
 
     #[test]
     fn findings_by_namespace_only_when_enabled_and_capped() {
-        use crate::namespace_labels::MAX_NAMESPACES;
+        use crate::k8s::namespace_labels::MAX_NAMESPACES;
         let finding = |uid: Option<&str>, ns: Option<String>| {
             let mut f = Finding::example("p");
             f.attribution.pod_uid = uid.map(Into::into);

@@ -1,19 +1,24 @@
 //! Correlator decisions → findings, with what /proc still has to say about the processes.
 
+pub mod cgroup;
+pub mod procfs;
+pub mod stack;
+
 use monitor_common::{futex, syscall};
 
-use crate::{
+use self::{
     cgroup::Attribution,
+    procfs::{ForkContext, ProcFs},
+};
+use crate::{
     clock,
-    correlator::{Decision, LockWait, MtForkNoExec, Outcome, Sharing, ThreadsAfterMtFork},
-    events::{Fork, ResourceUse, SharedFile, SharedSocket},
-    finding::{
+    correlate::{Decision, LockWait, MtForkNoExec, Outcome, Sharing, ThreadsAfterMtFork},
+    report::finding::{
         Details, EventsLostDetails, FileInfo, Finding, Kind, LockWaitDetails, MtForkNoExecDetails,
         ResourceUseInfo, SCHEMA_VERSION, SharedFileDetails, SharedSocketDetails, SocketInfo,
         ThreadsAfterMtForkDetails,
     },
-    procfs::{ForkContext, ProcFs},
-    stack,
+    wire::event::{Fork, ResourceUse, SharedFile, SharedSocket},
 };
 
 /// Frames of a blocked thread's stack worth showing.
@@ -388,7 +393,7 @@ pub fn futex_op_name(nr: u32, op: u32) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{correlator::WaitReason, events::BlockedWait};
+    use crate::{correlate::WaitReason, wire::event::BlockedWait};
 
     fn fork() -> Fork {
         Fork {
@@ -412,7 +417,7 @@ mod tests {
             exe: Some("/usr/bin/ruby".into()),
             cmdline: vec!["ruby".into(), "--secret=hunter2".into()],
             parent_futex_waits: vec![],
-            attribution: crate::cgroup::attribute("/system.slice/app.service"),
+            attribution: crate::enrich::cgroup::attribute("/system.slice/app.service"),
         }
     }
 

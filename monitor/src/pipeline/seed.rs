@@ -21,8 +21,8 @@
 use std::collections::BTreeMap;
 
 use crate::{
-    events::{BlockedWait, Fork},
-    procfs::{ForkContext, ProcFs, parse_futex_wait},
+    enrich::procfs::{ForkContext, ProcFs, parse_futex_wait},
+    wire::event::{BlockedWait, Fork},
 };
 
 /// A child reconstructed from /proc.

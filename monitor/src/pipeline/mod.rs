@@ -1,6 +1,9 @@
 //! A running monitor: probes attached, the pipeline task consuming their events, findings
 //! coming out of a channel. `run` and `selftest` both drive one.
 
+mod event_loop;
+mod seed;
+
 use std::{
     path::PathBuf,
     sync::{Arc, Mutex},
@@ -10,11 +13,11 @@ use std::{
 use tokio::sync::{mpsc, oneshot};
 
 use crate::{
-    correlator,
+    correlate,
     enrich::EnrichOptions,
-    finding::Finding,
-    pipeline::{Pipeline, PipelineConfig},
-    probes::{ProbeOptions, Probes},
+    kernel::{ProbeOptions, Probes},
+    pipeline::event_loop::{Pipeline, PipelineConfig},
+    report::finding::Finding,
     telemetry::Telemetry,
 };
 
@@ -52,7 +55,7 @@ impl Monitor {
         let telemetry = Telemetry::shared(Some(probes.take_counters()?));
         let grace_ns = u64::try_from(opts.exec_grace.as_nanos()).unwrap_or(u64::MAX);
         let config = PipelineConfig {
-            correlator: correlator::Config {
+            correlator: correlate::Config {
                 exec_grace_ns: grace_ns,
                 reorder_slack_ns: REORDER_SLACK.as_nanos() as u64,
                 max_tracked: opts.max_tracked as usize,

@@ -10,9 +10,9 @@ use anyhow::{Context as _, bail};
 
 use crate::{
     cli::CommonArgs,
-    finding::{Finding, Kind},
-    fixture,
-    monitor::{Monitor, MonitorOptions},
+    commands::fixture,
+    pipeline::{Monitor, MonitorOptions},
+    report::finding::{Finding, Kind},
 };
 
 const GRACE: Duration = Duration::from_millis(300);

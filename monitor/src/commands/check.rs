@@ -5,9 +5,9 @@ use std::path::Path;
 use monitor_common::names;
 
 use crate::{
-    btf_offsets,
     cli::CommonArgs,
-    probes::{ProbeOptions, Probes},
+    kernel::btf_offsets,
+    kernel::{ProbeOptions, Probes},
 };
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

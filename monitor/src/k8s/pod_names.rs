@@ -12,9 +12,9 @@ use std::{
 use tokio::{sync::Notify, task::JoinHandle, time::Instant};
 
 use crate::{
-    cgroup::Attribution,
-    k8s_client::K8sClient,
-    pod_list::{self, PodName},
+    enrich::cgroup::Attribution,
+    k8s::client::K8sClient,
+    k8s::pod_list::{self, PodName},
     telemetry::{self, Telemetry},
 };
 

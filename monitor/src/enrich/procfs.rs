@@ -11,8 +11,8 @@ use std::{
 };
 
 use crate::{
-    cgroup::{self, Attribution},
-    events::Fork,
+    enrich::cgroup::{self, Attribution},
+    wire::event::Fork,
 };
 
 /// What the daemon learns about a fork when its event arrives, a few hundred microseconds after
@@ -33,7 +33,7 @@ pub struct ForkContext {
     pub attribution: Attribution,
 }
 
-impl crate::correlator::ForkEvidence for ForkContext {
+impl crate::correlate::ForkEvidence for ForkContext {
     fn parent_futex_waits(&self) -> &[u64] {
         &self.parent_futex_waits
     }

@@ -8,7 +8,7 @@ use std::path::Path;
 
 use monitor_common::KernelOffsets;
 
-use crate::btf_raw::{RawBtf, RawBtfError};
+use crate::kernel::btf_raw::{RawBtf, RawBtfError};
 
 /// Where the running kernel publishes its BTF.
 pub const VMLINUX_BTF: &str = "/sys/kernel/btf/vmlinux";

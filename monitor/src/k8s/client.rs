@@ -21,7 +21,7 @@ use tokio_rustls::{
     },
 };
 
-use crate::k8s_settings::K8sSettings;
+use crate::k8s::settings::K8sSettings;
 
 /// A whole request (connect, TLS, response) gives up after this long.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(15);

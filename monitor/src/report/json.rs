@@ -1,7 +1,7 @@
 use std::io::{self, Write};
 
 use super::Sink;
-use crate::finding::Finding;
+use crate::report::finding::Finding;
 
 /// One JSON object per line.
 pub struct JsonSink<W> {

@@ -13,14 +13,14 @@ use tokio::signal::unix::{SignalKind, signal};
 
 use crate::{
     cli::{Format, RunArgs, UsageError},
-    finding::Finding,
-    http::{self, HttpState},
-    k8s_client::K8sClient,
-    k8s_settings,
-    monitor::{Monitor, MonitorOptions},
-    pod_names::PodNames,
-    sinks::{JsonSink, Sinks, TextSink},
+    k8s::client::K8sClient,
+    k8s::pod_names::PodNames,
+    k8s::settings,
+    pipeline::{Monitor, MonitorOptions},
+    report::finding::Finding,
+    report::{JsonSink, Sinks, TextSink},
     telemetry,
+    telemetry::http::{self, HttpState},
 };
 
 /// How often the kernel counters are pulled into the metrics between scrapes.
@@ -37,7 +37,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
 
     // Held for the daemon's lifetime: the kernel counts program run time while the fd is open.
     let _bpf_stats = if args.bpf_stats {
-        Some(crate::probes::enable_bpf_stats().context(
+        Some(crate::kernel::enable_bpf_stats().context(
             "--bpf-stats: the kernel refused to enable BPF run-time statistics (needs \
              CAP_SYS_ADMIN or root); drop the flag, or run `sysctl kernel.bpf_stats_enabled=1`",
         )?)
@@ -132,7 +132,7 @@ fn k8s_client(args: &RunArgs) -> anyhow::Result<Option<K8sClient>> {
         return Ok(None);
     }
     let settings =
-        k8s_settings::resolve(&args.k8s, |name| std::env::var(name).ok()).map_err(UsageError)?;
+        settings::resolve(&args.k8s, |name| std::env::var(name).ok()).map_err(UsageError)?;
     Ok(Some(K8sClient::new(settings).map_err(UsageError)?))
 }
 

@@ -2,6 +2,9 @@
 //! coming out of a channel. `run` and `selftest` both drive one.
 
 mod event_loop;
+mod fork_context;
+mod lost;
+mod probe_switch;
 mod seed;
 
 use std::{

@@ -20,8 +20,12 @@
 
 use std::collections::BTreeMap;
 
+use aya::maps::{HashMap as BpfHashMap, MapData};
+
 use crate::{
+    clock,
     enrich::procfs::{ForkContext, ProcFs, parse_futex_wait},
+    pipeline::event_loop::Pipeline,
     wire::event::{BlockedWait, Fork},
 };
 
@@ -205,4 +209,75 @@ fn sharing_pair(proc: &ProcFs, pid: u32) -> Option<(u64, u32, u64)> {
         return None;
     }
     Some((start_ns, parent, parent_start_ns))
+}
+
+// Writing what was found into the kernel's maps and the correlator.
+
+impl Pipeline {
+    /// Restart recovery: tracks the children of multithreaded forks that were already running,
+    /// in the kernel too, and remembers their threads already asleep in a futex wait.
+    pub(super) fn seed_from_proc(&mut self) {
+        let seeded = scan(&self.proc, clock::boot_ns());
+        let count = seeded.len();
+        for s in seeded {
+            let pid = s.fork.child_pid;
+            if let Err(err) = self
+                .tracked_map
+                .insert(&pid, &s.fork.child_start_ns, NO_EXIST)
+            {
+                tracing::debug!(%err, pid, "cannot track a seeded child in the kernel");
+            }
+            // Checked after the insert: exited before it, the kernel would never remove the
+            // entry, and the next process to get the pid would be tracked in its place.
+            if !self.proc.is_same_process(pid, s.fork.child_start_ns) {
+                let _ = self.tracked_map.remove(&pid);
+                continue;
+            }
+            self.seeded_waits.extend(s.waits);
+            self.correlator.seed(s.fork, s.context);
+        }
+        if count > 0 {
+            tracing::info!(
+                children = count,
+                blocked = self.seeded_waits.len(),
+                "seeded from /proc: running children of multithreaded forks that never exec'd"
+            );
+        }
+    }
+}
+
+/// BPF_NOEXIST: an entry the kernel programs made since attaching is newer than /proc's.
+const NO_EXIST: u64 = 1;
+
+/// Restart recovery for sharing: makes the members of fork families that share a socket (see
+/// `families`) members in the kernel again, so that their next uses of a shared connection are
+/// seen. Each is re-checked after the insert, like the tracked children.
+pub(super) fn seed_families(
+    proc: &ProcFs,
+    mut family: BpfHashMap<MapData, u32, u32>,
+    children: &mut BpfHashMap<MapData, u32, u64>,
+) {
+    let now = clock::boot_ns();
+    let mut seeded = 0;
+    for m in families(proc) {
+        if let Err(err) = family.insert(&m.pid, &m.family, NO_EXIST) {
+            tracing::debug!(%err, pid = m.pid, "cannot seed a fork-family member");
+            continue;
+        }
+        if m.child {
+            let _ = children.insert(&m.pid, &now, NO_EXIST);
+        }
+        if proc.is_same_process(m.pid, m.start_ns) {
+            seeded += 1;
+        } else {
+            let _ = family.remove(&m.pid);
+            let _ = children.remove(&m.pid);
+        }
+    }
+    if seeded > 0 {
+        tracing::info!(
+            members = seeded,
+            "seeded from /proc: fork families whose parent and child (never exec'd) share a socket"
+        );
+    }
 }

@@ -5,94 +5,36 @@
 
 pub mod btf_offsets;
 pub(crate) mod btf_raw;
+mod counters;
+mod error;
+mod on_demand;
+
+pub use self::{
+    counters::{KernelCounters, KernelCounts},
+    error::ProbeError,
+};
+use self::{
+    error::{describe, permission_hint, program_error},
+    on_demand::OnDemand,
+};
 
 use std::path::{Path, PathBuf};
 
 use aya::{
     Btf, Ebpf, EbpfLoader, Endianness,
-    maps::{HashMap as BpfHashMap, MapData, PerCpuArray, RingBuf},
-    programs::{BtfTracePoint, ProgramError, tp_btf::BtfTracePointLinkId},
+    maps::{HashMap as BpfHashMap, MapData, RingBuf},
+    programs::{BtfTracePoint, ProgramError},
 };
-use monitor_common::{OFFSETS_GLOBAL, WAKEUP_GLOBAL, fork_counter, lost_category, names};
-
-use self::btf_offsets::OffsetError;
+use monitor_common::{OFFSETS_GLOBAL, WAKEUP_GLOBAL, names};
 
 /// The compiled kernel programs, built by build.rs with the pinned nightly.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/forkwatch"));
-
-const NO_PRIVILEGE_HINT: &str = "run forkwatch as root, or with CAP_BPF, CAP_PERFMON, \
-     CAP_SYS_PTRACE and CAP_DAC_READ_SEARCH; `forkwatch check` lists what is missing";
 
 #[derive(Clone, Debug)]
 pub struct ProbeOptions {
     pub btf_path: PathBuf,
     pub ring_buffer_bytes: u32,
     pub max_tracked: u32,
-}
-
-#[derive(Debug, thiserror::Error)]
-pub enum ProbeError {
-    #[error(transparent)]
-    Offsets(#[from] OffsetError),
-    // Causes are kept as text rendered by `describe`: aya's errors repeat themselves down their
-    // source chains, and a chain printed with {:#} would repeat them again.
-    #[error("cannot parse kernel BTF at {path}: {detail}")]
-    Btf { path: String, detail: String },
-    #[error("loading the eBPF object failed: {detail}{hint}")]
-    Load { detail: String, hint: String },
-    #[error("eBPF program {program} failed to {stage}: {detail}{hint}")]
-    Program {
-        program: &'static str,
-        stage: &'static str,
-        detail: String,
-        hint: String,
-    },
-    #[error("programs can no longer be verified: the kernel BTF was released after attach_all")]
-    BtfReleased,
-    #[error("eBPF map {0} is missing from the object (build mismatch)")]
-    MissingMap(&'static str),
-    #[error("eBPF map {name} has an unexpected type: {error}")]
-    Map {
-        name: &'static str,
-        error: aya::maps::MapError,
-    },
-}
-
-/// An error and its causes on one line, each part once: aya's errors often repeat their cause
-/// in their own message.
-fn describe(err: &dyn std::error::Error) -> String {
-    let mut text = err.to_string();
-    let mut source = err.source();
-    while let Some(cause) = source {
-        let part = cause.to_string();
-        if !text.contains(&part) {
-            text.push_str(": ");
-            text.push_str(&part);
-        }
-        source = cause.source();
-    }
-    text
-}
-
-/// A hint for errors that mean "not allowed", empty otherwise.
-fn permission_hint(err: &dyn std::error::Error) -> String {
-    let mut text = err.to_string();
-    let mut source = err.source();
-    while let Some(s) = source {
-        text.push_str(&s.to_string());
-        source = s.source();
-    }
-    let denied = [
-        "Operation not permitted",
-        "Permission denied",
-        "EPERM",
-        "EACCES",
-    ];
-    if denied.iter().any(|d| text.contains(d)) {
-        format!(" ({NO_PRIVILEGE_HINT})")
-    } else {
-        String::new()
-    }
 }
 
 pub struct Probes {
@@ -104,55 +46,6 @@ pub struct Probes {
     write: OnDemand,
     /// The scheduler probes while attached (see `set_scheduler_probes`).
     scheduler: OnDemand,
-}
-
-/// Programs attached and detached together while the daemon runs, with their links while
-/// attached. Both or neither: a failed attach detaches what it had attached.
-struct OnDemand {
-    /// In attach order; detached in reverse.
-    programs: &'static [&'static str],
-    links: Vec<(&'static str, BtfTracePointLinkId)>,
-}
-
-impl OnDemand {
-    fn new(programs: &'static [&'static str]) -> Self {
-        Self {
-            programs,
-            links: Vec::new(),
-        }
-    }
-
-    fn attached(&self) -> bool {
-        !self.links.is_empty()
-    }
-
-    fn set(&mut self, ebpf: &mut Ebpf, attached: bool) -> Result<(), ProbeError> {
-        if attached == self.attached() {
-            return Ok(());
-        }
-        if !attached {
-            while let Some((program, link)) = self.links.pop() {
-                tp_btf(ebpf, program)?
-                    .detach(link)
-                    .map_err(|e| program_error(program, "detach", e))?;
-            }
-            return Ok(());
-        }
-        for &program in self.programs {
-            let link = tp_btf(ebpf, program).and_then(|prog| {
-                prog.attach()
-                    .map_err(|e| program_error(program, "attach", e))
-            });
-            match link {
-                Ok(link) => self.links.push((program, link)),
-                Err(err) => {
-                    let _ = self.set(ebpf, false);
-                    return Err(err);
-                }
-            }
-        }
-        Ok(())
-    }
 }
 
 impl Probes {
@@ -329,7 +222,7 @@ fn wakeup_bytes(ring_buffer_bytes: u32) -> u64 {
 const WRITE_PROGRAMS: [&str; 1] = [names::WRITE_PROGRAM.0];
 
 /// A tp_btf program of the object, by name.
-fn tp_btf<'a>(
+pub(super) fn tp_btf<'a>(
     ebpf: &'a mut Ebpf,
     program: &'static str,
 ) -> Result<&'a mut BtfTracePoint, ProbeError> {
@@ -338,15 +231,6 @@ fn tp_btf<'a>(
         .map_err(|e| program_error(program, "be found in the object", e))?
         .try_into()
         .map_err(|e| program_error(program, "be a tp_btf program", e))
-}
-
-fn program_error(program: &'static str, stage: &'static str, source: ProgramError) -> ProbeError {
-    ProbeError::Program {
-        program,
-        stage,
-        hint: permission_hint(&source),
-        detail: describe(&source),
-    }
 }
 
 fn parse_btf(raw: &[u8], path: &Path) -> Result<Btf, ProbeError> {
@@ -375,35 +259,5 @@ fn raise_memlock_limit() {
             err = %std::io::Error::last_os_error(),
             "could not raise RLIMIT_MEMLOCK; on kernels before 5.11 loading may fail"
         );
-    }
-}
-
-/// Sums of the per-CPU counters, as of one read.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct KernelCounts {
-    pub forks: [u64; fork_counter::COUNT as usize],
-    pub lost: [u64; lost_category::COUNT as usize],
-}
-
-pub struct KernelCounters {
-    forks: PerCpuArray<MapData, u64>,
-    lost: PerCpuArray<MapData, u64>,
-}
-
-impl KernelCounters {
-    pub fn read(&self) -> KernelCounts {
-        let mut counts = KernelCounts::default();
-        sum_into(&self.forks, &mut counts.forks);
-        sum_into(&self.lost, &mut counts.lost);
-        counts
-    }
-}
-
-fn sum_into(map: &PerCpuArray<MapData, u64>, out: &mut [u64]) {
-    for (index, slot) in out.iter_mut().enumerate() {
-        // A failed read leaves the counter where it was; the next scrape tries again.
-        if let Ok(values) = map.get(&(index as u32), 0) {
-            *slot = values.iter().sum();
-        }
     }
 }

@@ -1,6 +1,6 @@
 //! Findings: what forkwatch reports, serialized as one JSON object per line.
 //!
-//! The schema is versioned by `schema` and documented in the README. Fields are only ever added
+//! The schema is versioned by `schema` and documented in docs/findings.md. Fields are only ever added
 //! within one schema version; a rename or removal bumps it.
 
 use serde::Serialize;
@@ -119,7 +119,7 @@ pub enum Details {
 }
 
 /// `events_lost`: the ring buffer overflowed; findings may be missing (never invented: see
-/// the README). Not about a process: `pid` and `parent_pid` are 0.
+/// docs/findings.md). Not about a process: `pid` and `parent_pid` are 0.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct EventsLostDetails {
     /// Events dropped since the previous `events_lost` record, by category.

@@ -7,29 +7,34 @@
 
 use std::{ffi::OsString, path::PathBuf};
 
-/// The keys a config file may set: (key, environment variable, the TOML type it takes).
-const KEYS: [(&str, &str, Kind); 16] = [
-    ("format", "FORKWATCH_FORMAT", Kind::String),
-    ("output", "FORKWATCH_OUTPUT", Kind::String),
-    ("exec_grace", "FORKWATCH_EXEC_GRACE", Kind::String),
-    ("deadlock_after", "FORKWATCH_DEADLOCK_AFTER", Kind::String),
-    ("metrics_addr", "FORKWATCH_METRICS_ADDR", Kind::String),
-    ("full_cmdline", "FORKWATCH_FULL_CMDLINE", Kind::Bool),
-    (
-        "ring_buffer_size",
-        "FORKWATCH_RING_BUFFER_SIZE",
-        Kind::Integer,
-    ),
-    ("max_tracked", "FORKWATCH_MAX_TRACKED", Kind::Integer),
-    ("bpf_stats", "FORKWATCH_BPF_STATS", Kind::Bool),
-    ("log_format", "FORKWATCH_LOG_FORMAT", Kind::String),
-    ("btf", "FORKWATCH_BTF", Kind::String),
-    ("k8s_pod_names", "FORKWATCH_K8S_POD_NAMES", Kind::Bool),
-    ("k8s_api_url", "FORKWATCH_K8S_API_URL", Kind::String),
-    ("k8s_token_file", "FORKWATCH_K8S_TOKEN_FILE", Kind::String),
-    ("k8s_ca_file", "FORKWATCH_K8S_CA_FILE", Kind::String),
-    ("k8s_node_name", "FORKWATCH_K8S_NODE_NAME", Kind::String),
-];
+/// A key a config file may set: a flag of `forkwatch run` (in clap, the one definition of every
+/// flag), its environment variable and the TOML type it takes.
+struct Key {
+    name: String,
+    env: String,
+    kind: Kind,
+}
+
+/// Every flag of `forkwatch run` but `--config` itself, in the order `--help` lists them: the
+/// key is the flag's name with underscores (dashes are accepted too).
+fn keys() -> Vec<Key> {
+    let command = <super::Cli as clap::CommandFactory>::command();
+    command
+        .get_arguments()
+        .filter_map(|arg| {
+            let long = arg.get_long()?;
+            let env = arg.get_env()?.to_str()?;
+            (long != CONFIG_FLAG).then(|| Key {
+                name: long.replace('-', "_"),
+                env: env.to_owned(),
+                kind: Kind::of(arg),
+            })
+        })
+        .collect()
+}
+
+/// The flag that names the config file: not a key of the file.
+const CONFIG_FLAG: &str = "config";
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Kind {
@@ -39,6 +44,20 @@ enum Kind {
 }
 
 impl Kind {
+    /// The TOML type a flag's value is written as: a switch is a boolean, a number an integer,
+    /// everything else (durations, addresses, paths, names) a string.
+    fn of(arg: &clap::Arg) -> Self {
+        use std::any::TypeId;
+        let value = arg.get_value_parser().type_id();
+        if !arg.get_action().takes_values() {
+            Self::Bool
+        } else if value == TypeId::of::<u32>() || value == TypeId::of::<u64>() {
+            Self::Integer
+        } else {
+            Self::String
+        }
+    }
+
     fn describe(self) -> &'static str {
         match self {
             Self::String => "a string (e.g. \"2s\")",
@@ -89,7 +108,7 @@ pub fn config_path(args: &[OsString]) -> Option<PathBuf> {
 }
 
 /// Reads the config file into (environment variable, value) pairs.
-pub fn read(path: &std::path::Path) -> Result<Vec<(&'static str, String)>, ConfigError> {
+pub fn read(path: &std::path::Path) -> Result<Vec<(String, String)>, ConfigError> {
     let shown = path.display().to_string();
     let text = std::fs::read_to_string(path).map_err(|error| ConfigError::Unreadable {
         path: shown.clone(),
@@ -98,26 +117,31 @@ pub fn read(path: &std::path::Path) -> Result<Vec<(&'static str, String)>, Confi
     parse(&text, &shown)
 }
 
-pub fn parse(text: &str, path: &str) -> Result<Vec<(&'static str, String)>, ConfigError> {
+pub fn parse(text: &str, path: &str) -> Result<Vec<(String, String)>, ConfigError> {
     let table: toml::Table = text
         .parse()
         .map_err(|e: toml::de::Error| ConfigError::Syntax {
             path: path.to_owned(),
             message: e.message().to_owned() + &line_of_span(text, e.span()),
         })?;
+    let keys = keys();
     let mut settings = Vec::new();
     for (raw_key, value) in &table {
         let key = raw_key.replace('-', "_");
         let line = line_of_key(text, raw_key);
-        let Some(&(_, env, kind)) = KEYS.iter().find(|(k, _, _)| *k == key) else {
+        let Some(Key { env, kind, .. }) = keys.iter().find(|k| k.name == key) else {
             return Err(ConfigError::UnknownKey {
                 path: path.to_owned(),
                 line,
                 key: raw_key.clone(),
-                known: KEYS.map(|(k, _, _)| k).join(", "),
+                known: keys
+                    .iter()
+                    .map(|k| k.name.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", "),
             });
         };
-        let text_value = match (kind, value) {
+        let text_value = match (*kind, value) {
             (Kind::String, toml::Value::String(s)) => s.clone(),
             (Kind::Integer, toml::Value::Integer(i)) => i.to_string(),
             (Kind::Bool, toml::Value::Boolean(b)) => b.to_string(),
@@ -131,14 +155,14 @@ pub fn parse(text: &str, path: &str) -> Result<Vec<(&'static str, String)>, Conf
                 });
             }
         };
-        settings.push((env, text_value));
+        settings.push((env.clone(), text_value));
     }
     Ok(settings)
 }
 
 /// Sets each setting as an environment variable unless the environment already has it. Must
 /// run before any thread is started (it changes the process environment).
-pub fn apply(settings: &[(&'static str, String)]) {
+pub fn apply(settings: &[(String, String)]) {
     for (env, value) in settings {
         if std::env::var_os(env).is_none() {
             // SAFETY: called from main before the runtime or any other thread exists.
@@ -184,12 +208,13 @@ mod tests {
         assert_eq!(
             settings,
             [
-                ("FORKWATCH_EXEC_GRACE", "2s".to_owned()),
-                ("FORKWATCH_FULL_CMDLINE", "true".to_owned()),
-                ("FORKWATCH_K8S_POD_NAMES", "true".to_owned()),
-                ("FORKWATCH_METRICS_ADDR", "0.0.0.0:9571".to_owned()),
-                ("FORKWATCH_RING_BUFFER_SIZE", "65536".to_owned()),
+                ("FORKWATCH_EXEC_GRACE", "2s"),
+                ("FORKWATCH_FULL_CMDLINE", "true"),
+                ("FORKWATCH_K8S_POD_NAMES", "true"),
+                ("FORKWATCH_METRICS_ADDR", "0.0.0.0:9571"),
+                ("FORKWATCH_RING_BUFFER_SIZE", "65536"),
             ]
+            .map(|(env, value)| (env.to_owned(), value.to_owned()))
         );
     }
 
@@ -249,5 +274,73 @@ mod tests {
                 .starts_with("cannot read --config /nonexistent/fw.toml"),
             "{err}"
         );
+    }
+
+    /// The one definition of the flags is clap's: every flag of `forkwatch run` has its
+    /// FORKWATCH_* variable, is a config key (but --config), and is a row of the flags table
+    /// in docs/configuration.md with the same variable and key; `check` and `selftest` take no
+    /// flag that `run` lacks.
+    #[test]
+    fn every_flag_has_its_variable_its_key_and_its_documented_row() {
+        use clap::CommandFactory;
+        let command = crate::cli::Cli::command();
+        let flags: Vec<(String, String)> = command
+            .get_arguments()
+            .filter_map(|arg| {
+                let long = arg.get_long()?.to_owned();
+                let env = arg.get_env().and_then(|e| e.to_str()).map(str::to_owned);
+                Some((long, env.unwrap_or_default()))
+            })
+            .collect();
+        assert!(flags.len() >= 17, "{flags:?}");
+        let docs = include_str!("../../../docs/configuration.md");
+        let rows: Vec<Vec<&str>> = docs
+            .lines()
+            .filter(|l| l.starts_with("| `--"))
+            .map(|l| l.trim_matches('|').split(" | ").map(str::trim).collect())
+            .collect();
+        assert_eq!(
+            rows.len(),
+            flags.len(),
+            "docs/configuration.md must have one row per flag"
+        );
+        let keys = keys();
+        for (long, env) in &flags {
+            let expected_env = format!("FORKWATCH_{}", long.replace('-', "_").to_uppercase());
+            assert_eq!(*env, expected_env, "--{long} must read {expected_env}");
+            let key = long.replace('-', "_");
+            let row = rows
+                .iter()
+                .find(|r| r[0] == format!("`--{long}`"))
+                .unwrap_or_else(|| panic!("--{long} is not in docs/configuration.md"));
+            assert_eq!(
+                row[1],
+                format!("`{env}`"),
+                "documented variable of --{long}"
+            );
+            if long == CONFIG_FLAG {
+                assert_eq!(row[2], "—", "--config is not a key of the file");
+                continue;
+            }
+            assert_eq!(row[2], format!("`{key}`"), "documented key of --{long}");
+            let k = keys.iter().find(|k| k.name == key).expect("a key per flag");
+            let sample = match k.kind {
+                Kind::Bool => "true",
+                Kind::Integer => "4096",
+                Kind::String => "\"x\"",
+            };
+            let settings = parse(&format!("{key} = {sample}"), "f.toml").unwrap();
+            assert_eq!(settings[0].0, *env, "key {key}");
+        }
+        for sub in ["check", "selftest"] {
+            let sub = command.find_subcommand(sub).unwrap();
+            for arg in sub.get_arguments().filter_map(clap::Arg::get_long) {
+                assert!(
+                    flags.iter().any(|(long, _)| long == arg),
+                    "--{arg} of {} is not a flag of run",
+                    sub.get_name()
+                );
+            }
+        }
     }
 }

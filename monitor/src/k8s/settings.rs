@@ -9,9 +9,6 @@ use hyper::Uri;
 
 use crate::cli::K8sArgs;
 
-pub const TOKEN_FILE: &str = "/var/run/secrets/kubernetes.io/serviceaccount/token";
-pub const CA_FILE: &str = "/var/run/secrets/kubernetes.io/serviceaccount/ca.crt";
-
 /// Everything needed to list this node's pods.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct K8sSettings {
@@ -112,6 +109,7 @@ fn in_cluster_url(env: &impl Fn(&str) -> Option<String>) -> Result<String, Strin
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::cli::k8s::{CA_FILE, TOKEN_FILE};
 
     fn args(url: Option<&str>, node: Option<&str>) -> K8sArgs {
         K8sArgs {

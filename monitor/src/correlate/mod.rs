@@ -254,10 +254,12 @@ impl<C: Clone + ForkEvidence> Correlator<C> {
 
     /// Tracks a child reconstructed at start (see pipeline/seed.rs): its fork was not seen, so it is never
     /// reported as `mt_fork_no_exec`, but every other rule applies to it.
-    pub fn seed(&mut self, fork: Fork, context: C) {
+    /// `threads`: its live threads when found (their creation was not seen).
+    pub fn seed(&mut self, fork: Fork, context: C, threads: u32) {
         let pid = fork.child_pid;
         self.on_fork(fork, context);
         if let Some(t) = self.tracked.get_mut(&pid) {
+            t.threads = threads.max(1);
             t.reported = true;
             self.deadlines.remove(&(t.deadline_ns, pid));
         }

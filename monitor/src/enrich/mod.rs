@@ -12,7 +12,9 @@ use self::{
 };
 use crate::{
     clock,
-    correlate::{Decision, LockWait, MtForkNoExec, Outcome, Sharing, ThreadsAfterMtFork},
+    correlate::{
+        Decision, LockWait, MtForkNoExec, Outcome, Sharing, ThreadsAfterMtFork, WaitReason,
+    },
     report::finding::{
         Details, EventsLostDetails, FileInfo, Finding, Kind, LockWaitDetails, MtForkNoExecDetails,
         ResourceUseInfo, SCHEMA_VERSION, SharedFileDetails, SharedSocketDetails, SocketInfo,
@@ -46,7 +48,13 @@ pub fn finding(
             }
             mt_fork_no_exec(d, proc, opts)
         }
-        Decision::LockWait(d) => lock_wait(d, proc, opts),
+        Decision::LockWait(mut d) => {
+            if let Err(why) = confirm_lock_wait(&mut d, proc) {
+                tracing::info!(pid = d.wait.pid, why, "lock wait withdrawn");
+                return None;
+            }
+            lock_wait(d, proc, opts)
+        }
         Decision::ThreadsAfterMtFork(d) => threads_after_mt_fork(d, proc, opts),
         Decision::SharedSocket(socket, sharing) => shared_socket(socket, sharing, proc, opts),
         Decision::SharedFile(file) => shared_file(file, proc, opts),
@@ -66,9 +74,41 @@ fn lost_evidence(d: &MtForkNoExec<ForkContext>, proc: &ProcFs) -> Option<&'stati
         return Some("the child is gone but its exit event never arrived");
     }
     match (&d.context.exe, proc.exe(pid)) {
-        (Some(then), Some(now)) if *then != now => Some("the child runs another executable"),
-        _ => None,
+        (Some(then), Some(now)) if *then != now => {
+            return Some("the child runs another executable");
+        }
+        _ => {}
     }
+    (proc.same_image(pid, d.context.stack_start) == Some(false))
+        .then_some("the child exec'd (its exec event was lost): its stack moved")
+}
+
+/// A wait decided from events, checked against /proc before it is reported: lost thread or exec
+/// events would have the correlator reason about a child that is no longer what it thinks.
+/// A child that exec'd is no child of the fork any more (withdrawn, with why); one that has more
+/// threads than the events said is at most a possible wait, and only with evidence from the
+/// parent (the correlator's rule for multithreaded children).
+fn confirm_lock_wait(d: &mut LockWait<ForkContext>, proc: &ProcFs) -> Result<(), &'static str> {
+    let pid = d.wait.pid;
+    if !proc.is_same_process(pid, d.fork.child_start_ns) {
+        return Ok(()); // gone since: reported as seen (its stack will be missing)
+    }
+    if proc.same_image(pid, d.context.stack_start) == Some(false) {
+        return Err("the child exec'd (its exec event was lost): its stack moved");
+    }
+    let threads = proc
+        .status_value(pid, "Threads")
+        .and_then(|n| u32::try_from(n).ok());
+    if let Some(threads) = threads.filter(|&n| n > d.threads) {
+        if !d.contended_in_parent_at_fork {
+            return Err("the child has more threads than its thread events said");
+        }
+        d.threads = threads;
+        if !d.reasons.contains(&WaitReason::Multithreaded) {
+            d.reasons.push(WaitReason::Multithreaded);
+        }
+    }
+    Ok(())
 }
 
 /// Who a finding is about, as far as is known.
@@ -188,12 +228,16 @@ fn lock_wait(d: LockWait<ForkContext>, proc: &ProcFs, opts: EnrichOptions) -> Fi
     // The thread holds still while blocked, so its stack can be read from outside; if it woke in
     // the meantime (or the pid was reused) there is no stack to show.
     let frames = if proc.is_same_process(d.wait.pid, d.fork.child_start_ns) {
-        stack::blocked_thread_stack(d.wait.pid, d.wait.tid, MAX_STACK_FRAMES).unwrap_or_else(
-            |err| {
-                tracing::debug!(%err, pid = d.wait.pid, "no stack for the blocked thread");
-                Vec::new()
-            },
+        stack::blocked_thread_stack_within(
+            d.wait.pid,
+            d.wait.tid,
+            MAX_STACK_FRAMES,
+            stack::UNWIND_BUDGET,
         )
+        .unwrap_or_else(|err| {
+            tracing::debug!(%err, pid = d.wait.pid, "no stack for the blocked thread");
+            Vec::new()
+        })
     } else {
         Vec::new()
     };
@@ -418,6 +462,7 @@ mod tests {
             cmdline: vec!["ruby".into(), "--secret=hunter2".into()],
             parent_futex_waits: vec![],
             attribution: crate::enrich::cgroup::attribute("/system.slice/app.service"),
+            stack_start: None,
         }
     }
 

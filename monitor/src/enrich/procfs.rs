@@ -31,6 +31,9 @@ pub struct ForkContext {
     pub parent_futex_waits: Vec<u64>,
     /// The child's container / pod / systemd unit.
     pub attribution: Attribution,
+    /// Where the parent's initial stack starts (/proc/pid/stat `startstack`): an image's
+    /// identity, randomized at every exec and kept across fork (see [`ProcFs::same_image`]).
+    pub stack_start: Option<u64>,
 }
 
 impl crate::correlate::ForkEvidence for ForkContext {
@@ -77,6 +80,7 @@ impl ProcFs {
                 .attribution(parent)
                 .or_else(|| self.attribution(child))
                 .unwrap_or_default(),
+            stack_start: self.stack_start(parent).or_else(|| self.stack_start(child)),
         }
     }
 
@@ -243,7 +247,39 @@ impl ProcFs {
     /// Start time of `pid` in clock ticks since boot (field 22 of /proc/pid/stat).
     pub fn start_ticks(&self, pid: u32) -> Option<u64> {
         let stat = fs::read_to_string(self.path(pid, "stat")).ok()?;
-        parse_start_ticks(&stat)
+        parse_stat_field(&stat, STAT_START_TIME)
+    }
+
+    /// Where the initial stack of `pid`'s program image starts (`startstack`, which the kernel
+    /// shows to a reader allowed to ptrace it, else 0: then None).
+    pub fn stack_start(&self, pid: u32) -> Option<u64> {
+        let stat = fs::read_to_string(self.path(pid, "stat")).ok()?;
+        parse_stat_field(&stat, STAT_START_STACK).filter(|&at| at != 0)
+    }
+
+    /// Whether `pid` still runs the program image it had at a fork that `stack_start` (read
+    /// then, from the parent) describes: Some(false) once it has exec'd, even into the same
+    /// executable, since every exec places the stack anew. None where that cannot be told:
+    /// address randomization is off (host-wide or for the process), or /proc hides it.
+    pub fn same_image(&self, pid: u32, stack_start: Option<u64>) -> Option<bool> {
+        let then = stack_start?;
+        let now = self.stack_start(pid)?;
+        if !self.randomizes_addresses(pid) {
+            return None;
+        }
+        Some(now == then)
+    }
+
+    /// Whether exec places `pid`'s stack at a random address: `kernel.randomize_va_space` is
+    /// on and the process's personality lacks ADDR_NO_RANDOMIZE (`setarch -R`).
+    fn randomizes_addresses(&self, pid: u32) -> bool {
+        const ADDR_NO_RANDOMIZE: u64 = 0x0040000;
+        let host = fs::read_to_string(self.root.join("sys/kernel/randomize_va_space"))
+            .is_ok_and(|v| v.trim() != "0");
+        let personality = fs::read_to_string(self.path(pid, "personality"))
+            .ok()
+            .and_then(|p| u64::from_str_radix(p.trim(), 16).ok());
+        host && personality.is_some_and(|p| p & ADDR_NO_RANDOMIZE == 0)
     }
 
     /// Whether `pid` is still the process that started at `start_ns` (CLOCK_BOOTTIME), so that
@@ -323,10 +359,20 @@ fn read_trimmed(path: &Path) -> Option<String> {
 
 /// Field 22 of /proc/pid/stat. The comm (field 2) is in parentheses and may itself contain
 /// spaces and parentheses, so parse from the last ')'.
-fn parse_start_ticks(stat: &str) -> Option<u64> {
+/// Fields of /proc/pid/stat, numbered as in proc(5).
+const STAT_START_TIME: usize = 22;
+const STAT_START_STACK: usize = 28;
+
+/// Field `number` (proc(5)'s numbering, 3 or more) of a /proc/pid/stat line. The comm (field 2)
+/// is the process's to choose, spaces and parentheses included: fields are counted after its
+/// last ')'.
+fn parse_stat_field(stat: &str, number: usize) -> Option<u64> {
     let after_comm = &stat[stat.rfind(')')? + 1..];
-    // after_comm starts at field 3; field 22 is the 20th from there.
-    after_comm.split_whitespace().nth(19)?.parse().ok()
+    after_comm
+        .split_whitespace()
+        .nth(number.checked_sub(3)?)?
+        .parse()
+        .ok()
 }
 
 fn clock_ticks_per_second() -> u64 {
@@ -342,9 +388,37 @@ mod tests {
     #[test]
     fn start_ticks_survives_hostile_comm() {
         let stat = "42 (a) b (c)) S 1 42 42 0 -1 4194560 100 0 0 0 0 0 0 0 20 0 1 0 123456 1 2";
-        assert_eq!(parse_start_ticks(stat), Some(123_456));
-        assert_eq!(parse_start_ticks("42 (x"), None);
-        assert_eq!(parse_start_ticks(""), None);
+        assert_eq!(parse_stat_field(stat, STAT_START_TIME), Some(123_456));
+        assert_eq!(parse_stat_field("42 (x", STAT_START_TIME), None);
+        assert_eq!(parse_stat_field("", STAT_START_TIME), None);
+        assert_eq!(parse_stat_field(stat, 1), None);
+    }
+
+    #[test]
+    fn an_exec_moves_the_stack_start_and_a_fork_keeps_it() {
+        let proc = ProcFs::default();
+        let me = std::process::id();
+        let mine = proc.stack_start(me);
+        assert!(mine.is_some(), "startstack of this process");
+        if !proc.randomizes_addresses(me) {
+            eprintln!("SKIP: address randomization is off here");
+            return;
+        }
+        assert_eq!(proc.same_image(me, mine), Some(true));
+        // A child that exec'd this very binary again.
+        let mut child = std::process::Command::new("/proc/self/exe")
+            .arg("--list")
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let execd = proc.same_image(child.id(), mine);
+        let _ = child.kill();
+        let _ = child.wait();
+        assert_ne!(
+            execd,
+            Some(true),
+            "a re-exec of the same executable is not the same image"
+        );
     }
 
     #[test]

@@ -12,6 +12,11 @@
 
 use std::fs::File;
 use std::io;
+use std::os::unix::fs::OpenOptionsExt as _;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::mpsc::RecvTimeoutError;
+use std::time::{Duration, Instant};
 
 /// One frame of a user stack.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
@@ -48,6 +53,70 @@ pub enum StackError {
     },
     #[error("cannot parse {path}: {line:?}")]
     MalformedSyscall { path: String, line: String },
+    #[error("unwinding took longer than {0:?}; the stack is left out")]
+    TimedOut(Duration),
+    #[error("{MAX_IN_FLIGHT} earlier unwinds have not finished; the stack is left out")]
+    Busy,
+    #[error("the daemon is stopping")]
+    Cancelled,
+}
+
+/// How long one stack may take to unwind and symbolize. Cold symbolization of a large binary
+/// with debug info takes a few hundred milliseconds; the budget is for what must never happen.
+pub const UNWIND_BUDGET: Duration = Duration::from_secs(3);
+
+/// Unwinds still running (on threads of their own). Past MAX_IN_FLIGHT a finding gets no stack
+/// rather than another thread: whatever holds them up, it cannot pile up threads.
+static IN_FLIGHT: AtomicUsize = AtomicUsize::new(0);
+const MAX_IN_FLIGHT: usize = 2;
+/// Set when the daemon stops: nothing waits for an unwind any more.
+static CANCELLED: AtomicBool = AtomicBool::new(false);
+
+/// [`blocked_thread_stack`] on a thread of its own, waited for at most `budget` (and not at
+/// all once [`cancel`] was called): the traced process is another user's, and nothing it does
+/// to its files or memory may hold up the event loop or the daemon's exit.
+pub fn blocked_thread_stack_within(
+    pid: u32,
+    tid: u32,
+    max_frames: usize,
+    budget: Duration,
+) -> Result<Vec<Frame>, StackError> {
+    if IN_FLIGHT.fetch_add(1, Ordering::AcqRel) >= MAX_IN_FLIGHT {
+        IN_FLIGHT.fetch_sub(1, Ordering::AcqRel);
+        return Err(StackError::Busy);
+    }
+    let (tx, rx) = std::sync::mpsc::sync_channel(1);
+    let spawned = std::thread::Builder::new()
+        .name("fw-unwind".into())
+        .spawn(move || {
+            let _ = tx.send(blocked_thread_stack(pid, tid, max_frames));
+            IN_FLIGHT.fetch_sub(1, Ordering::AcqRel);
+        });
+    if let Err(source) = spawned {
+        IN_FLIGHT.fetch_sub(1, Ordering::AcqRel);
+        return Err(StackError::Proc {
+            path: "a thread for unwinding".into(),
+            source,
+        });
+    }
+    let started = Instant::now();
+    loop {
+        if CANCELLED.load(Ordering::Acquire) {
+            return Err(StackError::Cancelled);
+        }
+        match rx.recv_timeout(Duration::from_millis(20)) {
+            Ok(result) => return result,
+            Err(RecvTimeoutError::Timeout) if started.elapsed() < budget => {}
+            Err(RecvTimeoutError::Timeout) => return Err(StackError::TimedOut(budget)),
+            Err(RecvTimeoutError::Disconnected) => return Err(StackError::Cancelled),
+        }
+    }
+}
+
+/// Stops every wait for an unwind, now and later: called as the daemon stops, so that SIGTERM
+/// is never held up by a target process.
+pub fn cancel() {
+    CANCELLED.store(true, Ordering::Release);
 }
 
 /// Unwinds the user stack of thread `tid` of process `pid` (blocked in a syscall) from the
@@ -200,6 +269,7 @@ fn open_proc(path: String) -> Result<File, StackError> {
 #[cfg(target_arch = "x86_64")]
 mod imp {
     use std::ops::Range;
+    use std::os::fd::AsRawFd as _;
     use std::os::unix::fs::{FileExt as _, MetadataExt as _};
     use std::path::Path;
 
@@ -326,7 +396,15 @@ mod imp {
             let s = elf.section_by_name(name)?;
             Some(s.address()..s.address().checked_add(s.size())?)
         };
-        let bytes = |name: &str| Some(elf.section_by_name(name)?.data().ok()?.to_vec());
+        // The section headers are the process owner's to write: a size is believed only up to
+        // MAX_SECTION_BYTES (the file may be sparse, and ReadCache allocates what it is told).
+        let bytes = |name: &str| {
+            let s = elf.section_by_name(name)?;
+            if s.size() > MAX_SECTION_BYTES {
+                return None;
+            }
+            Some(s.data().ok()?.to_vec())
+        };
         // For ELF, framehop's svma base is 0 and module-relative addresses are svmas; the
         // section addresses resolve pc-/text-/data-relative pointer encodings in the CFI.
         // .text bytes are only used for Mach-O prologue analysis, so they are not loaded.
@@ -354,27 +432,26 @@ mod imp {
         ))
     }
 
-    /// Opens the file behind a mapping. The path is resolved through /proc/<pid>/root so it
-    /// names the file in the process's mount namespace (containers); if that is not the mapped
-    /// file (replaced, deleted, other namespace), /proc/<pid>/map_files/ has the mapped inode.
+    /// Opens the file behind a mapping, or None: its path and contents are the traced process's
+    /// to choose, so nothing is trusted. /proc/<pid>/map_files/ is the mapped file itself (it
+    /// needs CAP_SYS_ADMIN or CAP_CHECKPOINT_RESTORE); without it, the path is resolved inside
+    /// the process's root (containers) with no symlink leading out of it and none at the end.
+    /// Either way the file must be a regular file with the mapped inode, and it is opened
+    /// without blocking: a FIFO named like the mapped file must not stall the daemon.
     fn open_mapped_file(pid: u32, mapping: &Mapping) -> Option<File> {
-        let by_path = mapping
-            .path
-            .as_deref()
-            .filter(|p| p.starts_with('/'))
-            .and_then(|p| File::open(format!("/proc/{pid}/root{p}")).ok());
-        let is_mapped_inode = |f: &File| f.metadata().is_ok_and(|m| m.ino() == mapping.inode);
-        match by_path {
-            Some(file) if is_mapped_inode(&file) => Some(file),
-            by_path => File::open(format!(
-                "/proc/{pid}/map_files/{:x}-{:x}",
-                mapping.start, mapping.end
-            ))
-            .ok()
-            // Inode numbers can differ through overlay filesystems; the path is still the
-            // best guess when map_files is not accessible.
-            .or(by_path),
+        let is_mapped_file = |f: &File| {
+            f.metadata()
+                .is_ok_and(|m| m.file_type().is_file() && m.ino() == mapping.inode)
+        };
+        let map_file = format!(
+            "/proc/{pid}/map_files/{:x}-{:x}",
+            mapping.start, mapping.end
+        );
+        if let Some(file) = open_nonblocking(Path::new(&map_file)).filter(is_mapped_file) {
+            return Some(file);
         }
+        let path = mapping.path.as_deref().filter(|p| p.starts_with('/'))?;
+        open_in_root(pid, path).filter(is_mapped_file)
     }
 
     /// Names every address; symbolization failures leave `function` empty rather than
@@ -441,7 +518,7 @@ mod imp {
                 .as_deref()
                 .and_then(|id| debug_file(pid, id))
             {
-                let mut elf = Elf::new(path);
+                let mut elf = Elf::new(&path.path);
                 elf.debug_syms = false;
                 if let Some(svma) = lookup.checked_sub(module.bias) {
                     *symbol = single(&Source::Elf(elf), Input::VirtOffset(svma));
@@ -476,14 +553,85 @@ mod imp {
 
     /// The debug file for a build id, as installed by Debian's -dbg/-dbgsym packages: first in
     /// the process's own mount namespace, then on the host (the build id makes either match).
-    fn debug_file(pid: u32, build_id: &[u8]) -> Option<String> {
+    /// One in the process's namespace is opened as a mapped file is (open_in_root), and handed
+    /// to blazesym as /proc/self/fd/N, which is that very regular file.
+    fn debug_file(pid: u32, build_id: &[u8]) -> Option<DebugFile> {
         let (first, rest) = build_id.split_first()?;
         let rest: String = rest.iter().map(|b| format!("{b:02x}")).collect();
         let path = format!("/usr/lib/debug/.build-id/{first:02x}/{rest}.debug");
-        [format!("/proc/{pid}/root{path}"), path]
-            .into_iter()
-            .find(|p| Path::new(p).is_file())
+        if let Some(file) =
+            open_in_root(pid, &path).filter(|f| f.metadata().is_ok_and(|m| m.is_file()))
+        {
+            let path = format!("/proc/self/fd/{}", file.as_raw_fd());
+            return Some(DebugFile {
+                path,
+                _file: Some(file),
+            });
+        }
+        Path::new(&path)
+            .is_file()
+            .then_some(DebugFile { path, _file: None })
     }
+
+    /// A debug file's path, and the open file it names while that path is /proc/self/fd/N.
+    struct DebugFile {
+        path: String,
+        _file: Option<File>,
+    }
+}
+
+/// Most bytes read of one ELF section (.eh_frame, .eh_frame_hdr). The largest real ones are a
+/// few MiB (a browser's libxul); beyond this, the module's frames end the walk.
+const MAX_SECTION_BYTES: u64 = 64 << 20;
+
+/// Opens `path` read-only, close-on-exec and without blocking (a FIFO or a device answers at
+/// once instead of waiting for a writer), not following a symlink at its end.
+fn open_nonblocking(path: &Path) -> Option<File> {
+    std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(path)
+        .ok()
+}
+
+/// `struct open_how` of openat2(2) (libc's is non-exhaustive).
+#[repr(C)]
+struct OpenHow {
+    flags: u64,
+    mode: u64,
+    resolve: u64,
+}
+
+/// Opens the absolute `path` as process `pid` sees it: resolved inside /proc/<pid>/root, where
+/// an absolute symlink would otherwise resolve against the daemon's own root. openat2 with
+/// RESOLVE_IN_ROOT keeps every step inside (Linux 5.6+); where it is missing, None.
+fn open_in_root(pid: u32, path: &str) -> Option<File> {
+    use std::os::fd::{AsRawFd as _, FromRawFd as _};
+    let root = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_PATH | libc::O_DIRECTORY | libc::O_CLOEXEC)
+        .open(format!("/proc/{pid}/root"))
+        .ok()?;
+    let relative = std::ffi::CString::new(path.trim_start_matches('/')).ok()?;
+    let how = OpenHow {
+        flags: (libc::O_RDONLY | libc::O_NONBLOCK | libc::O_NOFOLLOW | libc::O_CLOEXEC) as u64,
+        mode: 0,
+        resolve: libc::RESOLVE_IN_ROOT | libc::RESOLVE_NO_MAGICLINKS,
+    };
+    // SAFETY: openat2 reads `relative` (NUL-terminated, alive for the call) and `how` (a valid
+    // open_how of the size passed); the fd it returns is ours alone and wrapped at once.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_openat2,
+            root.as_raw_fd(),
+            relative.as_ptr(),
+            &raw const how,
+            std::mem::size_of::<OpenHow>(),
+        )
+    };
+    let fd = i32::try_from(fd).ok().filter(|fd| *fd >= 0)?;
+    // SAFETY: fd was just returned by openat2 and is owned by nothing else.
+    Some(unsafe { File::from_raw_fd(fd) })
 }
 
 #[cfg(test)]

@@ -163,6 +163,7 @@ impl Pipeline {
             // threshold wait there without a wakeup, and a scan or a deadline decision must see
             // every event that happened before it.
             self.drain();
+            self.telemetry().pipeline_beat();
             self.switch_scheduler_probes();
             match woken {
                 Wake::Events | Wake::Deadline => {}

@@ -102,6 +102,8 @@ impl Monitor {
             stopped,
             ..
         } = self;
+        // An unwind in progress (a deadlock finding's stack) is not waited for.
+        crate::enrich::stack::cancel();
         let _ = stop.send(());
         let result = stopped
             .await

@@ -34,6 +34,8 @@ pub struct Seeded {
     pub fork: Fork,
     pub context: ForkContext,
     pub waits: Vec<SeededWait>,
+    /// The child's live threads when found.
+    pub threads: u32,
 }
 
 /// A futex wait found in /proc at start.
@@ -67,6 +69,14 @@ fn seeded(proc: &ProcFs, pid: u32, now_ns: u64) -> Option<Seeded> {
     if proc.exe(parent)? != exe {
         return None; // exec'd since the fork (or a different program altogether)
     }
+    // The same executable is no proof: a program that runs itself again (a Python program
+    // starting `sys.executable`) has exec'd all the same. An exec places the stack anew; a fork
+    // keeps it. Where that cannot be told, the child is not taken for one that never exec'd.
+    if proc.same_image(pid, proc.stack_start(parent)) != Some(true) {
+        return None;
+    }
+    // Its threads now, not one: their creation was not seen either.
+    let threads = u32::try_from(proc.status_value(pid, "Threads")?).ok()?;
     let start_ns = proc.start_ns(pid)?;
     let parent_start_ns = proc.start_ns(parent)?;
     if start_ns < parent_start_ns {
@@ -96,6 +106,7 @@ fn seeded(proc: &ProcFs, pid: u32, now_ns: u64) -> Option<Seeded> {
         },
         context,
         waits,
+        threads,
     })
 }
 
@@ -234,7 +245,7 @@ impl Pipeline {
                 continue;
             }
             self.seeded_waits.extend(s.waits);
-            self.correlator.seed(s.fork, s.context);
+            self.correlator.seed(s.fork, s.context, s.threads);
         }
         if count > 0 {
             tracing::info!(

@@ -1,5 +1,5 @@
-//! /metrics (Prometheus text format), /healthz (the process serves), /readyz (every probe is
-//! attached).
+//! /metrics (Prometheus text format), /healthz (the process serves and its event loop goes
+//! round), /readyz (every probe is attached).
 
 use std::{
     net::SocketAddr,
@@ -36,7 +36,7 @@ pub async fn serve(
 ) -> std::io::Result<()> {
     let router = Router::new()
         .route("/metrics", get(metrics))
-        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .with_state(state);
     axum::serve(listener, router)
@@ -54,6 +54,19 @@ async fn metrics(State(state): State<HttpState>) -> impl IntoResponse {
         )],
         telemetry.metrics.render(),
     )
+}
+
+async fn healthz(State(state): State<HttpState>) -> impl IntoResponse {
+    match telemetry::lock(&state.telemetry).pipeline_stalled() {
+        None => (StatusCode::OK, "ok\n".to_owned()),
+        Some(stalled) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!(
+                "the event pipeline has been stuck for {} s\n",
+                stalled.as_secs()
+            ),
+        ),
+    }
 }
 
 async fn readyz(State(state): State<HttpState>) -> impl IntoResponse {

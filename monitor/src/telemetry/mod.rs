@@ -4,21 +4,43 @@
 pub mod http;
 pub mod metrics;
 
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::{
+    sync::{Arc, Mutex, MutexGuard},
+    time::{Duration, Instant},
+};
 
 use crate::{kernel::KernelCounters, telemetry::metrics::Metrics};
 
 pub struct Telemetry {
     pub metrics: Metrics,
     kernel: Option<KernelCounters>,
+    /// When the event loop last went round (it does at least every 100 ms while it runs).
+    pipeline_beat: Option<Instant>,
 }
+
+/// The event loop is stalled, and /healthz says so, once it has not gone round for this long:
+/// a hundred times its slowest tick, and far beyond any one finding's work.
+pub const PIPELINE_STALLED_AFTER: Duration = Duration::from_secs(10);
 
 impl Telemetry {
     pub fn shared(kernel: Option<KernelCounters>) -> Arc<Mutex<Self>> {
         Arc::new(Mutex::new(Self {
             metrics: Metrics::new(),
             kernel,
+            pipeline_beat: None,
         }))
+    }
+
+    /// The event loop went round.
+    pub fn pipeline_beat(&mut self) {
+        self.pipeline_beat = Some(Instant::now());
+    }
+
+    /// How long the event loop has been stuck, once that is longer than PIPELINE_STALLED_AFTER.
+    pub fn pipeline_stalled(&self) -> Option<Duration> {
+        self.pipeline_beat
+            .map(|at| at.elapsed())
+            .filter(|stalled| *stalled >= PIPELINE_STALLED_AFTER)
     }
 
     /// Pulls the in-kernel counters into the metrics.

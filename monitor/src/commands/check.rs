@@ -60,9 +60,16 @@ const CAP_PERFMON: u32 = 38;
 const CAP_BPF: u32 = 39;
 
 pub fn run(args: &CommonArgs) -> Vec<Item> {
-    let mut items = vec![privileges(), btf(&args.btf), tracefs()];
+    let mut items = vec![privileges(), pid_namespace(), btf(&args.btf), tracefs()];
     items.extend(probes(&args.btf));
     items
+}
+
+fn pid_namespace() -> Item {
+    match crate::enrich::procfs::require_host_pid_namespace() {
+        Ok(()) => Item::ok("PID namespace", "the host's: kernel pids match /proc"),
+        Err(why) => Item::bad(Status::Fail, "PID namespace", "not the host's", why),
+    }
 }
 
 pub fn print(items: &[Item]) -> bool {

@@ -359,6 +359,25 @@ fn read_trimmed(path: &Path) -> Option<String> {
 
 /// Field 22 of /proc/pid/stat. The comm (field 2) is in parentheses and may itself contain
 /// spaces and parentheses, so parse from the last ')'.
+/// Checks that this process is in the host's PID namespace: the kernel programs report host
+/// pids, and in a nested namespace every pid would name another process in /proc (or none), so
+/// every deadline decision would be withdrawn, silently. The host's (initial) PID namespace has
+/// a fixed inode, PROC_PID_INIT_INO.
+pub fn require_host_pid_namespace() -> Result<(), String> {
+    const HOST_PID_NAMESPACE: &str = "pid:[4026531836]";
+    let link = fs::read_link("/proc/self/ns/pid")
+        .map_err(|e| format!("cannot read /proc/self/ns/pid: {e}; is /proc mounted?"))?;
+    if link.as_os_str() == HOST_PID_NAMESPACE {
+        return Ok(());
+    }
+    Err(format!(
+        "forkwatch runs in a PID namespace of its own ({}), not the host's, so the kernel's \
+         pids would name other processes in /proc: run it in the host's PID namespace \
+         (Kubernetes: hostPID: true; podman/docker: --pid=host)",
+        link.display()
+    ))
+}
+
 /// Fields of /proc/pid/stat, numbered as in proc(5).
 const STAT_START_TIME: usize = 22;
 const STAT_START_STACK: usize = 28;

@@ -50,6 +50,7 @@ impl Monitor {
     /// Loads and attaches every probe and starts consuming events. Must run inside a tokio
     /// runtime.
     pub fn start(opts: &MonitorOptions) -> anyhow::Result<Self> {
+        crate::enrich::procfs::require_host_pid_namespace().map_err(anyhow::Error::msg)?;
         let mut probes = Probes::load(&ProbeOptions {
             btf_path: opts.btf_path.clone(),
             ring_buffer_bytes: opts.ring_buffer_bytes,

@@ -3,9 +3,12 @@
 
 mod bench;
 mod cmd;
+mod daemon;
 mod dist;
 mod fuzz;
+mod lint;
 mod setup;
+mod test;
 
 use std::process::ExitCode;
 
@@ -58,15 +61,15 @@ enum Command {
 fn main() -> ExitCode {
     let result = match Cli::parse().command {
         Command::Setup => setup::setup(),
-        Command::Build => setup::setup().and_then(|()| build()),
+        Command::Build => setup::setup().and_then(|()| daemon::build()),
         Command::Run { args } => setup::setup()
-            .and_then(|()| build())
-            .and_then(|()| run(&args)),
-        Command::Test { no_lint, args } => setup::setup().and_then(|()| test(no_lint, &args)),
+            .and_then(|()| daemon::build())
+            .and_then(|()| daemon::run(&args)),
+        Command::Test { no_lint, args } => setup::setup().and_then(|()| test::test(no_lint, &args)),
         Command::Dist => setup::setup().and_then(|()| dist::dist().map(drop)),
         Command::Image => setup::setup().and_then(|()| dist::image()),
         Command::Bench { smoke } => setup::setup()
-            .and_then(|()| build())
+            .and_then(|()| daemon::build())
             .and_then(|()| bench::bench(smoke)),
     };
     match result {
@@ -76,84 +79,4 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
-}
-
-fn build() -> anyhow::Result<()> {
-    cmd::cargo(&["build", "--release", "--package", "forkwatch"])
-}
-
-fn run(args: &[String]) -> anyhow::Result<()> {
-    let binary = cmd::workspace_root().join("target/release/forkwatch");
-    let binary = binary.to_string_lossy().into_owned();
-    let mut argv = vec![binary, "run".to_owned()];
-    argv.extend(args.iter().cloned());
-    if cmd::is_root() {
-        cmd::run(&argv[0], &argv[1..])
-    } else {
-        eprintln!("xtask: forkwatch needs root to load eBPF programs; running it with sudo");
-        cmd::run("sudo", &argv)
-    }
-}
-
-fn lint_ebpf() -> anyhow::Result<()> {
-    let channel = setup::ebpf_channel()?;
-    cmd::run_with(
-        std::process::Command::new("rustup")
-            .args([
-                "run",
-                &channel,
-                "cargo",
-                "clippy",
-                "--package",
-                "monitor-ebpf",
-            ])
-            .args([
-                "--target",
-                "bpfel-unknown-none",
-                "-Z",
-                "build-std=core",
-                "--release",
-            ])
-            .args(["--", "-D", "warnings"]),
-    )
-}
-
-/// How long `cargo xtask test` fuzzes each target.
-const FUZZ_SECONDS: u32 = 30;
-
-fn test(no_lint: bool, args: &[String]) -> anyhow::Result<()> {
-    if !no_lint {
-        cmd::cargo(&["fmt", "--all", "--check"])?;
-        // The default members (daemon, wire types, xtask) for the host...
-        cmd::cargo(&["clippy", "--all-targets", "--", "-D", "warnings"])?;
-        // ...and the eBPF crate for its own target: a host build of it would link std (cargo
-        // unifies monitor-common's `user` feature across the workspace).
-        lint_ebpf()?;
-    }
-    // Not --workspace, for the same reason: monitor/build.rs builds the eBPF crate.
-    let mut argv = vec!["test", "--no-fail-fast"];
-    if !args.is_empty() {
-        argv.push("--");
-        argv.extend(args.iter().map(String::as_str));
-    }
-    let totals = cmd::cargo_test(&argv)?;
-    // Then each fuzz target for a bounded time, and the benchmark at smoke size (it only has to
-    // run and write a valid report; the full benchmark is `cargo xtask bench`).
-    let extras = if totals.failed == 0 && totals.passed > 0 {
-        fuzz::run(FUZZ_SECONDS)
-            .and_then(|()| build())
-            .and_then(|()| bench::bench(true))
-    } else {
-        Ok(())
-    };
-    // One closing line for the whole suite, last: cargo's own last line is that of whichever
-    // test target ran last (often one with no tests).
-    println!(
-        "tests: {} passed, {} failed, {} skipped",
-        totals.passed, totals.failed, totals.ignored
-    );
-    if totals.failed > 0 || totals.passed == 0 {
-        anyhow::bail!("the test suite did not pass");
-    }
-    extras
 }

@@ -1,5 +1,6 @@
-//! `cargo xtask`: the project's own commands. `run` and `test` set the machine up first, so on a
-//! fresh machine the README's two commands are all a newcomer types.
+//! `cargo xtask`: the project's own commands. Each installs what it needs first (setup.rs), so on
+//! a fresh machine the README's two commands are all a newcomer types: `run` installs only what
+//! building needs, `test` the test tools too.
 
 mod bench;
 mod cmd;
@@ -23,18 +24,20 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Install what building and testing need (idempotent): LLVM 22, the pinned nightly with
-    /// rust-src, bpf-linker 0.13 built against LLVM 22, and the test tools.
+    /// Install what building and testing need (idempotent): LLVM 22, a C compiler, the pinned
+    /// nightly with rust-src, bpf-linker 0.13 built against LLVM 22, and the test tools (what
+    /// `test` installs; the other commands install only what building needs).
     Setup,
-    /// Set up, then build the daemon (release) with its eBPF programs.
+    /// Install what building needs, then build the daemon (release) with its eBPF programs.
     Build,
-    /// Set up, build, and start the daemon as root, showing findings live.
+    /// Install what building needs, build, and start the daemon as root, showing findings live.
     Run {
         /// Arguments passed to `forkwatch run`.
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
-    /// Set up, lint, and run the whole suite, privileged end-to-end tests included.
+    /// Set up (all of `setup`), lint, and run the whole suite, privileged end-to-end tests
+    /// included.
     Test {
         /// Skip `cargo fmt --check` and `cargo clippy`.
         #[arg(long)]
@@ -43,14 +46,15 @@ enum Command {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
-    /// Set up, then build a statically linked daemon (musl, release) into target/dist/forkwatch
-    /// and check that it needs no shared library.
+    /// Install what building needs, then build a statically linked daemon (musl, release) into
+    /// target/dist/forkwatch and check that it needs no shared library.
     Dist,
     /// Dist, then build the container image localhost/forkwatch:latest from
     /// deploy/container/Containerfile with podman or buildah (podman is installed if neither is).
     Image,
-    /// Set up, build the release daemon, and measure its overhead on seven workloads against no
-    /// monitor and against bpftrace (target/bench/report.json and report.md).
+    /// Install what building and the bench need (bpftrace), build the release daemon, and
+    /// measure its overhead on seven workloads against no monitor and against bpftrace
+    /// (target/bench/report.json and report.md).
     Bench {
         /// Tiny sizes and one repetition: only checks that the bench runs and writes a report.
         #[arg(long)]
@@ -61,14 +65,14 @@ enum Command {
 fn main() -> ExitCode {
     let result = match Cli::parse().command {
         Command::Setup => setup::setup(),
-        Command::Build => setup::setup().and_then(|()| daemon::build()),
-        Command::Run { args } => setup::setup()
+        Command::Build => setup::build_deps().and_then(|()| daemon::build()),
+        Command::Run { args } => setup::build_deps()
             .and_then(|()| daemon::build())
             .and_then(|()| daemon::run(&args)),
         Command::Test { no_lint, args } => setup::setup().and_then(|()| test::test(no_lint, &args)),
-        Command::Dist => setup::setup().and_then(|()| dist::dist().map(drop)),
-        Command::Image => setup::setup().and_then(|()| dist::image()),
-        Command::Bench { smoke } => setup::setup()
+        Command::Dist => setup::build_deps().and_then(|()| dist::dist().map(drop)),
+        Command::Image => setup::build_deps().and_then(|()| dist::image()),
+        Command::Bench { smoke } => setup::build_deps()
             .and_then(|()| daemon::build())
             .and_then(|()| bench::bench(smoke)),
     };

@@ -30,8 +30,17 @@ fn ratios(c: &Value) -> String {
 
 /// The Markdown table of a report (also what the terminal shows).
 pub(super) fn table(report: &Value) -> String {
-    let mut out = String::new();
-    out.push_str(&format!(
+    let mut out = intro(report);
+    out.push_str(&overhead_table(report));
+    out.push_str(&targets_table(report));
+    out.push_str(&daemon_paragraphs(report));
+    out.push_str(&bpf_stats_table(report));
+    out
+}
+
+/// How to read the overhead table.
+fn intro(report: &Value) -> String {
+    format!(
         "Repetitions: {}{}. Times in seconds of the timed part, min / median [clean samples / \
          all]; ratio = to no monitor, by min (by median); targets are judged on the min ratio. \
          A sample is not clean when another forkwatch or bpftrace ran on the host, the \
@@ -44,87 +53,100 @@ pub(super) fn table(report: &Value) -> String {
         } else {
             ""
         }
-    ));
+    )
+}
+
+/// One row per workload in each condition, and one for workload 0 with a fork family tracked.
+fn overhead_table(report: &Value) -> String {
+    let mut out = String::new();
     out.push_str(
         "| workload | no monitor | forkwatch | ratio | bpftrace | ratio | target | met | events/s | lost |\n",
     );
     out.push_str("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |\n");
-    let row = |out: &mut String, name: &str, c: &Value, w: Option<&Value>| {
-        let none = &c["none"];
-        let fw = &c["forkwatch"];
-        let bt = &c["bpftrace"];
-        let (target, met) = match w {
-            Some(w) => {
-                let target = w["target_overhead_pct"]
-                    .as_f64()
-                    .map_or("report".to_owned(), |t| format!("≤ {t} %"));
-                let below = if w["below_bpftrace"] == true {
-                    ""
-                } else {
-                    ", NOT below bpftrace"
-                };
-                let met = match w["target_met"].as_bool() {
-                    Some(true) => format!("yes{below}"),
-                    Some(false) => format!("**MISS**{below}"),
-                    None => format!("-{below}"),
-                };
-                (target, met)
-            }
-            None => ("report".to_owned(), "-".to_owned()),
-        };
-        let pair = |v: &Value| {
-            if v.is_null() {
-                "-".to_owned()
-            } else {
-                let flags = v["clean"].as_array();
-                let total = flags.map_or(0, Vec::len);
-                let clean = flags.map_or(0, |f| f.iter().filter(|c| **c == true).count());
-                format!(
-                    "{} / {} [{clean}/{total}]",
-                    fmt_s(&v["min_s"]),
-                    fmt_s(&v["median_s"])
-                )
-            }
-        };
-        let (events, lost) = w.map_or(("-".to_owned(), "-".to_owned()), |w| {
-            (
-                w["forkwatch_events_per_s_median"]
-                    .as_f64()
-                    .filter(|x| x.is_finite())
-                    .map_or("-".to_owned(), |x| format!("{x:.0}")),
-                format!(
-                    "{:.0}",
-                    w["forkwatch_events_lost"].as_f64().unwrap_or(f64::NAN)
-                ),
-            )
-        });
-        out.push_str(&format!(
-            "| {name} | {} | {} | {} | {} | {} | {target} | {met} | {events} | {lost} |\n",
-            pair(none),
-            pair(fw),
-            ratios(fw),
-            pair(bt),
-            ratios(bt),
-        ));
-    };
     for w in report["workloads"].as_array().into_iter().flatten() {
         let name = format!("{} {}", w["id"], w["name"].as_str().unwrap_or(""));
-        row(&mut out, &name, &w["conditions"], Some(w));
+        out.push_str(&overhead_row(&name, &w["conditions"], Some(w)));
     }
     let family = &report["workload0_family_tracked"];
     let mut conditions = family["conditions"].clone();
     conditions["none"] = report["workloads"][0]["conditions"]["none"].clone();
-    row(
-        &mut out,
+    out.push_str(&overhead_row(
         &format!(
             "0 cheap syscalls, a fork family tracked (write probe attached: {})",
             family["write_probe_attached"]
         ),
         &conditions,
         None,
-    );
+    ));
+    out
+}
 
-    out.push_str("\n| target | measured | met |\n| --- | --- | --- |\n");
+/// A row of the overhead table: the conditions `c`, and the workload `w`'s target and events
+/// (none for the family row).
+fn overhead_row(name: &str, c: &Value, w: Option<&Value>) -> String {
+    let (target, met) = w.map_or(("report".to_owned(), "-".to_owned()), target_cells);
+    let (events, lost) = w.map_or(("-".to_owned(), "-".to_owned()), event_cells);
+    let (fw, bt) = (&c["forkwatch"], &c["bpftrace"]);
+    format!(
+        "| {name} | {} | {} | {} | {} | {} | {target} | {met} | {events} | {lost} |\n",
+        times(&c["none"]),
+        times(fw),
+        ratios(fw),
+        times(bt),
+        ratios(bt),
+    )
+}
+
+/// The "target" and "met" cells of a workload.
+fn target_cells(w: &Value) -> (String, String) {
+    let target = w["target_overhead_pct"]
+        .as_f64()
+        .map_or("report".to_owned(), |t| format!("≤ {t} %"));
+    let below = if w["below_bpftrace"] == true {
+        ""
+    } else {
+        ", NOT below bpftrace"
+    };
+    let met = match w["target_met"].as_bool() {
+        Some(true) => format!("yes{below}"),
+        Some(false) => format!("**MISS**{below}"),
+        None => format!("-{below}"),
+    };
+    (target, met)
+}
+
+/// The "events/s" and "lost" cells of a workload (during forkwatch's condition).
+fn event_cells(w: &Value) -> (String, String) {
+    (
+        w["forkwatch_events_per_s_median"]
+            .as_f64()
+            .filter(|x| x.is_finite())
+            .map_or("-".to_owned(), |x| format!("{x:.0}")),
+        format!(
+            "{:.0}",
+            w["forkwatch_events_lost"].as_f64().unwrap_or(f64::NAN)
+        ),
+    )
+}
+
+/// "min / median [clean/all]" of one condition.
+fn times(v: &Value) -> String {
+    if v.is_null() {
+        return "-".to_owned();
+    }
+    let flags = v["clean"].as_array();
+    let total = flags.map_or(0, Vec::len);
+    let clean = flags.map_or(0, |f| f.iter().filter(|c| **c == true).count());
+    format!(
+        "{} / {} [{clean}/{total}]",
+        fmt_s(&v["min_s"]),
+        fmt_s(&v["median_s"])
+    )
+}
+
+/// Every target, what was measured, and whether it was met.
+fn targets_table(report: &Value) -> String {
+    let mut out = String::from("\n| target | measured | met |\n| --- | --- | --- |\n");
     for t in report["targets"].as_array().into_iter().flatten() {
         let met = if t["met"] == true { "yes" } else { "**MISS**" };
         out.push_str(&format!(
@@ -133,8 +155,16 @@ pub(super) fn table(report: &Value) -> String {
             t["measured"].as_str().unwrap_or("")
         ));
     }
+    out
+}
+
+fn num(v: &Value) -> f64 {
+    v.as_f64().unwrap_or(f64::NAN)
+}
+
+/// The daemon's CPU, memory and idle cost, finding latency, and the sustained storm.
+fn daemon_paragraphs(report: &Value) -> String {
     let d = &report["daemon"];
-    let num = |v: &Value| v.as_f64().unwrap_or(f64::NAN);
     let by_session: Vec<String> = d["peak_rss_kib_by_session"]
         .as_object()
         .into_iter()
@@ -147,7 +177,7 @@ pub(super) fn table(report: &Value) -> String {
             )
         })
         .collect();
-    out.push_str(&format!(
+    let mut out = format!(
         "\nDaemon during (b): {:.2} CPU s over {:.1} s of workloads ({:.2} % of one core). \
          Peak RSS (VmHWM) {:.1} MiB ({}). Idle: {:.2} % of one core by utime+stime over {:.1} s \
          ({:.3} % by schedstat).\n",
@@ -159,7 +189,7 @@ pub(super) fn table(report: &Value) -> String {
         num(&d["idle"]["cpu_pct_of_one_core"]),
         num(&d["idle"]["seconds"]),
         num(&d["idle"]["cpu_pct_of_one_core_schedstat"]),
-    ));
+    );
     let l = &report["finding_latency"];
     out.push_str(&format!(
         "Finding latency ({} runs): a child that never execs reported {} ms past the grace \
@@ -185,8 +215,14 @@ pub(super) fn table(report: &Value) -> String {
         num(&s["events_lost"]),
         num(&s["daemon_cpu_pct_of_one_core"]),
     ));
+    out
+}
 
-    out.push_str("\nIn-kernel cost per program call (`--bpf-stats`, separate daemon), ns:\n\n");
+/// Calls × ns per call of each program during each workload, with a daemon run with
+/// `--bpf-stats`.
+fn bpf_stats_table(report: &Value) -> String {
+    let mut out =
+        String::from("\nIn-kernel cost per program call (`--bpf-stats`, separate daemon), ns:\n\n");
     let stats = report["bpf_stats"].as_object();
     let mut programs: Vec<String> = stats
         .into_iter()
@@ -213,17 +249,7 @@ pub(super) fn table(report: &Value) -> String {
             total["pct_of_no_monitor_min"].as_f64().unwrap_or(f64::NAN)
         ));
         for p in &programs {
-            let cell = &per[p.as_str()];
-            let runs = cell["runs"].as_f64().unwrap_or(0.0);
-            if runs > 0.0 {
-                out.push_str(&format!(
-                    " {} × {:.0} |",
-                    runs,
-                    cell["ns_per_call"].as_f64().unwrap_or(f64::NAN)
-                ));
-            } else {
-                out.push_str(" - |");
-            }
+            out.push_str(&program_cell(&per[p.as_str()]));
         }
         out.push('\n');
     }
@@ -232,4 +258,18 @@ pub(super) fn table(report: &Value) -> String {
          that in percent of the workload's min time without a monitor)\n",
     );
     out
+}
+
+/// " calls × ns |", or " - |" for a program that did not run.
+fn program_cell(cell: &Value) -> String {
+    let runs = cell["runs"].as_f64().unwrap_or(0.0);
+    if runs > 0.0 {
+        format!(
+            " {} × {:.0} |",
+            runs,
+            cell["ns_per_call"].as_f64().unwrap_or(f64::NAN)
+        )
+    } else {
+        " - |".to_owned()
+    }
 }

@@ -1,9 +1,10 @@
 //! `cargo xtask bench`: what forkwatch costs the host, measured against no monitor and against
 //! bpftrace running the probes a user would write by hand, on the same machine in one run.
 //!
-//! Each workload of xtask/bench/workloads.c runs in three conditions, interleaved (the order of
-//! the conditions rotates from one repetition to the next, so slow drift of the machine does not
-//! favour one of them): (a) no monitor, (b) the release daemon with default settings, (c) bpftrace.
+//! Each workload of workloads.c (beside this file) runs in three conditions, interleaved (the
+//! order of the conditions rotates from one repetition to the next, so slow drift of the machine
+//! does not favour one of them): (a) no monitor, (b) the release daemon with default settings,
+//! (c) bpftrace.
 //! During (b) it also measures the daemon's CPU time and peak RSS, events received and lost
 //! (from /metrics), and workload 0 once more while a long-lived fork family makes the daemon
 //! attach its syscall write probe. Then, with separate daemons so that neither perturbs (b): the
@@ -38,7 +39,7 @@ mod table;
 
 /// Relative to the workspace root.
 const BENCH_DIR: &str = "target/bench";
-const WORKLOADS_SOURCE: &str = "xtask/bench/workloads.c";
+const WORKLOADS_SOURCE: &str = "xtask/src/bench/workloads.c";
 const DAEMON: &str = "target/release/forkwatch";
 /// Full runs: repetitions of each (workload, condition).
 const REPETITIONS: usize = 6;

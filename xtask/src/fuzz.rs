@@ -4,14 +4,18 @@
 
 use std::process::Command;
 
+use anyhow::bail;
+
 use crate::{cmd, setup};
 
 pub const TARGETS: [&str; 3] = ["decode", "config", "btf"];
 
-/// Runs every fuzz target for `seconds` each.
+/// Runs every fuzz target for `seconds` each; a crash in one does not keep the others from
+/// running.
 pub fn run(seconds: u32) -> anyhow::Result<()> {
     let channel = setup::ebpf_channel()?;
     let fuzz_dir = cmd::workspace_root().join("fuzz");
+    let mut failed = Vec::new();
     for target in TARGETS {
         // The corpus grows across runs (ignored by git); committed seeds (fuzz/seeds/<target>)
         // get a structured format past its magic number in seconds instead of never.
@@ -25,13 +29,25 @@ pub fn run(seconds: u32) -> anyhow::Result<()> {
         if seeds.is_dir() {
             command.arg(&seeds);
         }
-        cmd::run_with(
+        let result = cmd::run_with(
             command
                 .arg("--")
                 .arg(format!("-max_total_time={seconds}"))
                 .arg("-print_final_stats=1"),
-        )?;
-        println!("fuzz: {target}: {seconds} s without a crash");
+        );
+        match result {
+            Ok(()) => println!("fuzz: {target}: {seconds} s without a crash"),
+            Err(err) => {
+                println!("fuzz: {target}: FAILED: {err:#}");
+                failed.push(target);
+            }
+        }
+    }
+    if !failed.is_empty() {
+        bail!(
+            "fuzz targets failed: {} (a crash leaves its input in fuzz/artifacts/)",
+            failed.join(", ")
+        );
     }
     Ok(())
 }

@@ -1,6 +1,11 @@
 //! Idempotent machine set-up: each step checks first and installs only what is missing.
 //!
-//! Pins, and why (see DEVELOPERS.md):
+//! Two sets, so that a user who only runs the daemon gets only what building it needs:
+//! `build_deps` (`cargo xtask build`, `run`, `dist`, `image`, `bench`) and `test_deps` (what the
+//! suite needs on top, for `cargo xtask test`). `cargo xtask setup` installs both. The bench and
+//! the image install the one tool each needs beyond building themselves (bpftrace; podman).
+//!
+//! Pins, and why:
 //! - the eBPF nightly (monitor-ebpf/rust-toolchain.toml) ships LLVM 22.1.8; later nightlies use
 //!   LLVM 23, which bpf-linker 0.13 rejects ("Invalid record");
 //! - bpf-linker 0.13.0 is built against Debian's LLVM 22 (llvm-22-dev) to match it.
@@ -15,14 +20,15 @@ use crate::cmd;
 const EBPF_COMPONENTS: [&str; 2] = ["rust-src", "clippy"];
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
 const BPF_LINKER_VERSION: &str = "0.13.0";
-/// Debian packages: LLVM 22 development files (libLLVM.so, which bpf-linker links) and, for the
-/// tests, a C compiler, Python, promtool, a PostgreSQL server, Python's venv module and
-/// `systemd-analyze` (package `systemd`, for `systemd-analyze verify` of the unit in deploy/; it
-/// needs no running systemd). (Installing `postgresql` may create a default cluster; the tests
-/// ignore it and start their own server on a private socket directory and port.)
-const APT_PACKAGES: [&str; 7] = [
-    "llvm-22-dev",
-    "gcc",
+/// Debian packages that building needs: LLVM 22 development files (libLLVM.so, which bpf-linker
+/// links) and a C compiler (the linker rustc calls, and ring's C code).
+const BUILD_PACKAGES: [&str; 2] = ["llvm-22-dev", "gcc"];
+/// Debian packages only the tests need: Python, promtool, a PostgreSQL server, Python's venv
+/// module and `systemd-analyze` (package `systemd`, for `systemd-analyze verify` of the unit in
+/// deploy/; it needs no running systemd). (Installing `postgresql` may create a default cluster;
+/// the tests ignore it and start their own server on a private socket directory and port.) The
+/// tests also compile their C fixtures with the build set's gcc.
+const TEST_PACKAGES: [&str; 5] = [
     "python3",
     "prometheus",
     "postgresql",
@@ -38,20 +44,40 @@ const TEST_VENV_PACKAGES: [&str; 3] = ["psycopg[binary]", "kubernetes-validate",
 /// The modules that prove those packages are importable.
 const TEST_VENV_IMPORTS: &str = "import psycopg, kubernetes_validate, yaml";
 
+/// `cargo xtask setup`: everything building and testing need.
 pub fn setup() -> anyhow::Result<()> {
-    apt_packages()?;
-    test_venv()?;
-    ebpf_toolchain()?;
-    bpf_linker()?;
-    cargo_fuzz()?;
+    build_deps()?;
+    test_deps()?;
     eprintln!("xtask: setup complete");
     Ok(())
 }
 
-fn apt_packages() -> anyhow::Result<()> {
+/// What building the daemon (and so running it) needs: LLVM 22, a C compiler, the pinned eBPF
+/// nightly and bpf-linker.
+pub fn build_deps() -> anyhow::Result<()> {
+    apt_packages(
+        &BUILD_PACKAGES,
+        "LLVM 22 development files and a C compiler",
+    )?;
+    ebpf_toolchain()?;
+    bpf_linker()
+}
+
+/// What the suite needs on top of `build_deps`: its servers and tools, the Python venv of its
+/// fixtures, and cargo-fuzz.
+pub fn test_deps() -> anyhow::Result<()> {
+    apt_packages(
+        &TEST_PACKAGES,
+        "python3 with its venv module, promtool, PostgreSQL and systemd-analyze",
+    )?;
+    test_venv()?;
+    cargo_fuzz()
+}
+
+fn apt_packages(packages: &[&str], what: &str) -> anyhow::Result<()> {
     // Ask dpkg about the packages themselves: probing for a file is fooled by files that other
     // packages ship (llvm-config comes with llvm-22, but libLLVM.so only with llvm-22-dev).
-    let missing: Vec<&str> = APT_PACKAGES
+    let missing: Vec<&str> = packages
         .iter()
         .copied()
         .filter(|package| !dpkg_installed(package))
@@ -59,11 +85,7 @@ fn apt_packages() -> anyhow::Result<()> {
     if missing.is_empty() {
         return Ok(());
     }
-    apt_install(
-        &missing,
-        "LLVM 22 development files, a C compiler, python3 with its venv module, promtool, \
-         PostgreSQL and systemd-analyze",
-    )
+    apt_install(&missing, what)
 }
 
 /// Installs Debian packages `what` needs; where that cannot be done here (not Debian, not

@@ -46,7 +46,7 @@ pub fn measure(workloads: &Path, findings: &Path, runs: usize) -> anyhow::Result
 }
 
 fn one(workloads: &Path, findings: &Path) -> anyhow::Result<Sample> {
-    let (mut child, stdin, line) = super::spawn_until_line(workloads, "latency")?;
+    let (mut child, stdin, line) = super::processes::spawn_until_line(workloads, "latency")?;
     let field = |key: &str| -> anyhow::Result<u64> {
         line.split_whitespace()
             .find_map(|w| w.strip_prefix(key)?.strip_prefix('='))

@@ -1,4 +1,4 @@
-/* The workloads of `cargo xtask bench` (xtask/src/bench.rs), one program with modes.
+/* The workloads of `cargo xtask bench` (xtask/src/bench/), one program with modes.
  *
  *   workloads MODE N       run workload MODE with size N, then print one line:
  *                          "elapsed_ns=<ns> ops=<n>" (the timed part only, not process start-up)

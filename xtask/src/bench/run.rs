@@ -1,0 +1,299 @@
+//! One bench run's measurements: the workloads in each condition, the in-kernel cost per
+//! program call, idle CPU, finding latency and the sustained fork storm.
+
+use std::{
+    collections::BTreeMap,
+    path::Path,
+    process::{Command, Stdio},
+    thread::sleep,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, bail};
+use serde_json::{Value, json};
+
+use super::{
+    Bench, Condition, IDLE_CPU_TARGET_PCT, IDLE_FULL, IDLE_SMOKE, LATENCY_RUNS, Results, SETTLE,
+    STATS_SETTLE, SUSTAIN_ATTEMPTS, SUSTAIN_FORKERS, SUSTAIN_FULL_SECONDS, SUSTAIN_SMOKE_SECONDS,
+    SUSTAIN_TARGET_FORKS_PER_S, Sample, WORKLOADS, Workload, foreign_monitors, latency,
+    processes::{Bpftrace, Daemon, Holder, Metrics},
+};
+
+impl Bench {
+    pub(super) fn size(&self, w: &Workload) -> u64 {
+        if self.smoke { w.smoke } else { w.full }
+    }
+
+    /// Runs one workload; the seconds of its timed part (as the program measured it) and the
+    /// wall time of the whole process.
+    fn run(&self, mode: &str, args: &[String]) -> anyhow::Result<(f64, f64)> {
+        self.run_program(&self.workloads, mode, args)
+    }
+
+    /// `run`, of the given build of the workloads program.
+    fn run_program(
+        &self,
+        program: &Path,
+        mode: &str,
+        args: &[String],
+    ) -> anyhow::Result<(f64, f64)> {
+        let begin = Instant::now();
+        let out = Command::new(program)
+            .arg(mode)
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .with_context(|| format!("cannot run {}", program.display()))?;
+        let wall = begin.elapsed().as_secs_f64();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        if !out.status.success() {
+            bail!(
+                "workload {mode} {args:?} failed ({}): {}{}",
+                out.status,
+                stdout,
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        let field = |name: &str| -> anyhow::Result<f64> {
+            stdout
+                .split_whitespace()
+                .find_map(|kv| kv.strip_prefix(name)?.strip_prefix('='))
+                .and_then(|v| v.parse::<f64>().ok())
+                .with_context(|| format!("workload {mode}: no {name} in {stdout:?}"))
+        };
+        let elapsed = field("elapsed_ns")? / 1e9;
+        let _ops = field("ops")?;
+        Ok((elapsed, wall))
+    }
+
+    fn run_workload(&self, w: &Workload) -> anyhow::Result<(f64, f64)> {
+        self.run(w.mode, &[self.size(w).to_string()])
+    }
+
+    /// run_workload, noting whether a monitor other than `own` ran before or after it.
+    fn run_checked(&self, w: &Workload, own: &[u32]) -> anyhow::Result<(Sample, f64)> {
+        let quiet_before = foreign_monitors(own).is_empty();
+        let (t, wall) = self.run_workload(w)?;
+        let clean = quiet_before && foreign_monitors(own).is_empty();
+        Ok((Sample { t, clean }, wall))
+    }
+
+    pub(super) fn pass_none(&self, results: &mut Results) -> anyhow::Result<()> {
+        for w in &WORKLOADS {
+            let (sample, _) = self.run_checked(w, &[])?;
+            results
+                .times
+                .entry((w.id, Condition::None))
+                .or_default()
+                .push(sample);
+        }
+        Ok(())
+    }
+
+    pub(super) fn pass_forkwatch(&self, results: &mut Results) -> anyhow::Result<()> {
+        let daemon = Daemon::start(self, false, "b")?;
+        let cpu_before = daemon.cpu_seconds()?;
+        let wall_before = Instant::now();
+        for w in &WORKLOADS {
+            let idle = daemon.wait_scheduler_idle()?;
+            let before = daemon.scrape()?;
+            let (mut sample, wall) = self.run_checked(w, &[daemon.pid()])?;
+            // A sample that began with another fork family's scheduler probes attached is not clean.
+            sample.clean &= idle;
+            sleep(SETTLE);
+            let after = daemon.scrape()?;
+            let probe = before.sum("forkwatch_write_probe_attached")
+                + after.sum("forkwatch_write_probe_attached");
+            sample.clean &= probe == 0.0;
+            results
+                .times
+                .entry((w.id, Condition::Forkwatch))
+                .or_default()
+                .push(sample);
+            let events = after.sum("forkwatch_events_total") - before.sum("forkwatch_events_total");
+            results
+                .events_per_s
+                .entry(w.id)
+                .or_default()
+                .push(events / wall);
+            *results.events_lost.entry(w.id).or_default() += after
+                .sum("forkwatch_events_lost_total")
+                - before.sum("forkwatch_events_lost_total");
+        }
+        // Workload 0 once more, while a fork family is tracked.
+        let holder = Holder::start(self)?;
+        let attached = daemon.wait_probe(true)?;
+        let before = daemon.scrape()?;
+        let (sample, _) = self.run_checked(&WORKLOADS[0], &[daemon.pid()])?;
+        sleep(SETTLE);
+        let after = daemon.scrape()?;
+        let still_attached = after.sum("forkwatch_write_probe_attached") == 1.0;
+        results.family_times.push(sample);
+        results
+            .family_probe_attached
+            .push(attached && still_attached);
+        results.family_events_lost +=
+            after.sum("forkwatch_events_lost_total") - before.sum("forkwatch_events_lost_total");
+        holder.stop()?;
+        if !daemon.wait_probe(false)? {
+            eprintln!("xtask: bench: warning: the write probe stayed attached after the family");
+        }
+        results.daemon_cpu_s += daemon.cpu_seconds()? - cpu_before;
+        results.daemon_wall_s += wall_before.elapsed().as_secs_f64();
+        results.note_rss("b", daemon.peak_rss_kib()?);
+        daemon.stop()
+    }
+
+    pub(super) fn pass_bpftrace(&self, results: &mut Results) -> anyhow::Result<()> {
+        let tracer = Bpftrace::start(self)?;
+        for w in &WORKLOADS {
+            let (sample, _) = self.run_checked(w, &[tracer.child.id()])?;
+            results
+                .times
+                .entry((w.id, Condition::Bpftrace))
+                .or_default()
+                .push(sample);
+        }
+        tracer.stop()
+    }
+
+    /// The in-kernel cost per program call, with a daemon of its own: the statistics cost a
+    /// little on every program run, which must not count against (b).
+    pub(super) fn pass_bpf_stats(&self, results: &mut Results) -> anyhow::Result<()> {
+        eprintln!("xtask: bench: BPF program statistics (--bpf-stats)");
+        let daemon = Daemon::start(self, true, "bpf-stats")?;
+        let mut record = |name: String, before: &Metrics, after: &Metrics| {
+            let runs = before.by_label("forkwatch_bpf_program_runs_total", "program");
+            let secs = before.by_label("forkwatch_bpf_program_seconds_total", "program");
+            let runs_after = after.by_label("forkwatch_bpf_program_runs_total", "program");
+            let secs_after = after.by_label("forkwatch_bpf_program_seconds_total", "program");
+            let mut programs = BTreeMap::new();
+            for (program, r1) in runs_after {
+                let dr = r1 - runs.get(&program).copied().unwrap_or(0.0);
+                let ds = secs_after.get(&program).copied().unwrap_or(0.0)
+                    - secs.get(&program).copied().unwrap_or(0.0);
+                programs.insert(program, (dr, ds));
+            }
+            results.bpf_stats.insert(name, programs);
+        };
+        for w in &WORKLOADS {
+            sleep(STATS_SETTLE);
+            daemon.wait_scheduler_idle()?;
+            let before = daemon.scrape()?;
+            self.run_workload(w)?;
+            sleep(STATS_SETTLE);
+            let after = daemon.scrape()?;
+            record(format!("{} {}", w.id, w.mode), &before, &after);
+        }
+        let holder = Holder::start(self)?;
+        daemon.wait_probe(true)?;
+        sleep(STATS_SETTLE);
+        let before = daemon.scrape()?;
+        self.run_workload(&WORKLOADS[0])?;
+        sleep(STATS_SETTLE);
+        let after = daemon.scrape()?;
+        record("0 cheap, family tracked".to_owned(), &before, &after);
+        holder.stop()?;
+        daemon.wait_probe(false)?;
+        results.note_rss("bpf-stats", daemon.peak_rss_kib()?);
+        daemon.stop()
+    }
+
+    /// Idle CPU of a fresh daemon, finding latency, then the sustained fork-without-exec storm.
+    pub(super) fn idle_and_sustained(&self, results: &mut Results) -> anyhow::Result<()> {
+        eprintln!("xtask: bench: idle CPU, finding latency and sustained fork storm");
+        let daemon = Daemon::start(self, false, "sustained")?;
+        sleep(Duration::from_millis(500));
+        let idle = if self.smoke { IDLE_SMOKE } else { IDLE_FULL };
+        let ticks_before = daemon.cpu_seconds()?;
+        let ns_before = daemon.schedstat_seconds();
+        let begin = Instant::now();
+        sleep(idle);
+        let wall = begin.elapsed().as_secs_f64();
+        let cpu = daemon.cpu_seconds()? - ticks_before;
+        let precise = daemon
+            .schedstat_seconds()
+            .zip(ns_before)
+            .map(|(a, b)| a - b);
+        let idle_pct = 100.0 * cpu / wall;
+        results.idle = Some(json!({
+            "seconds": wall,
+            "cpu_seconds": cpu,
+            "cpu_pct_of_one_core": idle_pct,
+            "cpu_pct_of_one_core_schedstat": precise.map(|p| 100.0 * p / wall),
+            "target_pct": IDLE_CPU_TARGET_PCT,
+            "met": idle_pct <= IDLE_CPU_TARGET_PCT,
+        }));
+
+        let runs = if self.smoke { 1 } else { LATENCY_RUNS };
+        results.latency = Some(latency::measure(&self.workloads, &daemon.findings, runs)?);
+
+        let seconds = if self.smoke {
+            SUSTAIN_SMOKE_SECONDS
+        } else {
+            SUSTAIN_FULL_SECONDS
+        };
+        // How fast this machine can fork varies from run to run (nested virtualization): the
+        // storm is tried up to SUSTAIN_ATTEMPTS times until one reaches the target rate. Every
+        // attempt is in the report, and a loss in any of them fails the target.
+        let attempts = if self.smoke { 1 } else { SUSTAIN_ATTEMPTS };
+        let mut runs: Vec<Value> = Vec::new();
+        for _ in 0..attempts {
+            let run = self.storm_once(&daemon, seconds)?;
+            let reached = run["rate_reached"] == true;
+            runs.push(run);
+            if reached {
+                break;
+            }
+        }
+        let rate = |v: &Value| v["forks_per_s"].as_f64().unwrap_or(0.0);
+        let fastest = runs
+            .iter()
+            .max_by(|a, b| rate(a).total_cmp(&rate(b)))
+            .cloned()
+            .context("no storm attempt")?;
+        let lost_in_all: f64 = runs
+            .iter()
+            .map(|r| r["events_lost"].as_f64().unwrap_or(0.0))
+            .sum();
+        let mut sustained = fastest;
+        sustained["attempts"] = Value::from(runs);
+        sustained["events_lost_all_attempts"] = Value::from(lost_in_all);
+        sustained["met"] = Value::from(sustained["rate_reached"] == true && lost_in_all == 0.0);
+        results.sustained = Some(sustained);
+        results.note_rss("sustained fork storm", daemon.peak_rss_kib()?);
+        daemon.stop()
+    }
+
+    /// One sustained fork-without-exec storm of `seconds` against `daemon`, from its /metrics.
+    fn storm_once(&self, daemon: &Daemon, seconds: u32) -> anyhow::Result<Value> {
+        let before = daemon.scrape()?;
+        let cpu_before = daemon.cpu_seconds()?;
+        let (elapsed, _) = self.run_program(
+            &self.storm_workloads,
+            "fork-noexec-for",
+            &[seconds.to_string(), SUSTAIN_FORKERS.to_string()],
+        )?;
+        sleep(Duration::from_secs(1));
+        let after = daemon.scrape()?;
+        let forks = after.get("forkwatch_forks_total", "kind", "process")
+            - before.get("forkwatch_forks_total", "kind", "process");
+        let lost =
+            after.sum("forkwatch_events_lost_total") - before.sum("forkwatch_events_lost_total");
+        let events = after.sum("forkwatch_events_total") - before.sum("forkwatch_events_total");
+        let rate = forks / elapsed;
+        Ok(json!({
+            "seconds": elapsed,
+            "forker_processes": SUSTAIN_FORKERS,
+            "forks_seen_by_kernel": forks,
+            "forks_per_s": rate,
+            "events_received": events,
+            "events_lost": lost,
+            "daemon_cpu_pct_of_one_core": 100.0 * (daemon.cpu_seconds()? - cpu_before) / elapsed,
+            "target_forks_per_s": SUSTAIN_TARGET_FORKS_PER_S,
+            // The target is a rate held for SUSTAIN_FULL_SECONDS: a smoke run's second is not.
+            "rate_reached": rate >= SUSTAIN_TARGET_FORKS_PER_S
+                && elapsed >= f64::from(SUSTAIN_FULL_SECONDS),
+        }))
+    }
+}

@@ -3,9 +3,10 @@
 //!
 //! - [`wire`]: the byte-for-byte contract: ring-buffer records, map keys and values, the offsets
 //!   global, counter indices, map sizes (all re-exported here, e.g. `monitor_common::ForkEvent`);
-//! - [`linux`]: the Linux ABI values both sides compare against (x86_64 syscall numbers, futex
-//!   ops);
-//! - [`names`]: the names the daemon looks maps, programs and globals up by.
+//! - [`linux`]: the Linux ABI values both sides compare against (`AF_*`, `SOCK_*`, `TCP_*`,
+//!   x86_64 syscall numbers, futex ops, task states);
+//! - [`names`]: the names the daemon looks maps, programs and globals up by, and the event
+//!   category names it exports.
 #![no_std]
 
 pub mod linux;

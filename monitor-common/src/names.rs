@@ -1,6 +1,7 @@
-//! Names the daemon looks things up by in the eBPF object. The kernel side cannot use these
-//! constants (aya names a map, program or global after its Rust identifier), so each one here
-//! must equal an identifier in `monitor-ebpf/src/main.rs`.
+//! Names the daemon looks things up by in the eBPF object, and the event-category names it
+//! exports. The kernel side cannot use these constants (aya names a map, program or global after
+//! its Rust identifier), so each one here must equal an identifier in
+//! `monitor-ebpf/src/main.rs`.
 
 /// Name of the global in the eBPF object that holds [`KernelOffsets`](crate::KernelOffsets).
 pub const OFFSETS_GLOBAL: &str = "FORKWATCH_OFFSETS";
@@ -35,3 +36,19 @@ pub const PROGRAMS: [(&str, &str); 7] = [
     ("sock_send_length", "sock_send_length"),
     ("sock_recv_length", "sock_recv_length"),
 ];
+
+/// Event categories: the `category` label of `forkwatch_events_total` and
+/// `forkwatch_events_lost_total`, and the keys of the `events_lost` finding. [`ALL`](category::ALL)
+/// is in [`lost_category`](crate::lost_category) index order.
+pub mod category {
+    pub const FORK: &str = "fork";
+    pub const EXEC: &str = "exec";
+    pub const EXIT: &str = "exit";
+    /// A thread of a tracked process was created or exited.
+    pub const THREAD: &str = "thread";
+    /// A socket shared within a fork family.
+    pub const SOCKET: &str = "socket";
+    /// A file offset shared within a fork family.
+    pub const FILE: &str = "file";
+    pub const ALL: [&str; 6] = [FORK, EXEC, EXIT, THREAD, SOCKET, FILE];
+}

@@ -313,7 +313,8 @@ pub mod lost_category {
     pub const SOCKET: u32 = 4;
     pub const FILE: u32 = 5;
     pub const COUNT: u32 = 6;
-    pub const NAMES: [&str; COUNT as usize] = ["fork", "exec", "exit", "thread", "socket", "file"];
+    /// Metric label of each category, by index.
+    pub const NAMES: [&str; COUNT as usize] = crate::names::category::ALL;
 }
 
 /// The daemon reuses a parent's fork context (read from /proc) for this long per forking thread.
@@ -326,9 +327,10 @@ pub const FORK_WAKEUP_EVERY_NS: u64 = FORK_CONTEXT_REUSE_NS / 2;
 pub const TRACKED_MAX_ENTRIES: u32 = 65_536;
 /// Capacity of the `BLOCKED` map: threads of tracked processes asleep in a futex wait.
 pub const BLOCKED_MAX_ENTRIES: u32 = 16_384;
-/// Capacity of the fork-family map (LRU: an entry whose exit was missed ages out).
+/// Capacity of the fork-family maps (`FAMILY`, `CHILDREN`; plain hash maps: exec and exit
+/// remove their entries in the kernel).
 pub const FAMILY_MAX_ENTRIES: u32 = 65_536;
-/// Capacity of the socket maps (LRU).
+/// Capacity of the socket and file maps (`SOCK_*`, `FILE_*`; LRU).
 pub const SOCKET_MAX_ENTRIES: u32 = 65_536;
 /// Default ring-buffer size in bytes (a power of two, a multiple of the page size).
 pub const RING_BUFFER_BYTES: u32 = 1 << 20;
@@ -402,6 +404,21 @@ mod tests {
     #[test]
     fn ring_buffer_default_is_a_power_of_two_page_multiple() {
         assert!(RING_BUFFER_BYTES.is_power_of_two() && RING_BUFFER_BYTES >= 4096);
+    }
+
+    #[test]
+    fn lost_categories_are_named_in_index_order() {
+        use crate::names::category;
         assert_eq!(lost_category::NAMES.len(), lost_category::COUNT as usize);
+        for (index, name) in [
+            (lost_category::FORK, category::FORK),
+            (lost_category::EXEC, category::EXEC),
+            (lost_category::EXIT, category::EXIT),
+            (lost_category::THREAD, category::THREAD),
+            (lost_category::SOCKET, category::SOCKET),
+            (lost_category::FILE, category::FILE),
+        ] {
+            assert_eq!(lost_category::NAMES[index as usize], name);
+        }
     }
 }

@@ -1,7 +1,7 @@
 //! Names the daemon looks things up by in the eBPF object, and the event-category names it
 //! exports. The kernel side cannot use these constants (aya names a map, program or global after
-//! its Rust identifier), so each one here must equal an identifier in
-//! `monitor-ebpf/src/main.rs`.
+//! its Rust identifier), so each one here must equal an identifier in `monitor-ebpf/src`: the
+//! statics in `maps.rs` and `main.rs` and the `#[btf_tracepoint]` functions.
 
 /// Name of the global in the eBPF object that holds [`KernelOffsets`](crate::KernelOffsets).
 pub const OFFSETS_GLOBAL: &str = "FORKWATCH_OFFSETS";

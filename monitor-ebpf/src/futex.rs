@@ -6,7 +6,11 @@
 use aya_ebpf::{
     helpers::bpf_get_current_pid_tgid, macros::btf_tracepoint, programs::BtfTracePointContext,
 };
-use monitor_common::{BLOCKED_PRIVATE, BLOCKED_TIMEOUT, BlockedWait, futex, syscall};
+use monitor_common::{
+    BLOCKED_PRIVATE, BLOCKED_TIMEOUT, BlockedWait, futex,
+    linux::{TASK_INTERRUPTIBLE, TASK_UNINTERRUPTIBLE},
+    syscall,
+};
 
 use crate::{
     FORKWATCH_OFFSETS,
@@ -14,8 +18,8 @@ use crate::{
     maps::{TRACKED, block, blocked_count, contains, unblock},
 };
 
-/// TASK_INTERRUPTIBLE | TASK_UNINTERRUPTIBLE (include/linux/sched.h, stable UAPI-like values).
-const TASK_SLEEPING: u32 = 0x1 | 0x2;
+/// A task going to sleep (`prev_state`), as opposed to one preempted, still runnable, or dying.
+const TASK_SLEEPING: u32 = TASK_INTERRUPTIBLE | TASK_UNINTERRUPTIBLE;
 
 /// A task is switched out. If it is going to sleep (not preempted) and belongs to a tracked
 /// process, and its saved user registers say it is in a futex wait, remember the wait.

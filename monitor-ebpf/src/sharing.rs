@@ -11,6 +11,7 @@ use aya_ebpf::{
 };
 use monitor_common::{
     DIRECTION_RECV, DIRECTION_SEND, EventKind, KernelOffsets, SharedSocketEvent, SockPid, SockUser,
+    linux::{AF_INET, AF_INET6, AF_UNIX, TCP_LISTEN},
     lost_category,
 };
 
@@ -22,13 +23,6 @@ use crate::{
         count, holder,
     },
 };
-
-/// TCP_LISTEN: a listening socket only hands out connections; sharing it is the prefork pattern.
-const TCP_LISTEN: u8 = 10;
-
-const AF_UNIX: u16 = 1;
-const AF_INET: u16 = 2;
-const AF_INET6: u16 = 10;
 
 #[btf_tracepoint(function = "sock_send_length")]
 pub fn sock_send_length(ctx: BtfTracePointContext) -> u32 {

@@ -8,7 +8,11 @@ use aya_ebpf::{
     macros::btf_tracepoint,
     programs::BtfTracePointContext,
 };
-use monitor_common::{DIRECTION_SEND, EventKind, SharedFileEvent, lost_category};
+use monitor_common::{
+    DIRECTION_SEND, EventKind, SharedFileEvent,
+    linux::{O_APPEND, S_IFMT, S_IFREG},
+    lost_category, syscall,
+};
 
 use crate::{
     FORKWATCH_OFFSETS,
@@ -17,21 +21,15 @@ use crate::{
     sharing::{first_report, note_use},
 };
 
-/// x86_64 syscall numbers of the writes that advance the shared file offset. pwrite64 and
-/// pwritev write at an explicit offset and do not move it, so they cannot race on it.
-const SYS_WRITE: i64 = 1;
-const SYS_WRITEV: i64 = 20;
-const O_APPEND: u32 = 0o2000;
-const S_IFMT: u16 = 0o170000;
-const S_IFREG: u16 = 0o100000;
-
 /// tp_btf sys_enter: TP_PROTO(struct pt_regs *regs, long id). Attached by the daemon only while
 /// a fork family has a child that has not exec'd within the grace window: while attached, every
 /// syscall on the host takes the tracing slow path.
 #[btf_tracepoint(function = "sys_enter")]
 pub fn sys_enter_write(ctx: BtfTracePointContext) -> u32 {
     let id: i64 = ctx.arg(1);
-    if id != SYS_WRITE && id != SYS_WRITEV {
+    // Only these advance the shared file offset: pwrite64 and pwritev write at an explicit
+    // offset and do not move it, so they cannot race on it.
+    if id != syscall::WRITE as i64 && id != syscall::WRITEV as i64 {
         return 0;
     }
     let _ = on_file_write(&ctx, id as u32);

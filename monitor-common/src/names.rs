@@ -1,0 +1,54 @@
+//! Names the daemon looks things up by in the eBPF object, and the event-category names it
+//! exports. The kernel side cannot use these constants (aya names a map, program or global after
+//! its Rust identifier), so each one here must equal an identifier in `monitor-ebpf/src`: the
+//! statics in `maps.rs` and `main.rs` and the `#[btf_tracepoint]` functions.
+
+/// Name of the global in the eBPF object that holds [`KernelOffsets`](crate::KernelOffsets).
+pub const OFFSETS_GLOBAL: &str = "FORKWATCH_OFFSETS";
+
+/// Name of the eBPF global with the ring-buffer fill (bytes) from which a record wakes the
+/// daemon; below it the daemon's drain tick collects records.
+pub const WAKEUP_GLOBAL: &str = "FORKWATCH_WAKEUP_BYTES";
+
+pub const EVENTS: &str = "EVENTS";
+pub const TRACKED: &str = "TRACKED";
+pub const FORK_COUNTERS: &str = "FORK_COUNTERS";
+pub const LOST_EVENTS: &str = "LOST_EVENTS";
+pub const BLOCKED: &str = "BLOCKED";
+pub const CHILDREN: &str = "CHILDREN";
+pub const FAMILY: &str = "FAMILY";
+/// The write probe (tp_btf sys_enter): attached only while a fork family has a child that
+/// has not exec'd for the grace window, because any syscall tracepoint slows every syscall.
+pub const WRITE_PROGRAM: (&str, &str) = ("sys_enter_write", "sys_enter");
+/// The scheduler probes (of PROGRAMS): they find the futex waits of tracked processes and
+/// run on every context switch and wakeup on the host, so the daemon attaches them only
+/// while something is tracked (`forkwatch check` attaches every program once).
+/// In attach order: sched_wakeup first, so that no entry sched_switch adds can miss the
+/// wakeup that removes it; detached in reverse.
+pub const SCHEDULER_PROGRAMS: [&str; 2] = ["sched_wakeup", "sched_switch"];
+/// (program name in the object, tp_btf tracepoint it attaches to).
+pub const PROGRAMS: [(&str, &str); 7] = [
+    ("sched_process_fork", "sched_process_fork"),
+    ("sched_process_exec", "sched_process_exec"),
+    ("sched_process_exit", "sched_process_exit"),
+    ("sched_switch", "sched_switch"),
+    ("sched_wakeup", "sched_wakeup"),
+    ("sock_send_length", "sock_send_length"),
+    ("sock_recv_length", "sock_recv_length"),
+];
+
+/// Event categories: the `category` label of `forkwatch_events_total` and
+/// `forkwatch_events_lost_total`, and the keys of the `events_lost` finding. [`ALL`](category::ALL)
+/// is in [`lost_category`](crate::lost_category) index order.
+pub mod category {
+    pub const FORK: &str = "fork";
+    pub const EXEC: &str = "exec";
+    pub const EXIT: &str = "exit";
+    /// A thread of a tracked process was created or exited.
+    pub const THREAD: &str = "thread";
+    /// A socket shared within a fork family.
+    pub const SOCKET: &str = "socket";
+    /// A file offset shared within a fork family.
+    pub const FILE: &str = "file";
+    pub const ALL: [&str; 6] = [FORK, EXEC, EXIT, THREAD, SOCKET, FILE];
+}

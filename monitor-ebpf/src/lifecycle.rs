@@ -1,0 +1,227 @@
+//! Process lifecycle: fork, exec and exit, and the thread changes of tracked processes. Keeps
+//! `TRACKED` (children of multithreaded forks) and the fork families (`FAMILY`, `CHILDREN`) that
+//! the sharing and write probes watch.
+
+use aya_ebpf::{
+    helpers::{bpf_get_current_comm, bpf_get_current_pid_tgid},
+    macros::btf_tracepoint,
+    programs::BtfTracePointContext,
+};
+use monitor_common::{
+    EventKind, ExecEvent, ExitEvent, FORK_WAKEUP_EVERY_NS, ForkEvent, ThreadEvent, fork_counter,
+    lost_category,
+};
+
+use crate::{
+    FORKWATCH_OFFSETS,
+    kread::{self, read},
+    maps::{
+        CHILDREN, EVENTS, FAMILY, FORK_COUNTERS, FORK_WAKEUPS, LOST_EVENTS, TRACKED, URGENT,
+        blocked_count, contains, copied, count, unblock, wakeup_flags,
+    },
+};
+
+#[btf_tracepoint(function = "sched_process_fork")]
+pub fn sched_process_fork(ctx: BtfTracePointContext) -> u32 {
+    // Errors only mean a kernel read failed; there is nothing better to do than to drop the event.
+    let _ = on_fork(&ctx);
+    0
+}
+
+fn on_fork(ctx: &BtfTracePointContext) -> Result<(), i32> {
+    let offsets = FORKWATCH_OFFSETS.load();
+    // TP_PROTO(struct task_struct *parent, struct task_struct *child); parent is current.
+    let parent: *const u8 = ctx.arg(0);
+    let child: *const u8 = ctx.arg(1);
+
+    let child_pid: i32 = read(child, offsets.task_pid)?;
+    let child_tgid: i32 = read(child, offsets.task_tgid)?;
+    if child_pid != child_tgid {
+        count(&FORK_COUNTERS, fork_counter::THREAD);
+        let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
+        if contains(&TRACKED, &tgid) {
+            send_thread_event(EventKind::ThreadCreated, tgid, child_pid as u32);
+        }
+        return Ok(());
+    }
+    let parent_mm: u64 = read(parent, offsets.task_mm)?;
+    if parent_mm == 0 {
+        // A kernel thread spawning a worker (kthreadd, usermodehelper): no user state to inherit.
+        return Ok(());
+    }
+    let child_mm: u64 = read(child, offsets.task_mm)?;
+    if child_mm == parent_mm {
+        // CLONE_VM without CLONE_THREAD: vfork or posix_spawn. The child runs on the parent's
+        // memory until it execs or exits, which is the safe pattern: count it, never send it
+        // (FORK_FLAG_SHARES_VM is therefore never set by this program).
+        count(&FORK_COUNTERS, fork_counter::SHARED_VM);
+        return Ok(());
+    }
+    // The parent is current: its ids are read once for the family, the event and the wakeup.
+    let pid_tgid = bpf_get_current_pid_tgid();
+    join_family((pid_tgid >> 32) as u32, child_pid as u32);
+    let signal: *const u8 = read(parent, offsets.task_signal)?;
+    let parent_threads: i32 = read(signal, offsets.signal_nr_threads)?;
+    if parent_threads < 2 {
+        count(&FORK_COUNTERS, fork_counter::SINGLE_THREADED);
+        return Ok(());
+    }
+    count(&FORK_COUNTERS, fork_counter::MULTI_THREADED);
+
+    let Some(mut entry) = EVENTS.reserve::<ForkEvent>(0) else {
+        // Not tracked either: exec/exit events for a child the daemon never saw are useless.
+        count(&LOST_EVENTS, lost_category::FORK);
+        return Ok(());
+    };
+    let child_start_ns: u64 = read(child, offsets.task_start_boottime).unwrap_or(0);
+    let parent_start_ns = kread::process_start_ns(parent, &offsets).unwrap_or(0);
+    let pid = child_pid as u32;
+    if TRACKED.insert(&pid, &child_start_ns, 0).is_err() {
+        count(&FORK_COUNTERS, fork_counter::TRACK_FULL);
+    }
+    let now_ns = kread::now_ns();
+    entry.write(ForkEvent {
+        kind: EventKind::Fork as u32,
+        parent_tgid: (pid_tgid >> 32) as u32,
+        parent_tid: pid_tgid as u32,
+        child_pid: pid,
+        parent_threads: parent_threads as u32,
+        flags: 0,
+        timestamp_ns: now_ns,
+        child_start_ns,
+        parent_start_ns,
+        cgroup_id: kread::current_cgroup_id(),
+        comm: bpf_get_current_comm().unwrap_or([0; 16]),
+    });
+    entry.submit(fork_wakeup_flags(pid_tgid, parent_start_ns, now_ns));
+    Ok(())
+}
+
+/// Submit flags of a fork event: urgent for the first fork of a thread in each
+/// FORK_WAKEUP_EVERY_NS, routine for the rest. The daemon reads the parent's fork context from
+/// /proc at the first (promptly, while it lives) and reuses it for the next forks of the same
+/// thread for longer than this (FORK_CONTEXT_REUSE_NS), so a fork storm wakes it a few times a
+/// second, not once per fork.
+#[inline(always)]
+fn fork_wakeup_flags(pid_tgid: u64, parent_start_ns: u64, now_ns: u64) -> u64 {
+    // With the process's start time: a pid reused by a new process is a new forking thread.
+    let key = [pid_tgid, parent_start_ns];
+    if let Some(last) = copied(&FORK_WAKEUPS, &key)
+        && now_ns.saturating_sub(last) < FORK_WAKEUP_EVERY_NS
+    {
+        return wakeup_flags();
+    }
+    let _ = FORK_WAKEUPS.insert(&key, &now_ns, 0);
+    URGENT
+}
+
+#[btf_tracepoint(function = "sched_process_exec")]
+pub fn sched_process_exec(_ctx: BtfTracePointContext) -> u32 {
+    // Runs in the exec'ing task after de_thread(): its pid is the thread-group id.
+    let pid = (bpf_get_current_pid_tgid() >> 32) as u32;
+    // A new program shares nothing it does not inherit on purpose: it leaves its family.
+    leave_family(pid);
+    if !contains(&TRACKED, &pid) {
+        return 0;
+    }
+    // Once exec'd the process no longer carries the parent's state: stop tracking it.
+    let _ = TRACKED.remove(&pid);
+    match EVENTS.reserve::<ExecEvent>(0) {
+        Some(mut entry) => {
+            entry.write(ExecEvent {
+                kind: EventKind::Exec as u32,
+                pid,
+                timestamp_ns: kread::now_ns(),
+                comm: bpf_get_current_comm().unwrap_or([0; 16]),
+            });
+            entry.submit(wakeup_flags());
+        }
+        None => count(&LOST_EVENTS, lost_category::EXEC),
+    }
+    0
+}
+
+#[btf_tracepoint(function = "sched_process_exit")]
+pub fn sched_process_exit(ctx: BtfTracePointContext) -> u32 {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let (pid, tid) = ((pid_tgid >> 32) as u32, pid_tgid as u32);
+    // TP_PROTO(struct task_struct *p, bool group_dead): only the last thread ends the process.
+    let group_dead: u64 = ctx.arg(1);
+    let group_dead = group_dead & 0xff != 0;
+    if group_dead {
+        leave_family(pid);
+    }
+    // A thread that is exiting is not blocked in a futex any more (normally the wakeup already
+    // removed it; a fatal signal may not have gone through one, and an exec that killed the
+    // other threads untracked the process first: so before the TRACKED check).
+    if blocked_count() != 0 {
+        unblock(tid);
+    }
+    if !contains(&TRACKED, &pid) {
+        return 0;
+    }
+    if !group_dead {
+        send_thread_event(EventKind::ThreadExited, pid, tid);
+        return 0;
+    }
+    let _ = TRACKED.remove(&pid);
+    let task: *const u8 = ctx.arg(0);
+    let offsets = FORKWATCH_OFFSETS.load();
+    let exit_code: i32 = read(task, offsets.task_exit_code).unwrap_or(0);
+    match EVENTS.reserve::<ExitEvent>(0) {
+        Some(mut entry) => {
+            entry.write(ExitEvent {
+                kind: EventKind::Exit as u32,
+                pid,
+                timestamp_ns: kread::now_ns(),
+                exit_code: exit_code as u32,
+                _pad: 0,
+            });
+            entry.submit(wakeup_flags());
+        }
+        None => count(&LOST_EVENTS, lost_category::EXIT),
+    }
+    0
+}
+
+/// Makes `child` (and its parent, if it is not yet) a member of the parent's fork family.
+#[inline(always)]
+fn join_family(parent: u32, child: u32) {
+    let family = match copied(&FAMILY, &parent) {
+        Some(family) => family,
+        None => {
+            let _ = FAMILY.insert(&parent, &parent, 0);
+            parent
+        }
+    };
+    let _ = FAMILY.insert(&child, &family, 0);
+    let _ = CHILDREN.insert(&child, &kread::now_ns(), 0);
+}
+
+/// Takes `pid` out of its fork family (a lookup first: most processes are in none, and a lookup
+/// takes no bucket lock).
+#[inline(always)]
+fn leave_family(pid: u32) {
+    if contains(&FAMILY, &pid) {
+        let _ = FAMILY.remove(&pid);
+    }
+    if contains(&CHILDREN, &pid) {
+        let _ = CHILDREN.remove(&pid);
+    }
+}
+
+fn send_thread_event(kind: EventKind, pid: u32, tid: u32) {
+    match EVENTS.reserve::<ThreadEvent>(0) {
+        Some(mut entry) => {
+            entry.write(ThreadEvent {
+                kind: kind as u32,
+                pid,
+                tid,
+                _pad: 0,
+                timestamp_ns: kread::now_ns(),
+            });
+            entry.submit(wakeup_flags());
+        }
+        None => count(&LOST_EVENTS, lost_category::THREAD),
+    }
+}

@@ -3,11 +3,9 @@
 //! tracked, and detaches them again once nothing has been tracked for 2 s. One test in a binary
 //! of its own: the gauge it watches is host-wide, and other test binaries run one at a time.
 
-mod harness;
-
 use std::time::Duration;
 
-use harness::{Daemon, privileged, run_forker};
+use crate::harness::{Daemon, privileged, run_forker};
 
 const GAUGE: &str = "forkwatch_scheduler_probes_attached";
 

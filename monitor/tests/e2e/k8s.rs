@@ -3,8 +3,6 @@
 //! --k8s-token-file), the real daemon, and a real multithreaded fork without exec inside a fake
 //! kubepods cgroup, so that the pod UID comes from /proc/<pid>/cgroup as on a node.
 
-mod harness;
-
 use std::{
     io::{BufRead, BufReader, Write},
     net::{SocketAddr, TcpListener},
@@ -14,7 +12,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use harness::{Daemon, compiled, privileged, run_fixture};
+use crate::harness::{Daemon, compiled, privileged, run_fixture};
 use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
 use tokio_rustls::rustls::{
     ServerConfig, ServerConnection, StreamOwned,
@@ -96,7 +94,7 @@ impl PodCgroup {
     }
 
     /// Runs `forker mt-fork-no-exec` inside this cgroup: a shell moves itself in, then execs it.
-    fn run_forker(&self) -> harness::FixtureRun {
+    fn run_forker(&self) -> crate::harness::FixtureRun {
         let procs = self.scope.join("cgroup.procs");
         let script = format!(
             "echo $$ > '{}' && exec '{}' mt-fork-no-exec 2 50",
@@ -391,7 +389,7 @@ fn without_the_flag_there_is_no_lookup_and_no_namespace_metric() {
 /// before anything is loaded (so this needs no privileges).
 #[test]
 fn the_flag_without_an_api_server_is_a_usage_error() {
-    let output = Command::new(harness::BINARY)
+    let output = Command::new(crate::harness::BINARY)
         .args(["run", "--k8s-pod-names", "--metrics-addr", "127.0.0.1:0"])
         .env_remove("KUBERNETES_SERVICE_HOST")
         .env_remove("FORKWATCH_K8S_API_URL")
@@ -407,7 +405,7 @@ fn the_flag_without_an_api_server_is_a_usage_error() {
     assert!(!stderr.contains("panicked"), "{stderr}");
 
     // A CA file that is not there: named, with the flag.
-    let output = Command::new(harness::BINARY)
+    let output = Command::new(crate::harness::BINARY)
         .args(["run", "--k8s-pod-names", "--metrics-addr", "127.0.0.1:0"])
         .args([
             "--k8s-api-url",

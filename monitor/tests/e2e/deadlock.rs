@@ -3,11 +3,9 @@
 //! `inherited_lock_deadlock` (with the blocked thread's symbolized stack), report the waits that
 //! could still end only as `possible_inherited_lock_wait`, and stay quiet otherwise.
 
-mod harness;
-
 use std::time::Duration;
 
-use harness::{Daemon, privileged, run_forker, run_locker, run_python, spawn_locker};
+use crate::harness::{Daemon, privileged, run_forker, run_locker, run_python, spawn_locker};
 
 const DEADLOCK_AFTER_MS: u64 = 500;
 
@@ -99,7 +97,7 @@ fn python_lock_held_by_a_thread_across_os_fork_is_a_certain_deadlock() {
     let daemon = daemon();
     let run = run_python("lock_fork.py", &[]);
     let child = run.child();
-    let _kill = harness::KillOnDrop(child);
+    let _kill = crate::harness::KillOnDrop(child);
     let f = daemon.expect_kind(child, "inherited_lock_deadlock", TIMEOUT);
     assert_eq!(f["severity"], "critical");
     assert_eq!(f["threads"], 1);

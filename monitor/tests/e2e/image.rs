@@ -28,8 +28,6 @@
 //! (target/dist-build). Once that build is cached, building the image takes about a second; on a
 //! fresh checkout the static build takes a couple of minutes.
 
-mod harness;
-
 use std::{
     collections::BTreeMap,
     io::{BufRead as _, BufReader, Read},
@@ -43,7 +41,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use harness::{http_get, privileged};
+use crate::harness::{http_get, privileged};
 use monitor_common::names;
 use serde_json::Value;
 

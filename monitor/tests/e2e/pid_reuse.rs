@@ -1,11 +1,9 @@
 //! End-to-end, as root: process identity is (pid, start time). Pids are reused on purpose (the
 //! host's ns_last_pid) and no finding may describe a process that merely got the same pid.
 
-mod harness;
-
 use std::time::Duration;
 
-use harness::{Daemon, KillOnDrop, privileged, run_python};
+use crate::harness::{Daemon, KillOnDrop, privileged, run_python};
 
 const TIMEOUT: Duration = Duration::from_secs(10);
 

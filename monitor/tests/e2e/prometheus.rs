@@ -1,8 +1,6 @@
 //! End-to-end, as root: a real Prometheus server (Debian's `prometheus` package) on loopback
 //! scrapes the daemon, and its HTTP API shows a finding counted.
 
-mod harness;
-
 use std::{
     net::TcpListener,
     path::PathBuf,
@@ -10,7 +8,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use harness::{Daemon, privileged, run_forker, try_http_get};
+use crate::harness::{Daemon, privileged, run_forker, try_http_get};
 
 /// A Prometheus server for the length of a test.
 struct Prometheus {

@@ -3,8 +3,6 @@
 //! exec, and both processes run queries on it. The daemon reports one `shared_socket` naming the
 //! server's Unix socket, and the fixture shows that the sharing really corrupts the protocol.
 
-mod harness;
-
 use std::{
     fs,
     io::Write as _,
@@ -14,7 +12,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use harness::{Daemon, privileged};
+use crate::harness::{Daemon, privileged};
 
 const TIMEOUT: Duration = Duration::from_secs(10);
 const VENV_PYTHON: &str = concat!(
@@ -269,11 +267,11 @@ fn free_port() -> u16 {
     listener.local_addr().unwrap().port()
 }
 
-/// Runs pg_fork.py with the venv's Python (see `harness::run_fixture`).
-fn run_fixture(args: &[&str]) -> harness::FixtureRun {
+/// Runs pg_fork.py with the venv's Python (see `crate::harness::run_fixture`).
+fn run_fixture(args: &[&str]) -> crate::harness::FixtureRun {
     assert!(
         Path::new(VENV_PYTHON).exists(),
         "no {VENV_PYTHON}: run `cargo xtask setup`"
     );
-    harness::run_fixture(Command::new(VENV_PYTHON).arg(FIXTURE).args(args))
+    crate::harness::run_fixture(Command::new(VENV_PYTHON).arg(FIXTURE).args(args))
 }

@@ -1,13 +1,11 @@
 //! End-to-end, as root: sockets shared across fork. Parent and child talking on one connection
 //! is `shared_socket` naming the peer; the legitimate kinds of sharing stay quiet.
 
-mod harness;
-
 use std::time::Duration;
 
 use std::time::Instant;
 
-use harness::{Daemon, EchoServer, privileged, run_sharer, spawn_sharer};
+use crate::harness::{Daemon, EchoServer, privileged, run_sharer, spawn_sharer};
 
 const TIMEOUT: Duration = Duration::from_secs(10);
 

@@ -2,11 +2,6 @@
 //! processes. Each test starts its own daemon and asserts on its JSON findings, filtered by the
 //! pids of the processes the test itself started (other processes on the host may fork too).
 
-#![allow(
-    dead_code,
-    reason = "each test binary uses a different part of the harness"
-)]
-
 use std::{
     collections::HashMap,
     io::{BufRead, BufReader, Read, Write},

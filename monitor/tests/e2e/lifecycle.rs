@@ -2,15 +2,13 @@
 //! `mt_fork_no_exec` must name exactly the multithreaded fork-without-exec, and the normal
 //! patterns (fork+exec, posix_spawn, vfork, single-threaded fork, thread creation) stay quiet.
 
-mod harness;
-
 use std::{
     io::Write,
     process::{Command, Stdio},
     time::Duration,
 };
 
-use harness::{BINARY, Daemon, GRACE_MS, privileged, run_forker, run_python};
+use crate::harness::{BINARY, Daemon, GRACE_MS, privileged, run_forker, run_python};
 
 const FINDING_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -354,7 +352,7 @@ fn detects_hazards_as_nobody_with_only_the_documented_capabilities() {
     assert_eq!(f["thread_names"].as_array().unwrap().len(), 2, "{f}");
     assert!(f["exe"].as_str().is_some(), "{f}");
     // A deadlock's stack: reading another process's memory needs CAP_SYS_PTRACE.
-    let locked = harness::run_locker("deadlock");
+    let locked = crate::harness::run_locker("deadlock");
     let f = daemon.expect_kind(locked.child(), "inherited_lock_deadlock", FINDING_TIMEOUT);
     assert!(
         f["stack_summary"]

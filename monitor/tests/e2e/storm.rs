@@ -3,11 +3,9 @@
 //! category and say so in the findings stream, evict rather than grow, and never invent a
 //! finding from what it lost. One test: it keeps both cores busy for ten seconds.
 
-mod harness;
-
 use std::time::{Duration, Instant};
 
-use harness::{Daemon, privileged, run_forker};
+use crate::harness::{Daemon, privileged, run_forker};
 
 /// How long each of the two storming parents forks.
 const STORM_MS: u64 = 10_000;

@@ -41,7 +41,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use crate::harness::{http_get, privileged};
+use crate::harness::{self, http_get};
 use monitor_common::names;
 use serde_json::Value;
 
@@ -50,6 +50,11 @@ const IMAGE: &str = "localhost/forkwatch:latest";
 /// the image's own default.
 const PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 const RUN_TIMEOUT: Duration = Duration::from_secs(60);
+/// The first image test builds the image (`cargo xtask image`: on a fresh checkout a static
+/// build of a few minutes, more on a loaded machine); the others wait for it.
+const LIMIT: Duration = Duration::from_secs(20 * 60);
+/// The image tests run one at a time: each mounts the one image and unmounts it when done.
+static IMAGE_MOUNT: harness::Serial = harness::Serial::new();
 
 /// Prepares the root in the new mount namespace and execs the entrypoint in it.
 /// Arguments: the image's directory, an empty directory for the scratch tmpfs, then the command.
@@ -237,6 +242,7 @@ impl Mounted {
         let stdout = lines_of(child.stdout.take().expect("stdout"));
         let stderr = lines_of(child.stderr.take().expect("stderr"));
         Running {
+            _watched: harness::watch(&child),
             child,
             argv,
             scratch,
@@ -279,6 +285,7 @@ impl Drop for Mounted {
 /// exec the next). Killed on drop; the namespace and its mounts go with it.
 struct Running {
     child: Child,
+    _watched: Option<harness::Watched>,
     argv: Vec<String>,
     scratch: PathBuf,
     stdout: mpsc::Receiver<String>,
@@ -336,122 +343,119 @@ fn lines_of(stream: impl Read + Send + 'static) -> mpsc::Receiver<String> {
 
 #[test]
 fn image_holds_the_static_binary_alone() {
-    if !privileged() {
-        return;
-    }
-    let tool = image();
-    let config = tool.config();
-    assert_eq!(config["Entrypoint"], serde_json::json!(["/forkwatch"]));
-    assert_eq!(config["Cmd"], serde_json::json!(["run"]));
-    let labels: BTreeMap<String, String> =
-        serde_json::from_value(config["Labels"].clone()).expect("labels");
-    assert_eq!(labels["org.opencontainers.image.title"], "forkwatch");
-    assert_eq!(
-        labels["org.opencontainers.image.version"],
-        env!("CARGO_PKG_VERSION")
-    );
-    let mounted = Mounted::new(tool);
-    let mut entries: Vec<String> = std::fs::read_dir(&mounted.path)
-        .expect("read the image's root")
-        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-        .collect();
-    entries.sort();
-    assert_eq!(entries, ["forkwatch"], "the image holds the binary alone");
-    let dist = std::fs::read(workspace_root().join("target/dist/forkwatch")).expect("dist binary");
-    let inside = std::fs::read(mounted.path.join("forkwatch")).expect("image binary");
-    assert!(dist == inside, "the image holds target/dist/forkwatch");
+    harness::root().serial(&IMAGE_MOUNT).limit(LIMIT).run(|| {
+        let tool = image();
+        let config = tool.config();
+        assert_eq!(config["Entrypoint"], serde_json::json!(["/forkwatch"]));
+        assert_eq!(config["Cmd"], serde_json::json!(["run"]));
+        let labels: BTreeMap<String, String> =
+            serde_json::from_value(config["Labels"].clone()).expect("labels");
+        assert_eq!(labels["org.opencontainers.image.title"], "forkwatch");
+        assert_eq!(
+            labels["org.opencontainers.image.version"],
+            env!("CARGO_PKG_VERSION")
+        );
+        let mounted = Mounted::new(tool);
+        let mut entries: Vec<String> = std::fs::read_dir(&mounted.path)
+            .expect("read the image's root")
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        entries.sort();
+        assert_eq!(entries, ["forkwatch"], "the image holds the binary alone");
+        let dist =
+            std::fs::read(workspace_root().join("target/dist/forkwatch")).expect("dist binary");
+        let inside = std::fs::read(mounted.path.join("forkwatch")).expect("image binary");
+        assert!(dist == inside, "the image holds target/dist/forkwatch");
+    });
 }
 
 #[test]
 fn check_in_the_image_lists_every_probe_ok() {
-    if !privileged() {
-        return;
-    }
-    let mounted = Mounted::new(image());
-    let check = mounted.run(&["check"]);
-    assert!(
-        check.status.success(),
-        "check failed ({}):\n{}\n{}",
-        check.status,
-        check.stdout,
-        check.stderr
-    );
-    for (program, tracepoint) in names::PROGRAMS {
-        let line = format!("[ ok ] probe {program}: tp_btf/{tracepoint} verified and attached");
+    harness::root().serial(&IMAGE_MOUNT).limit(LIMIT).run(|| {
+        let mounted = Mounted::new(image());
+        let check = mounted.run(&["check"]);
         assert!(
-            check.stdout.lines().any(|l| l == line),
-            "no `{line}` in:\n{}",
+            check.status.success(),
+            "check failed ({}):\n{}\n{}",
+            check.status,
+            check.stdout,
+            check.stderr
+        );
+        for (program, tracepoint) in names::PROGRAMS {
+            let line = format!("[ ok ] probe {program}: tp_btf/{tracepoint} verified and attached");
+            assert!(
+                check.stdout.lines().any(|l| l == line),
+                "no `{line}` in:\n{}",
+                check.stdout
+            );
+        }
+        assert!(
+            check.stdout.contains("[ ok ] kernel BTF"),
+            "{}",
             check.stdout
         );
-    }
-    assert!(
-        check.stdout.contains("[ ok ] kernel BTF"),
-        "{}",
-        check.stdout
-    );
-    assert!(!check.stdout.contains("[FAIL]"), "{}", check.stdout);
+        assert!(!check.stdout.contains("[FAIL]"), "{}", check.stdout);
+    });
 }
 
 #[test]
 fn selftest_in_the_image_passes() {
-    if !privileged() {
-        return;
-    }
-    let mounted = Mounted::new(image());
-    let selftest = mounted.run(&["selftest"]);
-    assert!(
-        selftest.status.success() && selftest.stdout.lines().any(|l| l == "selftest: passed"),
-        "selftest did not pass ({}):\n{}\n{}",
-        selftest.status,
-        selftest.stdout,
-        selftest.stderr
-    );
+    harness::root().serial(&IMAGE_MOUNT).limit(LIMIT).run(|| {
+        let mounted = Mounted::new(image());
+        let selftest = mounted.run(&["selftest"]);
+        assert!(
+            selftest.status.success() && selftest.stdout.lines().any(|l| l == "selftest: passed"),
+            "selftest did not pass ({}):\n{}\n{}",
+            selftest.status,
+            selftest.stdout,
+            selftest.stderr
+        );
+    });
 }
 
 /// The default command (`ENTRYPOINT` + `CMD`: the daemon), configured through the environment as
 /// a container would be, on the read-only root: ready, /readyz 200, exit 0 on SIGTERM.
 #[test]
 fn daemon_in_the_image_runs_on_a_read_only_root() {
-    if !privileged() {
-        return;
-    }
-    let mounted = Mounted::new(image());
-    let mut daemon = mounted.spawn(
-        &[],
-        &[
-            ("FORKWATCH_METRICS_ADDR", "127.0.0.1:0"),
-            ("FORKWATCH_LOG_FORMAT", "json"),
-        ],
-    );
-    assert_eq!(daemon.argv, ["/forkwatch", "run"]);
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let mut log = Vec::new();
-    let addr = loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        let Ok(line) = daemon.stderr.recv_timeout(left) else {
-            panic!(
-                "the daemon in the image did not become ready; log:\n{}",
-                log.join("\n")
-            );
+    harness::root().serial(&IMAGE_MOUNT).limit(LIMIT).run(|| {
+        let mounted = Mounted::new(image());
+        let mut daemon = mounted.spawn(
+            &[],
+            &[
+                ("FORKWATCH_METRICS_ADDR", "127.0.0.1:0"),
+                ("FORKWATCH_LOG_FORMAT", "json"),
+            ],
+        );
+        assert_eq!(daemon.argv, ["/forkwatch", "run"]);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let mut log = Vec::new();
+        let addr = loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let Ok(line) = daemon.stderr.recv_timeout(left) else {
+                panic!(
+                    "the daemon in the image did not become ready; log:\n{}",
+                    log.join("\n")
+                );
+            };
+            let ready = serde_json::from_str::<Value>(&line).ok().and_then(|l| {
+                (l["fields"]["message"] == "ready")
+                    .then(|| l["fields"]["metrics_addr"].as_str()?.parse().ok())?
+            });
+            log.push(line);
+            if let Some(addr) = ready {
+                break addr;
+            }
         };
-        let ready = serde_json::from_str::<Value>(&line).ok().and_then(|l| {
-            (l["fields"]["message"] == "ready")
-                .then(|| l["fields"]["metrics_addr"].as_str()?.parse().ok())?
-        });
-        log.push(line);
-        if let Some(addr) = ready {
-            break addr;
-        }
-    };
-    assert_eq!(http_get(addr, "/readyz").0, 200);
-    // SAFETY: kill has no memory-safety preconditions; the pid is our running child.
-    unsafe { libc::kill(daemon.child.id() as i32, libc::SIGTERM) };
-    let status = daemon.wait(Duration::from_secs(10));
-    log.extend(daemon.stderr.try_iter());
-    assert_eq!(
-        status.code(),
-        Some(0),
-        "exit on SIGTERM; log:\n{}",
-        log.join("\n")
-    );
+        assert_eq!(http_get(addr, "/readyz").0, 200);
+        // SAFETY: kill has no memory-safety preconditions; the pid is our running child.
+        unsafe { libc::kill(daemon.child.id() as i32, libc::SIGTERM) };
+        let status = daemon.wait(Duration::from_secs(10));
+        log.extend(daemon.stderr.try_iter());
+        assert_eq!(
+            status.code(),
+            Some(0),
+            "exit on SIGTERM; log:\n{}",
+            log.join("\n")
+        );
+    });
 }

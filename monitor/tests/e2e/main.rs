@@ -8,6 +8,7 @@
 
 mod harness;
 
+mod cli;
 mod deadlock;
 mod deploy;
 mod image;

@@ -12,7 +12,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use crate::harness::{Daemon, privileged};
+use crate::harness::{self, Daemon};
 
 const TIMEOUT: Duration = Duration::from_secs(10);
 const VENV_PYTHON: &str = concat!(
@@ -25,60 +25,59 @@ const SUN_PATH_MAX: usize = 107;
 
 #[test]
 fn psycopg_connection_used_by_parent_and_child_is_shared_socket_and_corrupts() {
-    if !privileged() {
-        return;
-    }
-    let started = Instant::now();
-    let server = Postgres::start();
-    let server_ready = started.elapsed();
-    let daemon = Daemon::start(&[]);
-    let run = run_fixture(&[
-        server.socket_dir.to_str().unwrap(),
-        &server.port.to_string(),
-    ]);
-    let (parent, child) = (run.get("parent"), run.get("child"));
+    harness::root().run(|| {
+        let started = Instant::now();
+        let server = Postgres::start();
+        let server_ready = started.elapsed();
+        let daemon = Daemon::start(&[]);
+        let run = run_fixture(&[
+            server.socket_dir.to_str().unwrap(),
+            &server.port.to_string(),
+        ]);
+        let (parent, child) = (run.get("parent"), run.get("child"));
 
-    let f = daemon.expect_kind(child, "shared_socket", TIMEOUT);
-    assert_eq!(f["parent_pid"], parent, "the other user: {f}");
-    assert_eq!(f["family_pid"], parent, "{f}");
-    assert_eq!(f["socket"]["family"], "unix", "{f}");
-    assert_eq!(f["socket"]["type"], "stream", "{f}");
-    let peer = Path::new(f["socket"]["peer"].as_str().expect("peer is a path"));
-    assert_eq!(peer.parent(), Some(server.socket_dir.as_path()), "{f}");
-    assert_eq!(
-        peer.file_name().and_then(|n| n.to_str()),
-        Some(format!(".s.PGSQL.{}", server.port).as_str()),
-        "{f}"
-    );
-    assert_eq!(f["first_use"]["pid"], parent, "{f}");
-    assert_eq!(f["later_use"]["pid"], child, "{f}");
+        let f = daemon.expect_kind(child, "shared_socket", TIMEOUT);
+        assert_eq!(f["parent_pid"], parent, "the other user: {f}");
+        assert_eq!(f["family_pid"], parent, "{f}");
+        assert_eq!(f["socket"]["family"], "unix", "{f}");
+        assert_eq!(f["socket"]["type"], "stream", "{f}");
+        let peer = Path::new(f["socket"]["peer"].as_str().expect("peer is a path"));
+        assert_eq!(peer.parent(), Some(server.socket_dir.as_path()), "{f}");
+        assert_eq!(
+            peer.file_name().and_then(|n| n.to_str()),
+            Some(format!(".s.PGSQL.{}", server.port).as_str()),
+            "{f}"
+        );
+        assert_eq!(f["first_use"]["pid"], parent, "{f}");
+        assert_eq!(f["later_use"]["pid"], child, "{f}");
 
-    // Everything the family did has been decided: one finding for the one shared connection.
-    daemon.barrier();
-    let shared: Vec<_> = daemon
-        .findings()
-        .into_iter()
-        .filter(|f| f["kind"] == "shared_socket")
-        .filter(|f| f["pid"] == parent || f["pid"] == child || f["family_pid"] == parent)
-        .collect();
-    assert_eq!(
-        shared.len(),
-        1,
-        "one shared_socket for the family: {shared:?}"
-    );
+        // Everything the family did has been decided: one finding for the one shared connection.
+        daemon.barrier();
+        let shared: Vec<_> = daemon
+            .findings()
+            .into_iter()
+            .filter(|f| f["kind"] == "shared_socket")
+            .filter(|f| f["pid"] == parent || f["pid"] == child || f["family_pid"] == parent)
+            .collect();
+        assert_eq!(
+            shared.len(),
+            1,
+            "one shared_socket for the family: {shared:?}"
+        );
 
-    // And the hazard is real: results went to the wrong process, or the protocol broke.
-    let corrupted = run.get("corrupted");
-    assert!(
-        corrupted > 0,
-        "parent and child shared one PostgreSQL connection without visible harm: {:?}",
-        run.values
-    );
-    eprintln!(
-        "postgres ready after {server_ready:?}; fixture: {:?}; total {:?}",
-        run.values,
-        started.elapsed()
-    );
+        // And the hazard is real: results went to the wrong process, or the protocol broke.
+        let corrupted = run.get("corrupted");
+        assert!(
+            corrupted > 0,
+            "parent and child shared one PostgreSQL connection without visible harm: {:?}",
+            run.values
+        );
+        eprintln!(
+            "postgres ready after {server_ready:?}; fixture: {:?}; total {:?}",
+            run.values,
+            started.elapsed()
+        );
+    });
 }
 
 /// A PostgreSQL server of its own, run as the `postgres` OS user (initdb refuses root) on a
@@ -267,11 +266,11 @@ fn free_port() -> u16 {
     listener.local_addr().unwrap().port()
 }
 
-/// Runs pg_fork.py with the venv's Python (see `crate::harness::run_fixture`).
-fn run_fixture(args: &[&str]) -> crate::harness::FixtureRun {
+/// Runs pg_fork.py with the venv's Python (see `harness::run_fixture`).
+fn run_fixture(args: &[&str]) -> harness::FixtureRun {
     assert!(
         Path::new(VENV_PYTHON).exists(),
         "no {VENV_PYTHON}: run `cargo xtask setup`"
     );
-    crate::harness::run_fixture(Command::new(VENV_PYTHON).arg(FIXTURE).args(args))
+    harness::run_fixture(Command::new(VENV_PYTHON).arg(FIXTURE).args(args))
 }

@@ -16,6 +16,8 @@ use std::{
 
 use serde_json::{Value, json};
 
+use crate::harness;
+
 mod kubernetes;
 mod prometheus;
 mod systemd;

@@ -125,90 +125,96 @@ tests:
 /// (`promtool test rules`), and every forkwatch metric it names is one the daemon exports.
 #[test]
 fn alert_rules_pass_promtool_and_fire_as_intended() {
-    let alerts = deploy("prometheus/alerts.yaml");
-    let out = promtool(&["check", "rules", alerts.to_str().unwrap()], &root());
-    assert!(out.contains("SUCCESS"), "{out}");
+    harness::unprivileged().run(|| {
+        let alerts = deploy("prometheus/alerts.yaml");
+        let out = promtool(&["check", "rules", alerts.to_str().unwrap()], &root());
+        assert!(out.contains("SUCCESS"), "{out}");
 
-    let scratch = Scratch::new("rules");
-    let dir = &scratch.0;
-    let tests = dir.join("alerts_test.yaml");
-    std::fs::write(
-        &tests,
-        RULE_TESTS.replace("ALERTS", alerts.to_str().unwrap()),
-    )
-    .unwrap();
-    let out = promtool(&["test", "rules", tests.to_str().unwrap()], dir);
-    assert!(out.contains("SUCCESS"), "{out}");
+        let scratch = Scratch::new("rules");
+        let dir = &scratch.0;
+        let tests = dir.join("alerts_test.yaml");
+        std::fs::write(
+            &tests,
+            RULE_TESTS.replace("ALERTS", alerts.to_str().unwrap()),
+        )
+        .unwrap();
+        let out = promtool(&["test", "rules", tests.to_str().unwrap()], dir);
+        assert!(out.contains("SUCCESS"), "{out}");
 
-    // The alerts the brief promises exist, with the severities they are routed by.
-    let rules = load(&alerts);
-    assert_eq!(rules.len(), 1);
-    let mut by_name = std::collections::BTreeMap::new();
-    for group in rules[0]["groups"].as_array().unwrap() {
-        for rule in group["rules"].as_array().unwrap() {
-            let name = rule["alert"].as_str().expect("alerting rules only");
+        // The alerts the brief promises exist, with the severities they are routed by.
+        let rules = load(&alerts);
+        assert_eq!(rules.len(), 1);
+        let mut by_name = std::collections::BTreeMap::new();
+        for group in rules[0]["groups"].as_array().unwrap() {
+            for rule in group["rules"].as_array().unwrap() {
+                let name = rule["alert"].as_str().expect("alerting rules only");
+                assert!(
+                    by_name.insert(name.to_owned(), rule.clone()).is_none(),
+                    "{name} twice"
+                );
+            }
+        }
+        let critical = &by_name["ForkwatchCriticalFinding"];
+        assert_eq!(critical["labels"]["severity"], "critical");
+        assert!(
+            critical["for"].is_null() || critical["for"] == "0m" || critical["for"] == "0s",
+            "a critical finding fires at once: {critical}"
+        );
+        assert_eq!(
+            by_name["ForkwatchWarningFinding"]["labels"]["severity"],
+            "warning"
+        );
+        assert_eq!(by_name["ForkwatchDown"]["for"], "5m");
+        assert!(
+            by_name.contains_key("ForkwatchEventsLost") && by_name.contains_key("ForkwatchAbsent")
+        );
+
+        // Metric names: a typo would make an alert that never fires, which promtool cannot see.
+        let text = std::fs::read_to_string(&alerts).unwrap();
+        let metrics_rs = std::fs::read_to_string(root().join("monitor/src/metrics.rs")).unwrap();
+        let mut names = BTreeSet::new();
+        for (start, _) in text.match_indices("forkwatch_") {
+            let name: String = text[start..]
+                .chars()
+                .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                .collect();
+            names.insert(name);
+        }
+        assert!(names.len() >= 3, "{names:?}");
+        for name in &names {
             assert!(
-                by_name.insert(name.to_owned(), rule.clone()).is_none(),
-                "{name} twice"
+                metrics_rs.contains(&format!("\"{name}\"")),
+                "alerts.yaml uses {name}, which the daemon does not export (monitor/src/metrics.rs)"
             );
         }
-    }
-    let critical = &by_name["ForkwatchCriticalFinding"];
-    assert_eq!(critical["labels"]["severity"], "critical");
-    assert!(
-        critical["for"].is_null() || critical["for"] == "0m" || critical["for"] == "0s",
-        "a critical finding fires at once: {critical}"
-    );
-    assert_eq!(
-        by_name["ForkwatchWarningFinding"]["labels"]["severity"],
-        "warning"
-    );
-    assert_eq!(by_name["ForkwatchDown"]["for"], "5m");
-    assert!(by_name.contains_key("ForkwatchEventsLost") && by_name.contains_key("ForkwatchAbsent"));
-
-    // Metric names: a typo would make an alert that never fires, which promtool cannot see.
-    let text = std::fs::read_to_string(&alerts).unwrap();
-    let metrics_rs = std::fs::read_to_string(root().join("monitor/src/metrics.rs")).unwrap();
-    let mut names = BTreeSet::new();
-    for (start, _) in text.match_indices("forkwatch_") {
-        let name: String = text[start..]
-            .chars()
-            .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
-            .collect();
-        names.insert(name);
-    }
-    assert!(names.len() >= 3, "{names:?}");
-    for name in &names {
-        assert!(
-            metrics_rs.contains(&format!("\"{name}\"")),
-            "alerts.yaml uses {name}, which the daemon does not export (monitor/src/metrics.rs)"
-        );
-    }
+    });
 }
 
 /// scrape.yaml is a valid Prometheus configuration that scrapes job="forkwatch" at
 /// localhost:9571 and loads alerts.yaml (`promtool check config` checks the rule file too).
 #[test]
 fn scrape_config_with_the_rules_passes_promtool_check_config() {
-    let scrape = deploy("prometheus/scrape.yaml");
-    let out = promtool(&["check", "config", scrape.to_str().unwrap()], &root());
-    assert!(
-        out.contains("SUCCESS: 1 rule files found") && out.contains("valid prometheus config"),
-        "{out}"
-    );
-    let config = load(&scrape);
-    assert_eq!(config.len(), 1);
-    assert_eq!(strings(&config[0]["rule_files"]), ["alerts.yaml"]);
-    let jobs = config[0]["scrape_configs"].as_array().unwrap();
-    let job = jobs
-        .iter()
-        .find(|j| j["job_name"] == JOB)
-        .expect("a forkwatch job");
-    let targets: Vec<&str> = job["static_configs"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .flat_map(|s| strings(&s["targets"]))
-        .collect();
-    assert_eq!(targets, [format!("localhost:{METRICS_PORT}")]);
+    harness::unprivileged().run(|| {
+        let scrape = deploy("prometheus/scrape.yaml");
+        let out = promtool(&["check", "config", scrape.to_str().unwrap()], &root());
+        assert!(
+            out.contains("SUCCESS: 1 rule files found") && out.contains("valid prometheus config"),
+            "{out}"
+        );
+        let config = load(&scrape);
+        assert_eq!(config.len(), 1);
+        assert_eq!(strings(&config[0]["rule_files"]), ["alerts.yaml"]);
+        let jobs = config[0]["scrape_configs"].as_array().unwrap();
+        let job = jobs
+            .iter()
+            .find(|j| j["job_name"] == JOB)
+            .expect("a forkwatch job");
+        let targets: Vec<&str> = job["static_configs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .flat_map(|s| strings(&s["targets"]))
+            .collect();
+        assert_eq!(targets, [format!("localhost:{METRICS_PORT}")]);
+    });
 }

@@ -226,6 +226,10 @@ fn output_file_gets_json_lines_and_mode_0640() {
         daemon.expect_finding(run.child(), FINDING_TIMEOUT);
         let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode, 0o640);
+        // The daemon writes a finding to stdout, then to the file: a test that reads the file
+        // as soon as stdout shows the finding can find it empty (it did, under load). A later
+        // finding on stdout (the barrier's) proves this one is in the file.
+        daemon.barrier();
         let text = std::fs::read_to_string(&path).unwrap();
         let line = text
             .lines()

@@ -4,11 +4,13 @@
 //! lost, and still stop within a second.
 //!
 //! Each test runs alone: a storm keeps both cores busy, and every daemon on the host sees it,
-//! so other tests' daemons would lose events too.
+//! so other tests' daemons would lose events too. Losses are made certain by construction, not
+//! by hoping the daemon falls behind: the daemon is stopped (SIGSTOP) while the storm runs, so
+//! nothing drains the 4 KiB ring buffer, which holds about 60 fork events.
 
 use std::time::{Duration, Instant};
 
-use crate::harness::{self, Daemon, run_forker};
+use crate::harness::{self, Daemon, run_forker, spawn_forker};
 
 /// Why the storm tests run alone.
 const STORM: &str = "a fork storm: every daemon on the host sees it, and would lose events";
@@ -17,6 +19,8 @@ const STORM: &str = "a fork storm: every daemon on the host sees it, and would l
 const STORM_MS: u64 = 10_000;
 /// The smallest ring buffer, 4 KiB, holds about 60 fork events: the storm overflows it.
 const RING_BYTES: &str = "4096";
+/// How long the daemon is stopped during the ten-second storm: thousands of events.
+const PAUSE: Duration = Duration::from_secs(1);
 /// The smallest cap, far fewer than the children alive at once (the storm reaps them 64 at a
 /// time; a child whose exit is lost lives 400 ms in the daemon's view): the cap is hit, and the
 /// oldest are evicted instead of memory growing. The kernel's map has the same capacity, so
@@ -57,14 +61,19 @@ fn ten_second_fork_storm_small_ring_and_cap_survives_bounded_and_invents_nothing
         ]);
         let started = Instant::now();
         // Two multithreaded parents, one per core: one forks children that _exit() without exec,
-        // the other children that exec at once (never a hazard, whatever is lost).
+        // the other children that exec at once (never a hazard, whatever is lost). Each has
+        // started storming when spawn_forker returns.
         let ms = STORM_MS.to_string();
-        let noexec = {
-            let ms = ms.clone();
-            harness::thread(move || run_forker("storm-for", &[&ms]))
-        };
-        let exec = harness::thread(move || run_forker("storm-exec-for", &[&ms]));
-        // The daemon answers throughout.
+        let noexec = spawn_forker("storm-for", &[&ms]);
+        let exec = spawn_forker("storm-exec-for", &[&ms]);
+        // Stopped for a second while both storm: forks, execs and exits overflow the ring then.
+        {
+            let _stopped = daemon.pause();
+            std::thread::sleep(PAUSE);
+        }
+        let noexec = harness::thread(move || noexec.finish());
+        let exec = harness::thread(move || exec.finish());
+        // The daemon answers throughout the rest of the storm.
         while !(noexec.is_finished() && exec.is_finished()) {
             assert_eq!(daemon.get("/healthz").0, 200, "/healthz during the storm");
             std::thread::sleep(Duration::from_millis(500));
@@ -169,9 +178,17 @@ fn ten_second_fork_storm_small_ring_and_cap_survives_bounded_and_invents_nothing
 #[test]
 fn fork_storm_with_a_tiny_ring_buffer_loses_events_loudly_and_never_invents_findings() {
     harness::root().alone(STORM).run(|| {
-        // 4 KiB holds about 60 fork events: a storm overflows it at once.
         let daemon = Daemon::start(&["--ring-buffer-size", RING_BYTES]);
-        let storm = run_forker("storm-exec", &["3000"]);
+        // 3000 children that exec, while the daemon is stopped: the ring takes the first ~60
+        // events, the rest are lost, exec events among them. (A running daemon may drain fast
+        // enough to lose nothing: it did, on a quiet machine.)
+        let storm = {
+            let _stopped = daemon.pause();
+            run_forker("storm-exec", &["3000"])
+        };
+        // Running again: the barrier shows it has drained the ring and decided every fork of
+        // that storm. Then a storm without exec, into an empty ring, so its first events fit.
+        daemon.barrier();
         let noexec = run_forker("storm", &["3000"]);
         daemon.barrier();
         // Exec and exit events were lost, yet no child that exec'd is reported.
@@ -187,7 +204,7 @@ fn fork_storm_with_a_tiny_ring_buffer_loses_events_loudly_and_never_invents_find
             invented.first()
         );
         // The loss is counted and said in the findings stream, once for the burst.
-        let lost = daemon.expect_kind(0, "events_lost", Duration::from_secs(5));
+        let lost = daemon.expect_kind(0, "events_lost", Duration::from_secs(10));
         assert!(lost["lost_total"].as_u64().unwrap() > 0, "{lost}");
         // Which categories overflow depends on how fast the daemon drains; each one in the record
         // is counted in the metric under its own name.
@@ -220,11 +237,20 @@ fn fork_storm_with_a_tiny_ring_buffer_loses_events_loudly_and_never_invents_find
 fn sigterm_during_a_fork_storm_still_exits_zero_within_a_second() {
     harness::root().alone(STORM).run(|| {
         let daemon = Daemon::start(&[]);
-        let storm = harness::thread(|| run_forker("storm", &["20000"]));
-        std::thread::sleep(Duration::from_millis(300));
+        let forks = "forkwatch_forks_total{kind=\"process\"}";
+        let before = daemon.metric(forks);
+        // Storms for a minute (killed when the test is done with it): it certainly still runs
+        // when the signal comes, which a fixed sleep before SIGTERM could not promise.
+        let storm = spawn_forker("storm-for", &["60000"]);
+        daemon.wait_metric(
+            forks,
+            |n| n >= before + 1000.0,
+            Duration::from_secs(30),
+            "the daemon did not see the storm",
+        );
         let (code, took) = daemon.terminate();
         assert_eq!(code, Some(0));
         assert!(took < Duration::from_secs(1), "took {took:?} under load");
-        storm.join().unwrap();
+        drop(storm);
     });
 }

@@ -256,6 +256,24 @@ impl Daemon {
         self.child.id()
     }
 
+    /// Stops the daemon (SIGSTOP) until the returned guard is dropped (SIGCONT). While it is
+    /// stopped nothing drains the kernel's ring buffer: what the host does then overflows it
+    /// for certain, however fast the daemon drains it otherwise. Returns once every thread of
+    /// the daemon has stopped (kill() returns before they have).
+    pub fn pause(&self) -> Paused<'_> {
+        signal(self.pid(), libc::SIGSTOP);
+        let paused = Paused(self);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !all_threads_stopped(self.pid()) {
+            assert!(
+                Instant::now() < deadline,
+                "forkwatch did not stop within 10 s of SIGSTOP"
+            );
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        paused
+    }
+
     /// Sends SIGKILL and waits for the process to be gone.
     pub fn kill_hard(mut self) {
         let _ = self.child.kill();
@@ -303,6 +321,29 @@ impl Drop for Daemon {
             }
         }
     }
+}
+
+/// A stopped daemon ([`Daemon::pause`]); continued when dropped.
+pub struct Paused<'a>(&'a Daemon);
+
+impl Drop for Paused<'_> {
+    fn drop(&mut self) {
+        signal(self.0.pid(), libc::SIGCONT);
+    }
+}
+
+/// Whether every thread of `pid` is in the stopped state (`T` in /proc/PID/task/TID/stat).
+fn all_threads_stopped(pid: u32) -> bool {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return false;
+    };
+    tasks.filter_map(Result::ok).all(|task| {
+        std::fs::read_to_string(task.path().join("stat")).is_ok_and(|stat| {
+            // The state follows the command name, which may itself hold ") ".
+            stat.rsplit_once(") ")
+                .is_some_and(|(_, rest)| rest.starts_with('T') || rest.starts_with('t'))
+        })
+    })
 }
 
 struct OutputView {

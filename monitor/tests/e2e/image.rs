@@ -257,8 +257,8 @@ impl Mounted {
         let status = running.wait(RUN_TIMEOUT);
         let finished = Finished {
             status,
-            stdout: running.stdout.try_iter().collect::<Vec<_>>().join("\n"),
-            stderr: running.stderr.try_iter().collect::<Vec<_>>().join("\n"),
+            stdout: to_the_end(&running.stdout),
+            stderr: to_the_end(&running.stderr),
         };
         eprintln!(
             "{:?} in the image: {}\n{}\n{}",
@@ -293,10 +293,10 @@ struct Running {
 }
 
 impl Running {
-    /// Waits for the exit; kills it after `timeout`. Output read to its end.
+    /// Waits for the exit; kills it after `timeout`.
     fn wait(&mut self, timeout: Duration) -> ExitStatus {
         let deadline = Instant::now() + timeout;
-        let status = loop {
+        loop {
             if let Some(status) = self.child.try_wait().expect("wait") {
                 break status;
             }
@@ -305,10 +305,7 @@ impl Running {
                 panic!("{:?} did not end within {timeout:?}", self.argv);
             }
             std::thread::sleep(Duration::from_millis(20));
-        };
-        // The pipes close with the process: give the reader threads a moment to drain them.
-        std::thread::sleep(Duration::from_millis(100));
-        status
+        }
     }
 }
 
@@ -327,6 +324,17 @@ struct Finished {
     status: ExitStatus,
     stdout: String,
     stderr: String,
+}
+
+/// The rest of an exited process's output: to the end of the pipe, which closes with the
+/// process (not just what the reader thread happens to have passed on by now: on a loaded
+/// machine that can be nothing yet). Bounded, in case something it started holds the pipe.
+fn to_the_end(lines: &mpsc::Receiver<String>) -> String {
+    let mut text = Vec::new();
+    while let Ok(line) = lines.recv_timeout(RUN_TIMEOUT) {
+        text.push(line);
+    }
+    text.join("\n")
 }
 
 fn lines_of(stream: impl Read + Send + 'static) -> mpsc::Receiver<String> {

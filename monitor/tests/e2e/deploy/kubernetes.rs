@@ -382,7 +382,7 @@ fn daemonset_configures_metrics_probes_resources_and_tolerations() {
             let name = e["name"].as_str().unwrap();
             assert!(
                 name == "POD_IP" || known.contains(name),
-                "{name} is not an environment variable of the daemon (monitor/src/cli.rs)"
+                "{name} is not an environment variable of the daemon (`forkwatch run --help`)"
             );
         }
 

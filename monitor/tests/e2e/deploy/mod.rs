@@ -1,8 +1,9 @@
 //! The deployment files in deploy/ (Kubernetes, systemd, Prometheus), checked with the tools
 //! that consume them. Needs no root and no cluster, but the tools `cargo xtask setup` installs:
-//! the test venv's Python with `kubernetes-validate` (Kubernetes' JSON schemas, offline) and
-//! PyYAML, `systemd-analyze` and `promtool`. `kubectl kustomize` is used as well when `kubectl`
-//! is installed (Debian does not package it).
+//! the test venv's Python with `kubernetes-validate` (Kubernetes' JSON schemas, offline),
+//! PyYAML and kubectl (for `kubectl kustomize`; from PyPI, as Debian does not package it),
+//! `systemd-analyze` and `promtool`. A missing tool fails the test, naming how to install it;
+//! only kubectl is optional outside CI (the rendering checks print a SKIP line without it).
 //!
 //! YAML is parsed by PyYAML in the venv and handed to the test as JSON, so the structural checks
 //! are written here in Rust without adding a YAML crate.
@@ -84,7 +85,12 @@ fn run(command: &mut Command, stdin: &[u8]) -> Output {
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
-        .unwrap_or_else(|e| panic!("cannot start {}: {e}", describe(command)));
+        .unwrap_or_else(|e| {
+            panic!(
+                "cannot start {} ({e}): `cargo xtask setup` installs the tools these tests use",
+                describe(command)
+            )
+        });
     child.stdin.take().unwrap().write_all(stdin).unwrap();
     child.wait_with_output().unwrap()
 }

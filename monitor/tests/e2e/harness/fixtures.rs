@@ -4,7 +4,7 @@
 use std::{
     collections::HashMap,
     io::{BufRead, BufReader, ErrorKind, Read, Write},
-    os::fd::{AsFd, AsRawFd as _, FromRawFd as _, OwnedFd},
+    os::fd::{AsFd, AsRawFd as _, OwnedFd},
     path::{Path, PathBuf},
     process::{Child, ChildStdin, ChildStdout, Command, Stdio},
     sync::{Mutex, OnceLock},
@@ -256,42 +256,37 @@ impl Drop for Background {
     }
 }
 
-/// Kills a process on drop (a deadlocked child a test started indirectly). It holds a pidfd
-/// opened at once, so a kill after the process has gone cannot hit another process that got
-/// its pid meanwhile.
-pub struct KillOnDrop(Option<OwnedFd>);
+/// Kills a process on drop (a deadlocked child a test started indirectly), and with the
+/// test's other processes if the test runs out of time. It holds a pidfd opened at once, so a
+/// kill after the process has gone cannot hit another process that got its pid meanwhile.
+pub struct KillOnDrop {
+    pidfd: Option<OwnedFd>,
+    _watched: Option<Watched>,
+}
 
 impl KillOnDrop {
     pub fn new(pid: u32) -> KillOnDrop {
-        // SAFETY: pidfd_open takes a pid and flags and returns a new descriptor or -1.
-        let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
-        // SAFETY: a descriptor just opened for us, owned by nothing else.
-        let fd = i32::try_from(fd)
-            .ok()
-            .filter(|fd| *fd >= 0)
-            .map(|fd| unsafe { OwnedFd::from_raw_fd(fd) });
-        KillOnDrop(fd)
+        let pidfd = processes::pidfd_open(pid);
+        let watched = pidfd
+            .as_ref()
+            .and_then(|fd| fd.try_clone().ok())
+            .and_then(processes::watch_pidfd);
+        KillOnDrop {
+            pidfd,
+            _watched: watched,
+        }
     }
 
     /// Leaves the process alone.
     fn forget(mut self) {
-        self.0 = None;
+        self.pidfd = None;
     }
 }
 
 impl Drop for KillOnDrop {
     fn drop(&mut self) {
-        if let Some(pidfd) = &self.0 {
-            // SAFETY: an open pidfd, a signal number, no siginfo: nothing is written.
-            unsafe {
-                libc::syscall(
-                    libc::SYS_pidfd_send_signal,
-                    pidfd.as_raw_fd(),
-                    libc::SIGKILL,
-                    std::ptr::null::<libc::siginfo_t>(),
-                    0,
-                );
-            }
+        if let Some(pidfd) = &self.pidfd {
+            processes::kill(pidfd);
         }
     }
 }

@@ -46,20 +46,32 @@ impl Started {
     /// Sends SIGKILL to every process still in the set; how many there were.
     pub fn kill_all(&self) -> usize {
         let pidfds = self.pidfds.lock().unwrap_or_else(PoisonError::into_inner);
-        for pidfd in pidfds.values() {
-            // SAFETY: pidfd_send_signal only reads its arguments: an open pidfd, a signal
-            // number and no siginfo; a process already gone makes it fail with ESRCH.
-            unsafe {
-                libc::syscall(
-                    libc::SYS_pidfd_send_signal,
-                    pidfd.as_raw_fd(),
-                    libc::SIGKILL,
-                    std::ptr::null::<libc::siginfo_t>(),
-                    0,
-                );
-            }
-        }
+        pidfds.values().for_each(kill);
         pidfds.len()
+    }
+}
+
+/// A pidfd for `pid`, `None` if there is no such process (or no pidfds: kernels before 5.3).
+pub fn pidfd_open(pid: u32) -> Option<OwnedFd> {
+    // SAFETY: pidfd_open takes a pid and flags and returns a new descriptor or -1.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+    let fd = i32::try_from(fd).ok().filter(|fd| *fd >= 0)?;
+    // SAFETY: a descriptor just opened for us, owned by nothing else.
+    Some(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Sends SIGKILL to the process of a pidfd (nothing happens if it has gone).
+pub fn kill(pidfd: &OwnedFd) {
+    // SAFETY: pidfd_send_signal only reads its arguments: an open pidfd, a signal number and
+    // no siginfo; a process already gone makes it fail with ESRCH.
+    unsafe {
+        libc::syscall(
+            libc::SYS_pidfd_send_signal,
+            pidfd.as_raw_fd(),
+            libc::SIGKILL,
+            std::ptr::null::<libc::siginfo_t>(),
+            0,
+        );
     }
 }
 
@@ -82,13 +94,13 @@ impl Drop for Watched {
 /// Puts a child process into the set of the test the calling thread works for. `None` outside
 /// a test, or on a kernel without pidfds (before 5.3): then nobody kills it at a timeout.
 pub fn watch(child: &Child) -> Option<Watched> {
+    // The child has not been waited for, so its pid still names it.
+    watch_pidfd(pidfd_open(child.id())?)
+}
+
+/// [`watch`] for a process known by its pidfd (a fixture's child, which is not ours to wait for).
+pub fn watch_pidfd(pidfd: OwnedFd) -> Option<Watched> {
     let started = Started::current()?;
-    // SAFETY: pidfd_open takes a pid and flags and returns a new file descriptor or -1; the
-    // child has not been waited for, so its pid still names it.
-    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, child.id(), 0) };
-    let fd = i32::try_from(fd).ok().filter(|fd| *fd >= 0)?;
-    // SAFETY: the descriptor was just opened for us and is owned by nothing else.
-    let pidfd = unsafe { OwnedFd::from_raw_fd(fd) };
     let key = started.next.fetch_add(1, Ordering::Relaxed);
     started
         .pidfds

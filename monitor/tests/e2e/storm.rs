@@ -80,7 +80,7 @@ fn ten_second_fork_storm_small_ring_and_cap_survives_bounded_and_invents_nothing
         }
         let (noexec, exec) = (noexec.join().unwrap(), exec.join().unwrap());
         let storm_secs = started.elapsed().as_secs_f64();
-        daemon.barrier();
+        daemon.barrier_after_losses();
         assert_eq!(daemon.get("/healthz").0, 200, "/healthz after the storm");
 
         let forks = noexec.get("forks") + exec.get("forks");
@@ -188,9 +188,9 @@ fn fork_storm_with_a_tiny_ring_buffer_loses_events_loudly_and_never_invents_find
         };
         // Running again: the barrier shows it has drained the ring and decided every fork of
         // that storm. Then a storm without exec, into an empty ring, so its first events fit.
-        daemon.barrier();
+        daemon.barrier_after_losses();
         let noexec = run_forker("storm", &["3000"]);
-        daemon.barrier();
+        daemon.barrier_after_losses();
         // Exec and exit events were lost, yet no child that exec'd is reported.
         let invented: Vec<_> = daemon
             .findings()

@@ -240,6 +240,28 @@ impl Daemon {
         assert_eq!(finding["kind"], "mt_fork_no_exec");
     }
 
+    /// [`Daemon::barrier`] after events were lost on purpose. While the ring buffer is still
+    /// full, the control's own fork event can be lost too (seen: right after a stopped daemon
+    /// was continued): then its child is never tracked, and never reported. So it tries again,
+    /// with a new control each time, until one is reported: that one's fork came after the ring
+    /// had room, and was decided after everything before it.
+    pub fn barrier_after_losses(&self) {
+        let within = Duration::from_secs(5) + Duration::from_millis(self.grace_ms);
+        for _ in 0..10 {
+            let control = spawn_forker("mt-fork-no-exec", &["2", "600000"]);
+            let child = control.run.child();
+            let reported = |out: &Output| out.findings.iter().any(|f| f["pid"] == child);
+            if self.wait(within, reported).is_some() {
+                return;
+            }
+        }
+        panic!(
+            "no barrier control was reported in 10 tries; findings: {:?}\nlog:\n{}",
+            self.findings(),
+            self.log()
+        );
+    }
+
     /// Asserts that no finding names any of `pids`, after a barrier.
     pub fn assert_quiet(&self, what: &str, pids: &[u32]) {
         self.barrier();

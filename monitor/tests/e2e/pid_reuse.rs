@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use crate::harness::{self, Daemon, KillOnDrop, run_python};
+use crate::harness::{self, Daemon, KillOnDrop, python, spawn_holding};
 
 const TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -15,7 +15,10 @@ fn a_reused_pid_is_never_described_as_the_process_that_had_it() {
         // C and G exit at once and must be reported as exited: a wide grace window keeps that
         // true on a loaded machine.
         let daemon = Daemon::start(&["--exec-grace", "2s"]);
-        let run = run_python("pid_reuse.py", &[]);
+        // B stays until the fixture is finished, so that its /proc is there when G's fork
+        // reaches the daemon (A stays 50 ms: it must go for B to get its pid).
+        let fixture = spawn_holding(&mut python("pid_reuse.py", &[]));
+        let run = &fixture.run;
         let _d = KillOnDrop::new(run.get("d"));
         let (a, b, c, g, d) = (
             run.get("a"),
@@ -34,7 +37,7 @@ fn a_reused_pid_is_never_described_as_the_process_that_had_it() {
         // C and G (often at one pid: B's child gets the pid A's child had) are each reported as
         // themselves: the fork's own name comes from the kernel, and the parent's name and threads
         // read from /proc must be of that same parent, never of the process that had its pid
-        // before. B forked a few ms after A, well inside the 100 ms a parent's context is reused.
+        // before. B forked about 50 ms after A, inside the 100 ms a parent's context is reused.
         let ours = |f: &serde_json::Value| [c, g, d].iter().any(|&p| f["pid"] == p);
         let deadline = std::time::Instant::now() + TIMEOUT;
         while daemon.findings().iter().filter(|f| ours(f)).count() < 2 {
@@ -72,5 +75,6 @@ fn a_reused_pid_is_never_described_as_the_process_that_had_it() {
             "{:?}",
             daemon.findings_for(a)
         );
+        fixture.finish();
     });
 }

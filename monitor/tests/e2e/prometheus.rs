@@ -1,8 +1,6 @@
 //! End-to-end, as root: a real Prometheus server (Debian's `prometheus` package) on loopback
 //! scrapes the daemon, and its HTTP API shows a finding counted.
 
-mod harness;
-
 use std::{
     net::TcpListener,
     path::PathBuf,
@@ -10,11 +8,12 @@ use std::{
     time::{Duration, Instant},
 };
 
-use harness::{Daemon, privileged, run_forker, try_http_get};
+use crate::harness::{self, Daemon, run_forker, try_http_get};
 
 /// A Prometheus server for the length of a test.
 struct Prometheus {
     child: Child,
+    _watched: Option<harness::Watched>,
     addr: std::net::SocketAddr,
     dir: PathBuf,
 }
@@ -51,7 +50,12 @@ impl Prometheus {
             .stderr(Stdio::null())
             .spawn()
             .expect("prometheus (cargo xtask setup installs Debian's prometheus package)");
-        Prometheus { child, addr, dir }
+        Prometheus {
+            _watched: harness::watch(&child),
+            child,
+            addr,
+            dir,
+        }
     }
 
     /// The value of an instant query's first series, if any.
@@ -86,31 +90,30 @@ fn encode(text: &str) -> String {
 
 #[test]
 fn prometheus_scrapes_the_daemon_and_sees_a_finding_counted() {
-    if !privileged() {
-        return;
-    }
-    let daemon = Daemon::start(&[]);
-    let prometheus = Prometheus::start(daemon.metrics_addr);
-    let series = "forkwatch_findings_total{kind=\"mt_fork_no_exec\",severity=\"warning\"}";
-    let wait_for = |what: &str, done: &dyn Fn() -> bool| {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while !done() {
-            assert!(Instant::now() < deadline, "Prometheus never showed {what}");
-            std::thread::sleep(Duration::from_millis(250));
-        }
-    };
-    wait_for("the target up", &|| {
-        prometheus.query("up{job=\"forkwatch\"}") == Some(1.0)
-    });
-    let before = prometheus
-        .query(series)
-        .expect("the series is exported from the start");
+    harness::root().run(|| {
+        let daemon = Daemon::start(&[]);
+        let prometheus = Prometheus::start(daemon.metrics_addr);
+        let series = "forkwatch_findings_total{kind=\"mt_fork_no_exec\",severity=\"warning\"}";
+        let wait_for = |what: &str, done: &dyn Fn() -> bool| {
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while !done() {
+                assert!(Instant::now() < deadline, "Prometheus never showed {what}");
+                std::thread::sleep(Duration::from_millis(250));
+            }
+        };
+        wait_for("the target up", &|| {
+            prometheus.query("up{job=\"forkwatch\"}") == Some(1.0)
+        });
+        let before = prometheus
+            .query(series)
+            .expect("the series is exported from the start");
 
-    let run = run_forker("mt-fork-no-exec", &["3", "10"]);
-    daemon.expect_finding(run.child(), Duration::from_secs(10));
-    wait_for("the finding counted", &|| {
-        prometheus.query(series).is_some_and(|now| now > before)
+        let run = run_forker("mt-fork-no-exec", &["3", "10"]);
+        daemon.expect_finding(run.child(), Duration::from_secs(10));
+        wait_for("the finding counted", &|| {
+            prometheus.query(series).is_some_and(|now| now > before)
+        });
+        let build = prometheus.query("forkwatch_build_info");
+        assert_eq!(build, Some(1.0));
     });
-    let build = prometheus.query("forkwatch_build_info");
-    assert_eq!(build, Some(1.0));
 }

@@ -3,8 +3,6 @@
 //! --k8s-token-file), the real daemon, and a real multithreaded fork without exec inside a fake
 //! kubepods cgroup, so that the pod UID comes from /proc/<pid>/cgroup as on a node.
 
-mod harness;
-
 use std::{
     io::{BufRead, BufReader, Write},
     net::{SocketAddr, TcpListener},
@@ -14,7 +12,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use harness::{Daemon, compiled, privileged, run_fixture};
+use crate::harness::{self, Background, Daemon, compiled, spawn_holding};
 use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
 use tokio_rustls::rustls::{
     ServerConfig, ServerConnection, StreamOwned,
@@ -22,6 +20,10 @@ use tokio_rustls::rustls::{
 };
 
 const NODE: &str = "e2e-node";
+/// The tests that make fake pod cgroups, one at a time: they share the kubepods slices above
+/// their pods, which the last one out removes, and a test removing them while another creates
+/// its pod below them makes that creation fail.
+static CGROUPS: harness::Serial = harness::Serial::new();
 const TOKEN: &str = "e2e-token-5f1c";
 /// Where cgroup v2 is mounted on this host: /sys/fs/cgroup/unified on a hybrid host.
 fn cgroup2_root() -> PathBuf {
@@ -95,15 +97,18 @@ impl PodCgroup {
         format!("/{}", self.scope.strip_prefix(root).unwrap().display())
     }
 
-    /// Runs `forker mt-fork-no-exec` inside this cgroup: a shell moves itself in, then execs it.
-    fn run_forker(&self) -> harness::FixtureRun {
+    /// Starts `forker mt-fork-no-exec` inside this cgroup (a shell moves itself in, then execs
+    /// it), its parent held until finished: the daemon reads the pod from the parent's
+    /// /proc/PID/cgroup when the fork reaches it, which can be after a parent that exits at once
+    /// is gone (it was, under load).
+    fn spawn_forker(&self) -> Background {
         let procs = self.scope.join("cgroup.procs");
         let script = format!(
             "echo $$ > '{}' && exec '{}' mt-fork-no-exec 2 50",
             procs.display(),
             compiled("forker").display()
         );
-        run_fixture(Command::new("sh").arg("-c").arg(script))
+        spawn_holding(Command::new("sh").arg("-c").arg(script))
     }
 }
 
@@ -284,8 +289,13 @@ fn start_daemon(flags: &[String]) -> Daemon {
 
 /// The finding about the fixture's child, which ran in the pod's cgroup.
 fn finding_in_pod(daemon: &Daemon, pod: &PodCgroup) -> serde_json::Value {
-    let run = pod.run_forker();
-    let finding = daemon.expect_kind(run.child(), "mt_fork_no_exec", Duration::from_secs(10));
+    let fixture = pod.spawn_forker();
+    let finding = daemon.expect_kind(
+        fixture.run.child(),
+        "mt_fork_no_exec",
+        Duration::from_secs(10),
+    );
+    fixture.finish();
     assert_eq!(finding["cgroup"], pod.path(), "{finding}");
     assert_eq!(finding["pod_uid"], pod.uid, "{finding}");
     assert_eq!(finding["container"]["runtime"], "containerd", "{finding}");
@@ -295,35 +305,34 @@ fn finding_in_pod(daemon: &Daemon, pod: &PodCgroup) -> serde_json::Value {
 
 #[test]
 fn pod_names_come_from_the_api_server_over_verified_https() {
-    if !privileged() {
-        return;
-    }
-    let pod = PodCgroup::create(&fresh_uid(1));
-    let api = FakeApi::start(
-        "names",
-        &[
-            ("11111111-2222-4333-8444-555555555555", "other", "db-0"),
-            (&pod.uid, "shop-e2e", "web-7f9c"),
-        ],
-    );
-    let daemon = start_daemon(&api.flags(&api.dir.join("token")));
-    // The first refresh happens at start; wait for it so the finding can carry the names.
-    let requests = api.wait_for_requests(1, Duration::from_secs(10));
-    let (path, auth) = &requests[0];
-    assert_eq!(
-        path,
-        &format!("/api/v1/pods?fieldSelector=spec.nodeName%3D{NODE}"),
-        "only this node's pods are listed"
-    );
-    assert_eq!(auth.as_deref(), Some(format!("Bearer {TOKEN}").as_str()));
+    harness::root().serial(&CGROUPS).run(|| {
+        let pod = PodCgroup::create(&fresh_uid(1));
+        let api = FakeApi::start(
+            "names",
+            &[
+                ("11111111-2222-4333-8444-555555555555", "other", "db-0"),
+                (&pod.uid, "shop-e2e", "web-7f9c"),
+            ],
+        );
+        let daemon = start_daemon(&api.flags(&api.dir.join("token")));
+        // The first refresh happens at start; wait for it so the finding can carry the names.
+        let requests = api.wait_for_requests(1, Duration::from_secs(10));
+        let (path, auth) = &requests[0];
+        assert_eq!(
+            path,
+            &format!("/api/v1/pods?fieldSelector=spec.nodeName%3D{NODE}"),
+            "only this node's pods are listed"
+        );
+        assert_eq!(auth.as_deref(), Some(format!("Bearer {TOKEN}").as_str()));
 
-    let finding = finding_in_pod(&daemon, &pod);
-    assert_eq!(finding["pod_namespace"], "shop-e2e", "{finding}");
-    assert_eq!(finding["pod_name"], "web-7f9c", "{finding}");
-    let series =
-        "forkwatch_findings_by_namespace_total{kind=\"mt_fork_no_exec\",namespace=\"shop-e2e\"}";
-    assert!(daemon.metric(series) >= 1.0);
-    assert_eq!(daemon.metric("forkwatch_pod_lookup_errors_total"), 0.0);
+        let finding = finding_in_pod(&daemon, &pod);
+        assert_eq!(finding["pod_namespace"], "shop-e2e", "{finding}");
+        assert_eq!(finding["pod_name"], "web-7f9c", "{finding}");
+        let series =
+            "forkwatch_findings_by_namespace_total{kind=\"mt_fork_no_exec\",namespace=\"shop-e2e\"}";
+        assert!(daemon.metric(series) >= 1.0);
+        assert_eq!(daemon.metric("forkwatch_pod_lookup_errors_total"), 0.0);
+    });
 }
 
 /// An API server that refuses the token: one warning, the error counted, and findings still
@@ -331,97 +340,98 @@ fn pod_names_come_from_the_api_server_over_verified_https() {
 /// asks for an early refresh, which fails again without a second warning.
 #[test]
 fn an_api_failure_warns_once_and_findings_go_out_without_names() {
-    if !privileged() {
-        return;
-    }
-    let pod = PodCgroup::create(&fresh_uid(2));
-    let api = FakeApi::start("refused", &[(&pod.uid, "shop-e2e", "web-0")]);
-    let wrong = api.dir.join("wrong-token");
-    std::fs::write(&wrong, "not-the-token").unwrap();
-    let daemon = start_daemon(&api.flags(&wrong));
-    api.wait_for_requests(1, Duration::from_secs(10));
+    harness::root().serial(&CGROUPS).run(|| {
+        let pod = PodCgroup::create(&fresh_uid(2));
+        let api = FakeApi::start("refused", &[(&pod.uid, "shop-e2e", "web-0")]);
+        let wrong = api.dir.join("wrong-token");
+        std::fs::write(&wrong, "not-the-token").unwrap();
+        let daemon = start_daemon(&api.flags(&wrong));
+        api.wait_for_requests(1, Duration::from_secs(10));
 
-    let finding = finding_in_pod(&daemon, &pod);
-    assert!(finding["pod_namespace"].is_null(), "{finding}");
-    assert!(finding["pod_name"].is_null(), "{finding}");
-    let unknown =
-        "forkwatch_findings_by_namespace_total{kind=\"mt_fork_no_exec\",namespace=\"_unknown\"}";
-    assert!(daemon.metric(unknown) >= 1.0);
-    // The unknown pod wakes the refresher: a second request well before the 30 s period.
-    api.wait_for_requests(2, Duration::from_secs(15));
-    daemon.wait_metric(
-        "forkwatch_pod_lookup_errors_total",
-        |v| v >= 2.0,
-        Duration::from_secs(5),
-        "second failure not counted",
-    );
-    let log = daemon.log();
-    let warnings = log
-        .lines()
-        .filter(|l| l.contains("cannot list this node's pods"))
-        .collect::<Vec<_>>();
-    assert_eq!(
-        warnings.len(),
-        1,
-        "one warning for repeated failures:\n{log}"
-    );
-    assert!(warnings[0].contains("403 Forbidden"), "{}", warnings[0]);
+        let finding = finding_in_pod(&daemon, &pod);
+        assert!(finding["pod_namespace"].is_null(), "{finding}");
+        assert!(finding["pod_name"].is_null(), "{finding}");
+        let unknown =
+            "forkwatch_findings_by_namespace_total{kind=\"mt_fork_no_exec\",namespace=\"_unknown\"}";
+        assert!(daemon.metric(unknown) >= 1.0);
+        // The unknown pod wakes the refresher: a second request well before the 30 s period.
+        api.wait_for_requests(2, Duration::from_secs(15));
+        daemon.wait_metric(
+            "forkwatch_pod_lookup_errors_total",
+            |v| v >= 2.0,
+            Duration::from_secs(5),
+            "second failure not counted",
+        );
+        let log = daemon.log();
+        let warnings = log
+            .lines()
+            .filter(|l| l.contains("cannot list this node's pods"))
+            .collect::<Vec<_>>();
+        assert_eq!(
+            warnings.len(),
+            1,
+            "one warning for repeated failures:\n{log}"
+        );
+        assert!(warnings[0].contains("403 Forbidden"), "{}", warnings[0]);
+    });
 }
 
 /// Off by default: no API request, no per-namespace metric, names null.
 #[test]
 fn without_the_flag_there_is_no_lookup_and_no_namespace_metric() {
-    if !privileged() {
-        return;
-    }
-    let pod = PodCgroup::create(&fresh_uid(3));
-    let daemon = Daemon::start(&[]);
-    let finding = finding_in_pod(&daemon, &pod);
-    assert!(finding["pod_name"].is_null(), "{finding}");
-    let (_, metrics) = daemon.get("/metrics");
-    assert!(metrics.contains("forkwatch_findings_total"), "{metrics}");
-    assert!(
-        !metrics.contains("forkwatch_findings_by_namespace_total")
-            && !metrics.contains("forkwatch_pod_lookup_errors_total"),
-        "{metrics}"
-    );
+    harness::root().serial(&CGROUPS).run(|| {
+        let pod = PodCgroup::create(&fresh_uid(3));
+        let daemon = Daemon::start(&[]);
+        let finding = finding_in_pod(&daemon, &pod);
+        assert!(finding["pod_name"].is_null(), "{finding}");
+        let (_, metrics) = daemon.get("/metrics");
+        assert!(metrics.contains("forkwatch_findings_total"), "{metrics}");
+        assert!(
+            !metrics.contains("forkwatch_findings_by_namespace_total")
+                && !metrics.contains("forkwatch_pod_lookup_errors_total"),
+            "{metrics}"
+        );
+    });
 }
 
 /// The flag outside a cluster, with no override: a usage error naming the problem and the fix,
 /// before anything is loaded (so this needs no privileges).
 #[test]
 fn the_flag_without_an_api_server_is_a_usage_error() {
-    let output = Command::new(harness::BINARY)
-        .args(["run", "--k8s-pod-names", "--metrics-addr", "127.0.0.1:0"])
-        .env_remove("KUBERNETES_SERVICE_HOST")
-        .env_remove("FORKWATCH_K8S_API_URL")
-        .env("NODE_NAME", NODE)
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert_eq!(output.status.code(), Some(2), "{stderr}");
-    assert!(
-        stderr.contains("KUBERNETES_SERVICE_HOST is not set") && stderr.contains("--k8s-api-url"),
-        "{stderr}"
-    );
-    assert!(!stderr.contains("panicked"), "{stderr}");
+    harness::unprivileged().run(|| {
+        let output = Command::new(harness::BINARY)
+            .args(["run", "--k8s-pod-names", "--metrics-addr", "127.0.0.1:0"])
+            .env_remove("KUBERNETES_SERVICE_HOST")
+            .env_remove("FORKWATCH_K8S_API_URL")
+            .env("NODE_NAME", NODE)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(2), "{stderr}");
+        assert!(
+            stderr.contains("KUBERNETES_SERVICE_HOST is not set")
+                && stderr.contains("--k8s-api-url"),
+            "{stderr}"
+        );
+        assert!(!stderr.contains("panicked"), "{stderr}");
 
-    // A CA file that is not there: named, with the flag.
-    let output = Command::new(harness::BINARY)
-        .args(["run", "--k8s-pod-names", "--metrics-addr", "127.0.0.1:0"])
-        .args([
-            "--k8s-api-url",
-            "https://127.0.0.1:1",
-            "--k8s-node-name",
-            NODE,
-        ])
-        .args(["--k8s-ca-file", "/nonexistent/ca.crt"])
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert_eq!(output.status.code(), Some(2), "{stderr}");
-    assert!(
-        stderr.contains("--k8s-ca-file /nonexistent/ca.crt"),
-        "{stderr}"
-    );
+        // A CA file that is not there: named, with the flag.
+        let output = Command::new(harness::BINARY)
+            .args(["run", "--k8s-pod-names", "--metrics-addr", "127.0.0.1:0"])
+            .args([
+                "--k8s-api-url",
+                "https://127.0.0.1:1",
+                "--k8s-node-name",
+                NODE,
+            ])
+            .args(["--k8s-ca-file", "/nonexistent/ca.crt"])
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(2), "{stderr}");
+        assert!(
+            stderr.contains("--k8s-ca-file /nonexistent/ca.crt"),
+            "{stderr}"
+        );
+    });
 }

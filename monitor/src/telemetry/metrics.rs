@@ -184,7 +184,7 @@ impl Metrics {
         for category in lost_category::NAMES {
             lost.with_label_values(&[category]);
         }
-        for category in ["fork", "exec", "exit", "thread", "socket", "file"] {
+        for category in monitor_common::names::category::ALL {
             events.with_label_values(&[category]);
         }
         for kind in Kind::ALL {

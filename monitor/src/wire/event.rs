@@ -1,6 +1,8 @@
 //! Typed events, as the correlator sees them: decoded from the kernel's records, owned, and with
 //! the kernel's fixed-size byte arrays turned into strings.
 
+use monitor_common::names::category;
+
 /// A new process created by a multithreaded parent (the kernel sends no other forks).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Fork {
@@ -108,12 +110,12 @@ impl Event {
     /// Metrics label of the event's category.
     pub fn category(&self) -> &'static str {
         match self {
-            Self::Fork(_) => "fork",
-            Self::Exec(_) => "exec",
-            Self::Exit(_) => "exit",
-            Self::Thread(_) => "thread",
-            Self::SharedSocket(_) => "socket",
-            Self::SharedFile(_) => "file",
+            Self::Fork(_) => category::FORK,
+            Self::Exec(_) => category::EXEC,
+            Self::Exit(_) => category::EXIT,
+            Self::Thread(_) => category::THREAD,
+            Self::SharedSocket(_) => category::SOCKET,
+            Self::SharedFile(_) => category::FILE,
         }
     }
 }

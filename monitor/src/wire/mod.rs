@@ -10,6 +10,7 @@ use std::net::{Ipv4Addr, Ipv6Addr};
 use monitor_common::{
     COMM_LEN, DIRECTION_SEND, EventKind, ExecEvent, ExitEvent, FORK_FLAG_SHARES_VM, ForkEvent,
     SharedFileEvent, SharedSocketEvent, ThreadEvent,
+    linux::{AF_INET, AF_INET6, AF_UNIX},
 };
 
 use crate::wire::event::{
@@ -140,10 +141,6 @@ fn read<T: aya::Pod>(kind: EventKind, record: &[u8]) -> Result<T, DecodeError> {
     // `read_unaligned` makes no assumption about the record's alignment.
     Ok(unsafe { record.as_ptr().cast::<T>().read_unaligned() })
 }
-
-const AF_UNIX: u16 = 1;
-const AF_INET: u16 = 2;
-const AF_INET6: u16 = 10;
 
 /// The local and peer addresses as people write them.
 fn endpoints(e: &SharedSocketEvent) -> (String, String) {

@@ -277,9 +277,10 @@ pub struct KernelOffsets {
     pub socket_file: u32,
     pub socket_inode: u32,
     pub inode_ino: u32,
-    /// struct unix_sock.peer, .addr; struct unix_address.name.
+    /// struct unix_sock.peer, .addr; struct unix_address.len, .name.
     pub unix_peer: u32,
     pub unix_addr: u32,
+    pub unix_address_len: u32,
     pub unix_address_name: u32,
     /// struct file.f_flags, .f_inode; struct inode.i_mode.
     pub file_flags: u32,

@@ -9,12 +9,10 @@
 //! left for Rust is that the copied bytes must be a valid value of the destination type:
 //! [`Plain`] limits reads to types for which every bit pattern is one.
 
-use core::mem::MaybeUninit;
-
 use aya_ebpf::helpers::{
     bpf_get_current_cgroup_id, bpf_get_current_task_btf, bpf_ktime_get_boot_ns,
     bpf_probe_read_kernel, bpf_probe_read_user, bpf_task_pt_regs,
-    generated::bpf_probe_read_kernel_str,
+    generated::{self, bpf_probe_read_kernel_str},
 };
 use monitor_common::{KernelOffsets, UNIX_PATH_LEN};
 
@@ -125,14 +123,13 @@ pub fn socket_inode(sk: *const u8, offsets: &KernelOffsets) -> Result<u64, i32> 
     read(inode, offsets.inode_ino)
 }
 
-/// The bound path of a Unix socket (`unix_sk(sk)->addr->name->sun_path`), NUL-terminated, into
-/// `out` (which may be uninitialized: a field of a ring-buffer record being filled in place).
+/// The bound path of a Unix socket (`unix_sk(sk)->addr->name->sun_path`) into `out`, which the
+/// caller has zeroed: a path up to its NUL; an abstract name as its leading NUL followed by the
+/// name, as long as the address says (what ss(8) shows as "@name"); nothing when unbound.
+/// Nothing but the name is left in `out`: a record's bytes are whatever an older record left in
+/// the ring buffer, and a stale tail would read as a name.
 #[inline(always)]
-pub fn unix_path(
-    sk: *const u8,
-    offsets: &KernelOffsets,
-    out: &mut MaybeUninit<[u8; UNIX_PATH_LEN]>,
-) {
+pub fn unix_path(sk: *const u8, offsets: &KernelOffsets, out: &mut [u8; UNIX_PATH_LEN]) {
     let Ok(addr) = read::<*const u8>(sk, offsets.unix_addr) else {
         return;
     };
@@ -145,5 +142,27 @@ pub fn unix_path(
     // writes at most that many (NUL included) and reads `path` with fault handling.
     let _ = unsafe {
         bpf_probe_read_kernel_str(out.as_mut_ptr().cast(), UNIX_PATH_LEN as u32, path.cast())
+    };
+    if out[0] != 0 {
+        return;
+    }
+    // An abstract name: its first byte is NUL, so the string read above stopped there. It is
+    // not NUL-terminated: the address length (sun_family, the NUL, the name) ends it.
+    let Ok(len) = read::<i32>(addr, offsets.unix_address_len) else {
+        return;
+    };
+    let name_len = (len as u32)
+        .saturating_sub(3)
+        .min((UNIX_PATH_LEN - 1) as u32);
+    let (_, name) = out.split_at_mut(1);
+    // SAFETY: `name` is valid for writes of UNIX_PATH_LEN - 1 bytes and `name_len` is at most
+    // that (checked above, which the verifier also sees); the helper reads `path + 1` (inside
+    // the same sun_path) with fault handling.
+    let _ = unsafe {
+        generated::bpf_probe_read_kernel(
+            name.as_mut_ptr().cast(),
+            name_len,
+            path.wrapping_add(1).cast(),
+        )
     };
 }

@@ -77,6 +77,7 @@ static FORKWATCH_OFFSETS: Global<KernelOffsets> = Global::new(KernelOffsets {
     inode_ino: 0,
     unix_peer: 0,
     unix_addr: 0,
+    unix_address_len: 0,
     unix_address_name: 0,
     file_flags: 0,
     file_inode: 0,

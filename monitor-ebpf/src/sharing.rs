@@ -11,6 +11,7 @@ use aya_ebpf::{
 };
 use monitor_common::{
     DIRECTION_RECV, DIRECTION_SEND, EventKind, KernelOffsets, SharedSocketEvent, SockPid, SockUser,
+    UNIX_PATH_LEN,
     linux::{AF_INET, AF_INET6, AF_UNIX, TCP_LISTEN},
     lost_category,
 };
@@ -76,9 +77,8 @@ fn on_socket_io(ctx: &BtfTracePointContext, direction: u8) -> Result<(), i32> {
     // SAFETY: `e` points to the reserved record, which is ours alone until the submit below,
     // valid for writes of a whole SharedSocketEvent and aligned (the ring buffer aligns records
     // to 8 bytes). Fields are assigned as places, which writes without reading or dropping the
-    // uninitialized bytes (every field is a plain integer or byte array); the paths are passed
-    // on as `MaybeUninit`, so no reference to uninitialized bytes is made. Every field is
-    // written before the submit; a path is written up to its NUL.
+    // uninitialized bytes (every field is a plain integer or byte array); the path arrays
+    // are zeroed before a reference to them is made. Every field is written before the submit.
     unsafe {
         (*e).kind = EventKind::SharedSocket as u32;
         (*e).pid = pid;
@@ -105,8 +105,9 @@ fn on_socket_io(ctx: &BtfTracePointContext, direction: u8) -> Result<(), i32> {
         (*e).peer_port = u16::from_be(dport);
         (*e).local_addr = [0; 16];
         (*e).peer_addr = [0; 16];
-        (*e).local_path[0] = 0;
-        (*e).peer_path[0] = 0;
+        // Whole arrays: the decoder reads an abstract name past the leading NUL.
+        (*e).local_path = [0; UNIX_PATH_LEN];
+        (*e).peer_path = [0; UNIX_PATH_LEN];
         match sk_family {
             AF_INET => {
                 let local: [u8; 4] = read(sk, offsets.skc_rcv_saddr).unwrap_or([0; 4]);
@@ -119,13 +120,11 @@ fn on_socket_io(ctx: &BtfTracePointContext, direction: u8) -> Result<(), i32> {
                 (*e).peer_addr = read(sk, offsets.skc_v6_daddr).unwrap_or([0; 16]);
             }
             AF_UNIX => {
-                let local = &raw mut (*e).local_path;
-                kread::unix_path(sk, &offsets, &mut *local.cast());
+                kread::unix_path(sk, &offsets, &mut (*e).local_path);
                 if let Ok(peer) = read::<*const u8>(sk, offsets.unix_peer)
                     && !peer.is_null()
                 {
-                    let peer_path = &raw mut (*e).peer_path;
-                    kread::unix_path(peer, &offsets, &mut *peer_path.cast());
+                    kread::unix_path(peer, &offsets, &mut (*e).peer_path);
                 }
             }
             _ => {}

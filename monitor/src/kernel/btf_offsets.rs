@@ -99,6 +99,7 @@ pub fn offsets_from_btf(data: &[u8]) -> Result<KernelOffsets, OffsetError> {
         // struct unix_sock begins with its struct sock, so these are offsets from the sock.
         unix_peer: finder.offset("unix_sock", "peer")? - finder.offset("unix_sock", "sk")?,
         unix_addr: finder.offset("unix_sock", "addr")? - finder.offset("unix_sock", "sk")?,
+        unix_address_len: finder.offset("unix_address", "len")?,
         unix_address_name: finder.offset("unix_address", "name")?,
         file_flags: finder.offset("file", "f_flags")?,
         file_inode: finder.offset("file", "f_inode")?,

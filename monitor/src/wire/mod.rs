@@ -161,9 +161,9 @@ fn endpoints(e: &SharedSocketEvent) -> (String, String) {
     }
 }
 
-/// A sun_path as the kernel reported it: up to the NUL; an abstract name (leading NUL) is shown
-/// as "@name" like ss(8) does. The kernel copies a NUL-terminated string, so an abstract name
-/// comes out empty here: it shows as "@".
+/// A sun_path as the kernel program copied it: up to the NUL; an abstract name (leading NUL, then
+/// the name up to its next NUL) is shown as "@name" like ss(8) does. The program zeroes the whole
+/// array first, so the bytes after a name are never an older record's.
 fn unix_path(raw: &[u8]) -> String {
     match raw.split_first() {
         None => String::new(),

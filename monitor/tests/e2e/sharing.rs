@@ -52,6 +52,22 @@ fn unix_stream_connection_shared_names_the_socket_path() {
     });
 }
 
+/// An abstract name is shown as ss(8) shows it, and an unbound socket as "": the kernel
+/// program zeroes the whole path arrays, so no older record's bytes (the ring buffer reuses
+/// its memory) can read as a name.
+#[test]
+fn unix_abstract_name_is_shown_and_an_unbound_end_is_empty() {
+    harness::root().run(|| {
+        let server = EchoServer::start();
+        let daemon = Daemon::start(&[]);
+        let run = run_sharer("unix", &[&server.abstract_name]);
+        let f = daemon.expect_kind(run.child(), "shared_socket", TIMEOUT);
+        assert_eq!(f["socket"]["family"], "unix");
+        assert_eq!(f["socket"]["peer"], server.abstract_name.as_str(), "{f}");
+        assert_eq!(f["socket"]["local"], "", "the client end is unbound: {f}");
+    });
+}
+
 #[test]
 fn handoff_prefork_socketpair_pipe_and_stdout_stay_quiet() {
     harness::root().run(|| {

@@ -308,6 +308,8 @@ impl std::ops::Deref for LeftRunning {
 pub struct EchoServer {
     pub port: u16,
     pub path: PathBuf,
+    /// The abstract Unix socket name it also listens on, as ss(8) and findings show it: "@name".
+    pub abstract_name: String,
 }
 
 impl EchoServer {
@@ -317,17 +319,28 @@ impl EchoServer {
         let path = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("echo-{port}.sock"));
         let _ = std::fs::remove_file(&path);
         let unix = std::os::unix::net::UnixListener::bind(&path).expect("bind unix echo");
+        let name = format!("forkwatch-echo-{port}");
+        let address = <std::os::unix::net::SocketAddr as std::os::linux::net::SocketAddrExt>::from_abstract_name(&name)
+            .expect("an abstract name");
+        let abstract_unix =
+            std::os::unix::net::UnixListener::bind_addr(&address).expect("bind abstract echo");
         std::thread::spawn(move || {
             for conn in tcp.incoming().map_while(Result::ok) {
                 std::thread::spawn(move || echo(conn));
             }
         });
-        std::thread::spawn(move || {
-            for conn in unix.incoming().map_while(Result::ok) {
-                std::thread::spawn(move || echo(conn));
-            }
-        });
-        EchoServer { port, path }
+        for listener in [unix, abstract_unix] {
+            std::thread::spawn(move || {
+                for conn in listener.incoming().map_while(Result::ok) {
+                    std::thread::spawn(move || echo(conn));
+                }
+            });
+        }
+        EchoServer {
+            port,
+            path,
+            abstract_name: format!("@{name}"),
+        }
     }
 }
 

@@ -14,6 +14,7 @@ pub const EVENTS: &str = "EVENTS";
 pub const TRACKED: &str = "TRACKED";
 pub const FORK_COUNTERS: &str = "FORK_COUNTERS";
 pub const LOST_EVENTS: &str = "LOST_EVENTS";
+pub const MAP_FULL: &str = "MAP_FULL";
 pub const BLOCKED: &str = "BLOCKED";
 pub const CHILDREN: &str = "CHILDREN";
 pub const FAMILY: &str = "FAMILY";

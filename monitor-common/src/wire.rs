@@ -299,9 +299,23 @@ pub mod fork_counter {
     pub const THREAD: u32 = 2;
     /// A new process sharing the parent's memory (`CLONE_VM`: vfork, posix_spawn).
     pub const SHARED_VM: u32 = 3;
-    /// A multithreaded fork that could not be tracked because the tracking map was full.
-    pub const TRACK_FULL: u32 = 4;
-    pub const COUNT: u32 = 5;
+    pub const COUNT: u32 = 4;
+}
+
+/// Indices into the per-CPU `MAP_FULL` array: inserts that a full map refused, by map. Only the
+/// plain hash maps can refuse (the LRU maps make room by evicting).
+pub mod map_full {
+    /// Children of multithreaded forks: an untracked child's futex waits go unseen.
+    pub const TRACKED: u32 = 0;
+    /// Futex waits of tracked processes: a deadlock goes unseen.
+    pub const BLOCKED: u32 = 1;
+    /// Fork family members: their shared sockets and files go unseen.
+    pub const FAMILY: u32 = 2;
+    /// Family children that have not exec'd: the write probe is not attached for them.
+    pub const CHILDREN: u32 = 3;
+    pub const COUNT: u32 = 4;
+    /// Metric label of each map, by index.
+    pub const NAMES: [&str; COUNT as usize] = ["tracked", "blocked", "family", "children"];
 }
 
 /// Indices into the per-CPU `LOST_EVENTS` array: ring-buffer reservations that failed, by the

@@ -9,7 +9,7 @@ use aya_ebpf::{
 };
 use monitor_common::{
     EventKind, ExecEvent, ExitEvent, FORK_WAKEUP_EVERY_NS, ForkEvent, ThreadEvent, fork_counter,
-    lost_category,
+    lost_category, map_full,
 };
 
 use crate::{
@@ -17,7 +17,7 @@ use crate::{
     kread::{self, read},
     maps::{
         CHILDREN, EVENTS, FAMILY, FORK_COUNTERS, FORK_WAKEUPS, LOST_EVENTS, TRACKED, URGENT,
-        blocked_count, contains, copied, count, unblock, wakeup_flags,
+        blocked_count, contains, copied, count, insert, unblock, wakeup_flags,
     },
 };
 
@@ -76,9 +76,8 @@ fn on_fork(ctx: &BtfTracePointContext) -> Result<(), i32> {
     let child_start_ns: u64 = read(child, offsets.task_start_boottime).unwrap_or(0);
     let parent_start_ns = kread::process_start_ns(parent, &offsets).unwrap_or(0);
     let pid = child_pid as u32;
-    if TRACKED.insert(&pid, &child_start_ns, 0).is_err() {
-        count(&FORK_COUNTERS, fork_counter::TRACK_FULL);
-    }
+    // Full: the fork is still reported, but the child's futex waits go unseen (counted).
+    let _ = insert(&TRACKED, &pid, &child_start_ns, map_full::TRACKED);
     let now_ns = kread::now_ns();
     entry.write(ForkEvent {
         kind: EventKind::Fork as u32,
@@ -190,12 +189,13 @@ fn join_family(parent: u32, child: u32) {
     let family = match copied(&FAMILY, &parent) {
         Some(family) => family,
         None => {
-            let _ = FAMILY.insert(&parent, &parent, 0);
+            let _ = insert(&FAMILY, &parent, &parent, map_full::FAMILY);
             parent
         }
     };
-    let _ = FAMILY.insert(&child, &family, 0);
-    let _ = CHILDREN.insert(&child, &kread::now_ns(), 0);
+    // Full: this member's sharing goes unseen; the refusal is counted for the metrics.
+    let _ = insert(&FAMILY, &child, &family, map_full::FAMILY);
+    let _ = insert(&CHILDREN, &child, &kread::now_ns(), map_full::CHILDREN);
 }
 
 /// Takes `pid` out of its fork family (a lookup first: most processes are in none, and a lookup

@@ -10,7 +10,7 @@ use aya_ebpf::{
 };
 use monitor_common::{
     BLOCKED_MAX_ENTRIES, BlockedWait, FAMILY_MAX_ENTRIES, RING_BUFFER_BYTES, SOCKET_MAX_ENTRIES,
-    SockPid, SockUser, TRACKED_MAX_ENTRIES, fork_counter, lost_category,
+    SockPid, SockUser, TRACKED_MAX_ENTRIES, fork_counter, lost_category, map_full,
 };
 
 use crate::{FORKWATCH_WAKEUP_BYTES, kread::Plain};
@@ -82,6 +82,21 @@ pub static FORK_COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(fork_
 /// Failed ring-buffer reservations, by `lost_category`.
 #[map]
 pub static LOST_EVENTS: PerCpuArray<u64> = PerCpuArray::with_max_entries(lost_category::COUNT, 0);
+
+/// Inserts a full map refused, by `map_full` index: what went unwatched is exported, not hidden.
+#[map]
+pub static MAP_FULL: PerCpuArray<u64> = PerCpuArray::with_max_entries(map_full::COUNT, 0);
+
+/// Inserts into a plain hash map, counting a refusal (the map is full) under `index` of
+/// `MAP_FULL`.
+#[inline(always)]
+pub fn insert<K, V>(map: &HashMap<K, V>, key: &K, value: &V, index: u32) -> Result<(), i32> {
+    let inserted = map.insert(key, value, 0);
+    if inserted.is_err() {
+        count(&MAP_FULL, index);
+    }
+    inserted
+}
 
 /// Submit flags of records the daemon acts on at once (forks, shared sockets and files): it
 /// reads the processes' /proc entries, which a short-lived process takes with it. Forced: the
@@ -171,7 +186,7 @@ fn blocked_count_add(delta: u64) {
 #[inline(always)]
 pub fn block(tid: u32, wait: &BlockedWait) -> Result<(), i32> {
     let new = !contains(&BLOCKED, &tid);
-    BLOCKED.insert(&tid, wait, 0)?;
+    insert(&BLOCKED, &tid, wait, map_full::BLOCKED)?;
     if new {
         blocked_count_add(1);
     }

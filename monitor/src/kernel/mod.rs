@@ -207,6 +207,7 @@ impl Probes {
         Ok(KernelCounters {
             forks: self.take_map(names::FORK_COUNTERS)?,
             lost: self.take_map(names::LOST_EVENTS)?,
+            full: self.take_map(names::MAP_FULL)?,
         })
     }
 }

@@ -1,7 +1,7 @@
 //! Prometheus metrics. Labels are bounded sets (finding kinds, severities, fork kinds, event
 //! categories): never a pid, comm, path or command line.
 
-use monitor_common::{fork_counter, lost_category};
+use monitor_common::{fork_counter, lost_category, map_full};
 use std::{collections::HashMap, time::Duration};
 
 use prometheus::{
@@ -21,6 +21,7 @@ pub struct Metrics {
     findings: IntCounterVec,
     forks: IntCounterVec,
     lost: IntCounterVec,
+    map_full: IntCounterVec,
     events: IntCounterVec,
     decode_errors: IntCounter,
     tracked: IntGauge,
@@ -95,6 +96,13 @@ impl Metrics {
             "forkwatch_events_lost_total",
             "Events dropped because the ring buffer was full, by category.",
             &["category"],
+        );
+        let map_full = counter_vec(
+            "forkwatch_map_full_total",
+            "Inserts a full kernel map refused, by map: what they would have recorded went \
+             unwatched (tracked: a child's futex waits; blocked: a futex wait; family, \
+             children: a fork family member's sharing).",
+            &["map"],
         );
         let events = counter_vec(
             "forkwatch_events_total",
@@ -184,6 +192,9 @@ impl Metrics {
         for category in lost_category::NAMES {
             lost.with_label_values(&[category]);
         }
+        for map in map_full::NAMES {
+            map_full.with_label_values(&[map]);
+        }
         for category in monitor_common::names::category::ALL {
             events.with_label_values(&[category]);
         }
@@ -198,6 +209,7 @@ impl Metrics {
             findings,
             forks,
             lost,
+            map_full,
             events,
             decode_errors,
             tracked,
@@ -336,6 +348,11 @@ impl Metrics {
                 .with_label_values(&[category])
                 .inc_by(now.lost[i].saturating_sub(last.lost[i]));
         }
+        for (i, map) in map_full::NAMES.iter().enumerate() {
+            self.map_full
+                .with_label_values(&[map])
+                .inc_by(now.full[i].saturating_sub(last.full[i]));
+        }
     }
 
     /// Events lost so far per category, as last read from the kernel.
@@ -364,6 +381,7 @@ mod tests {
         counts.forks[fork_counter::MULTI_THREADED as usize] = 2;
         counts.forks[fork_counter::THREAD as usize] = 9;
         counts.lost[lost_category::EXIT as usize] = 1;
+        counts.full[map_full::BLOCKED as usize] = 3;
         m.kernel(counts);
         m.kernel(counts);
         let text = m.render();
@@ -382,6 +400,14 @@ mod tests {
         assert!(
             text.contains("forkwatch_events_lost_total{category=\"exit\"} 1"),
             "{text}"
+        );
+        assert!(
+            text.contains("forkwatch_map_full_total{map=\"blocked\"} 3"),
+            "{text}"
+        );
+        assert!(
+            text.contains("forkwatch_map_full_total{map=\"tracked\"} 0"),
+            "every map exported from the start: {text}"
         );
         assert!(text.contains("forkwatch_build_info{version="), "{text}");
         let critical =

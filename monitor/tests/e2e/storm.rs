@@ -254,3 +254,24 @@ fn sigterm_during_a_fork_storm_still_exits_zero_within_a_second() {
         drop(storm);
     });
 }
+
+/// A full kernel map is counted under its name, not hidden: with the smallest tracking cap,
+/// more children of multithreaded forks alive at once than the map holds leave some untracked
+/// in the kernel. Certain by construction: each fork's insert happens in the fork tracepoint,
+/// before the fixture prints the child's pid, and every child lives until the test ends.
+#[test]
+fn a_full_tracking_map_is_counted_by_name() {
+    harness::root().run(|| {
+        let daemon = Daemon::start(&["--max-tracked", MAX_TRACKED]);
+        let cap: usize = MAX_TRACKED.parse().unwrap();
+        let children: Vec<_> = (0..=cap)
+            .map(|_| spawn_forker("mt-fork-no-exec", &["2", "60000"]))
+            .collect();
+        let full = daemon.metric("forkwatch_map_full_total{map=\"tracked\"}");
+        assert!(
+            full >= 1.0,
+            "{} children alive at --max-tracked {cap}, yet no refused insert counted: {full}",
+            children.len()
+        );
+    });
+}

@@ -52,6 +52,10 @@ tests:
         values: '0 0 0 0 7 7 7 7 7 7 7 7'
       - series: 'forkwatch_events_lost_total{job="forkwatch",instance="node-a:9571",category="exit"}'
         values: '0x11'
+      - series: 'forkwatch_map_full_total{job="forkwatch",instance="node-a:9571",map="tracked"}'
+        values: '0 0 0 0 0 2 2 2 2 2 2 2'
+      - series: 'forkwatch_map_full_total{job="forkwatch",instance="node-a:9571",map="blocked"}'
+        values: '0x11'
       - series: 'up{job="forkwatch",instance="node-a:9571"}'
         values: '1x11'
     alert_rule_test:
@@ -88,6 +92,16 @@ tests:
             exp_annotations:
               summary: 'forkwatch lost fork events on node-a:9571'
               description: '7 fork events dropped in the last 5 minutes because the kernel ring buffer was full; findings may be missing. Raise --ring-buffer-size (FORKWATCH_RING_BUFFER_SIZE).'
+      - eval_time: 4m
+        alertname: ForkwatchMapFull
+        exp_alerts: []
+      - eval_time: 5m
+        alertname: ForkwatchMapFull
+        exp_alerts:
+          - exp_labels: {alertname: ForkwatchMapFull, severity: warning, job: forkwatch, instance: "node-a:9571", map: tracked}
+            exp_annotations:
+              summary: 'forkwatch''s tracked map is full on node-a:9571'
+              description: '2 insert(s) into the full tracked map refused in the last 5 minutes; hazards of those processes may go unreported. For "tracked", raise --max-tracked (FORKWATCH_MAX_TRACKED); for the others, see docs/metrics.md.'
       - eval_time: 10m
         alertname: ForkwatchDown
         exp_alerts: []

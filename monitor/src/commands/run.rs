@@ -1,9 +1,7 @@
 //! `forkwatch run`: the long-lived daemon.
 
 use std::{
-    fs::OpenOptions,
     io::IsTerminal,
-    os::unix::fs::OpenOptionsExt,
     sync::{Arc, atomic::AtomicBool, atomic::Ordering},
     time::Duration,
 };
@@ -18,7 +16,7 @@ use crate::{
     k8s::settings,
     pipeline::{Monitor, MonitorOptions},
     report::finding::Finding,
-    report::{JsonSink, Sinks, TextSink},
+    report::{JsonSink, Sinks, TextSink, output_file},
     telemetry,
     telemetry::http::{self, HttpState},
 };
@@ -147,19 +145,7 @@ fn sinks(args: &RunArgs) -> anyhow::Result<Sinks> {
         None => sinks.push(Box::new(JsonSink::new(stdout))),
     }
     if let Some(path) = &args.output {
-        let file = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .mode(0o640)
-            .open(path)
-            .with_context(|| {
-                format!(
-                    "cannot open --output {} for appending; check the directory exists and is \
-                     writable",
-                    path.display()
-                )
-            })?;
-        sinks.push(Box::new(JsonSink::new(file)));
+        sinks.push(Box::new(JsonSink::new(output_file::open(path)?)));
     }
     Ok(sinks)
 }

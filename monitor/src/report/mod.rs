@@ -3,6 +3,7 @@
 pub mod finding;
 
 mod json;
+pub mod output_file;
 mod text;
 
 use std::io;

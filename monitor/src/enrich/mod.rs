@@ -191,7 +191,7 @@ fn common(
         parent_pid: subject.parent_pid,
         parent_comm: subject.parent_comm,
         exe: subject.exe,
-        argv0: subject.cmdline.first().cloned(),
+        argv0: subject.cmdline.first().map(|arg| procfs::argv0(arg)),
         cmdline: opts.full_cmdline.then_some(subject.cmdline),
         cgroup_id: subject.cgroup_id,
         attribution: subject.attribution,

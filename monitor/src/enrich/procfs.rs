@@ -7,6 +7,7 @@
 
 use std::{
     fs,
+    io::Read as _,
     path::{Path, PathBuf},
 };
 
@@ -42,8 +43,18 @@ impl crate::correlate::ForkEvidence for ForkContext {
     }
 }
 
+/// How much of /proc/PID/cmdline is read for argv[0] alone: the process's owner writes it, and
+/// a program that sets its title can make it the whole argument area (megabytes).
+const ARGV0_READ_BYTES: u64 = 4096;
+/// How much of /proc/PID/cmdline is read with `--full-cmdline`.
+const CMDLINE_READ_BYTES: u64 = 64 * 1024;
+/// The longest argv0 a finding shows, in bytes.
+pub const ARGV0_MAX_BYTES: usize = 128;
+
 pub struct ProcFs {
     root: PathBuf,
+    /// Keep whole command lines (`--full-cmdline`); else argv[0] only, for every tracked child.
+    full_cmdline: bool,
 }
 
 impl Default for ProcFs {
@@ -54,7 +65,18 @@ impl Default for ProcFs {
 
 impl ProcFs {
     pub fn new(root: impl Into<PathBuf>) -> Self {
-        Self { root: root.into() }
+        Self {
+            root: root.into(),
+            full_cmdline: false,
+        }
+    }
+
+    /// Reads (and keeps, in fork contexts) whole command lines, not argv[0] alone.
+    pub fn keeping_full_cmdline(self, full_cmdline: bool) -> Self {
+        Self {
+            full_cmdline,
+            ..self
+        }
     }
 
     fn path(&self, pid: u32, leaf: &str) -> PathBuf {
@@ -225,14 +247,29 @@ impl ProcFs {
             .map(|p| p.to_string_lossy().into_owned())
     }
 
+    /// The command line as far as findings may show it: argv[0] alone unless whole command
+    /// lines were asked for, and never more than a bounded read of it.
     pub fn cmdline(&self, pid: u32) -> Vec<String> {
-        let Ok(raw) = fs::read(self.path(pid, "cmdline")) else {
-            return Vec::new();
+        let limit = if self.full_cmdline {
+            CMDLINE_READ_BYTES
+        } else {
+            ARGV0_READ_BYTES
         };
-        raw.split(|&b| b == 0)
+        let mut raw = Vec::new();
+        let read = fs::File::open(self.path(pid, "cmdline"))
+            .and_then(|file| file.take(limit).read_to_end(&mut raw));
+        if read.is_err() {
+            return Vec::new();
+        }
+        let args = raw
+            .split(|&b| b == 0)
             .filter(|arg| !arg.is_empty())
-            .map(|arg| String::from_utf8_lossy(arg).into_owned())
-            .collect()
+            .map(|arg| String::from_utf8_lossy(arg).into_owned());
+        if self.full_cmdline {
+            args.collect()
+        } else {
+            args.take(1).collect()
+        }
     }
 
     /// Names of every thread of `pid` except `skip_tid`, in tid order.
@@ -312,6 +349,18 @@ pub struct SyscallWait {
 /// The futex wait in a /proc/.../syscall line ("nr arg1 ... arg6 sp pc", hex args), if the
 /// thread is blocked in one: futex(2) with a waiting op, or futex_wait(2). futex_waitv's first
 /// argument is an array in the process's memory, not an address, so it is left out.
+/// argv[0] as a finding shows it: up to its first whitespace and at most [`ARGV0_MAX_BYTES`].
+/// A program that sets its title writes a whole command line there (`postgres: alice shop
+/// 10.0.0.5(51234) idle`), which may hold what `--full-cmdline` exists to keep out.
+pub fn argv0(arg: &str) -> String {
+    let word = arg.split(char::is_whitespace).next().unwrap_or_default();
+    let mut end = word.len().min(ARGV0_MAX_BYTES);
+    while !word.is_char_boundary(end) {
+        end -= 1;
+    }
+    word[..end].to_owned()
+}
+
 pub fn parse_futex_wait(line: &str) -> Option<SyscallWait> {
     use monitor_common::{futex, syscall};
     let mut fields = line.split_whitespace();
@@ -514,5 +563,40 @@ mod tests {
     fn a_vanished_process_gives_empty_context() {
         let proc = ProcFs::new("/nonexistent-proc");
         assert_eq!(proc.fork_context(1, 1, 2), ForkContext::default());
+    }
+
+    #[test]
+    fn argv0_is_one_bounded_word() {
+        assert_eq!(argv0("/usr/bin/python3"), "/usr/bin/python3");
+        // A title set by the program: only its first word.
+        assert_eq!(
+            argv0("postgres: alice shop 10.0.0.5(51234) idle"),
+            "postgres:"
+        );
+        assert_eq!(argv0("a\tb"), "a");
+        assert_eq!(argv0(&"x".repeat(1000)).len(), ARGV0_MAX_BYTES);
+        // Cut on a character boundary: 127 ASCII bytes, then a 3-byte character.
+        let long = format!("{}€€", "x".repeat(ARGV0_MAX_BYTES - 1));
+        assert_eq!(argv0(&long), "x".repeat(ARGV0_MAX_BYTES - 1));
+    }
+
+    #[test]
+    fn only_argv0_is_read_unless_the_full_command_line_is_asked_for() {
+        let root = std::env::temp_dir().join(format!("forkwatch-procfs-{}", std::process::id()));
+        let dir = root.join("42");
+        std::fs::create_dir_all(&dir).unwrap();
+        // Arguments past the first read's bound, as a program with a huge argument area has.
+        let mut cmdline = b"ruby\0--secret=hunter2\0".to_vec();
+        cmdline.extend(std::iter::repeat_n(b'y', 100_000));
+        cmdline.extend(b"\0last\0");
+        std::fs::write(dir.join("cmdline"), &cmdline).unwrap();
+        let short = ProcFs::new(&root).cmdline(42);
+        let full = ProcFs::new(&root).keeping_full_cmdline(true).cmdline(42);
+        std::fs::remove_dir_all(&root).unwrap();
+        assert_eq!(short, ["ruby"]);
+        assert_eq!(full[..2], ["ruby", "--secret=hunter2"]);
+        // Bounded even when asked for: the last argument is past CMDLINE_READ_BYTES.
+        assert_eq!(full.len(), 3);
+        assert_eq!(full[2].len() as u64, CMDLINE_READ_BYTES - 22);
     }
 }

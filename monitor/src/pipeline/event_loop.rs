@@ -115,7 +115,7 @@ impl Pipeline {
             scheduler_idle_since: None,
             scheduler_attached_ns: 0,
             correlator: Correlator::new(config.correlator),
-            proc: ProcFs::default(),
+            proc: ProcFs::default().keeping_full_cmdline(config.enrich.full_cmdline),
             enrich: config.enrich,
             findings,
             telemetry,

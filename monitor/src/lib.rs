@@ -1,5 +1,5 @@
 //! forkwatch's daemon as a library: the binary (main.rs) is the command line around it, and
-//! the fuzz targets (fuzz/) drive the parsers of untrusted input directly.
+//! the fuzz targets (fuzz/) drive the parsers of untrusted input directly (`wire`, `fuzzing`).
 //!
 //! The folders follow the data: `kernel` (eBPF programs loaded, maps, BTF) → `wire` (ring-buffer
 //! records → typed events) → `pipeline` (the event loop, on-demand probes, restart seeding) →
@@ -12,6 +12,8 @@ mod clock;
 pub mod commands;
 mod correlate;
 mod enrich;
+#[doc(hidden)]
+pub mod fuzzing;
 mod k8s;
 pub mod kernel;
 mod pipeline;

@@ -1,5 +1,6 @@
-//! Bounded fuzzing of the parsers of untrusted input (fuzz/): ring-buffer records, config files
-//! and kernel BTF. Part of `cargo xtask test`: each target runs for a fixed time with the pinned
+//! Bounded fuzzing of the parsers of untrusted input (fuzz/): ring-buffer records, config files,
+//! kernel BTF, what other users write into /proc (maps, syscall and stat lines, cgroup paths)
+//! and the API server's pod list (`forkwatch::fuzzing`). Part of `cargo xtask test`: each target runs for a fixed time with the pinned
 //! nightly (sanitizers need it) and any crash fails the run, leaving the input in fuzz/artifacts/.
 
 use std::process::Command;
@@ -8,7 +9,16 @@ use anyhow::bail;
 
 use crate::{cmd, setup};
 
-pub const TARGETS: [&str; 3] = ["decode", "config", "btf"];
+pub const TARGETS: [&str; 8] = [
+    "decode",
+    "config",
+    "btf",
+    "proc_maps",
+    "proc_syscall",
+    "proc_stat",
+    "cgroup",
+    "pod_list",
+];
 
 /// Runs every fuzz target for `seconds` each; a crash in one does not keep the others from
 /// running.

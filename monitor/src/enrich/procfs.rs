@@ -406,8 +406,6 @@ fn read_trimmed(path: &Path) -> Option<String> {
     Some(text.trim_end_matches('\n').to_owned())
 }
 
-/// Field 22 of /proc/pid/stat. The comm (field 2) is in parentheses and may itself contain
-/// spaces and parentheses, so parse from the last ')'.
 /// Checks that this process is in the host's PID namespace: the kernel programs report host
 /// pids, and in a nested namespace every pid would name another process in /proc (or none), so
 /// every deadline decision would be withdrawn, silently. The host's (initial) PID namespace has
@@ -428,13 +426,13 @@ pub fn require_host_pid_namespace() -> Result<(), String> {
 }
 
 /// Fields of /proc/pid/stat, numbered as in proc(5).
-const STAT_START_TIME: usize = 22;
-const STAT_START_STACK: usize = 28;
+pub(crate) const STAT_START_TIME: usize = 22;
+pub(crate) const STAT_START_STACK: usize = 28;
 
 /// Field `number` (proc(5)'s numbering, 3 or more) of a /proc/pid/stat line. The comm (field 2)
 /// is the process's to choose, spaces and parentheses included: fields are counted after its
 /// last ')'.
-fn parse_stat_field(stat: &str, number: usize) -> Option<u64> {
+pub(crate) fn parse_stat_field(stat: &str, number: usize) -> Option<u64> {
     let after_comm = &stat[stat.rfind(')')? + 1..];
     after_comm
         .split_whitespace()

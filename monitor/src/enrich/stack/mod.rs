@@ -154,14 +154,14 @@ pub fn format_stack(frames: &[Frame]) -> String {
 
 /// Registers of a thread sleeping in the kernel, as far as /proc tells them.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-struct UserRegs {
+pub(crate) struct UserRegs {
     sp: u64,
     pc: u64,
 }
 
 /// Why a syscall line yielded no registers; the caller turns this into a `StackError`.
 #[derive(Debug, PartialEq, Eq)]
-enum SyscallLine {
+pub(crate) enum SyscallLine {
     NotBlocked,
     Malformed,
 }
@@ -169,7 +169,7 @@ enum SyscallLine {
 /// Parses `/proc/<pid>/task/<tid>/syscall`: `nr a0 a1 a2 a3 a4 a5 sp pc` while in a syscall,
 /// `-1 sp pc` when blocked outside one (e.g. in a page fault: the user registers are just as
 /// still, so it is accepted), `running` otherwise.
-fn parse_syscall_line(line: &str) -> Result<UserRegs, SyscallLine> {
+pub(crate) fn parse_syscall_line(line: &str) -> Result<UserRegs, SyscallLine> {
     let fields: Vec<&str> = line.split_whitespace().collect();
     let valid_len = match fields.first() {
         None => return Err(SyscallLine::Malformed),
@@ -194,7 +194,7 @@ fn parse_syscall_line(line: &str) -> Result<UserRegs, SyscallLine> {
 
 /// One line of /proc/<pid>/maps.
 #[derive(Clone, Debug, PartialEq, Eq)]
-struct Mapping {
+pub(crate) struct Mapping {
     start: u64,
     end: u64,
     executable: bool,
@@ -220,7 +220,7 @@ impl Mapping {
 }
 
 /// Parses `start-end perms offset dev inode [path]`; None for anything else.
-fn parse_maps_line(line: &str) -> Option<Mapping> {
+pub(crate) fn parse_maps_line(line: &str) -> Option<Mapping> {
     // The path is the rest of the line after the inode and its padding; it may contain spaces.
     let mut rest = line;
     let mut next_field = || {

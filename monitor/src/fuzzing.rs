@@ -1,0 +1,44 @@
+//! Entry points for the fuzz targets (fuzz/): the parsers of text that other users control.
+//! Another user writes their process's /proc entries (its comm, the paths it maps, its cgroup's
+//! name) and a compromised API server the pod list; each parser must return for any input,
+//! never panic. Not an API: the daemon's own code calls the parsers directly.
+
+use crate::{
+    enrich::{cgroup, procfs, stack},
+    k8s::pod_list,
+};
+
+/// Lines of /proc/PID/maps (paths are any bytes a user can name a file with).
+pub fn proc_maps(text: &str) {
+    for line in text.lines() {
+        let _ = stack::parse_maps_line(line);
+    }
+}
+
+/// /proc/PID/task/TID/syscall, as the unwinder and the futex-wait reader parse it.
+pub fn proc_syscall(line: &str) {
+    let _ = stack::parse_syscall_line(line);
+    let _ = procfs::parse_futex_wait(line);
+}
+
+/// /proc/PID/stat (the comm in it is the process's own choice: spaces, parentheses) and
+/// argv[0] (/proc/PID/cmdline).
+pub fn proc_stat(text: &str) {
+    let _ = procfs::parse_stat_field(text, procfs::STAT_START_TIME);
+    let _ = procfs::parse_stat_field(text, procfs::STAT_START_STACK);
+    let _ = procfs::argv0(text);
+}
+
+/// /proc/PID/cgroup, and the cgroup path in it (a container runtime or a user with a delegated
+/// subtree names the directories).
+pub fn cgroup(text: &str) {
+    if let Some(path) = cgroup::path_from_proc(text) {
+        let _ = cgroup::attribute(path);
+    }
+    let _ = cgroup::attribute(text);
+}
+
+/// The API server's pod list.
+pub fn pod_list(body: &[u8]) {
+    let _ = pod_list::parse(body);
+}

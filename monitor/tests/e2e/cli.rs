@@ -4,7 +4,7 @@
 
 use std::{process::Command, time::Duration};
 
-use crate::harness::{self, BINARY, Daemon, spawn_forker_holding};
+use crate::harness::{self, BINARY, CAPS, Daemon, as_nobody_with, spawn_forker_holding};
 
 const FINDING_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -125,22 +125,6 @@ fn usage_errors_exit_2_naming_the_flag() {
         assert_eq!(out.status.code(), Some(2), "{stderr}");
         assert!(stderr.contains("--exec-grace"), "{stderr}");
     });
-}
-
-/// The capabilities the README, the systemd unit and the DaemonSet grant, and nothing else.
-const CAPS: &str = "-all,+bpf,+perfmon,+sys_ptrace,+dac_read_search";
-
-/// setpriv's arguments to run as uid/gid 65534 holding exactly `caps` (setpriv's syntax, e.g.
-/// "-all,+bpf") as inheritable, ambient and bounding sets.
-fn as_nobody_with(caps: &str) -> Vec<String> {
-    vec![
-        "--reuid=65534".to_owned(),
-        "--regid=65534".to_owned(),
-        "--clear-groups".to_owned(),
-        format!("--inh-caps={caps}"),
-        format!("--ambient-caps={caps}"),
-        format!("--bounding-set={caps}"),
-    ]
 }
 
 #[test]

@@ -11,6 +11,7 @@ mod harness;
 mod cli;
 mod deadlock;
 mod deploy;
+mod hostile;
 mod image;
 mod k8s;
 mod lifecycle;

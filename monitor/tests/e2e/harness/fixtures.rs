@@ -230,6 +230,27 @@ impl Background {
             .unwrap_or_else(|e| panic!("writing to the fixture: {e}"));
     }
 
+    /// Reads the next line the fixture prints (its child's pid, after a go-ahead) into `run`. A
+    /// child it names is killed with the fixture from then on.
+    pub fn read_line(&mut self) {
+        let mut line = String::new();
+        let read = self
+            .stdout
+            .read_line(&mut line)
+            .unwrap_or_else(|e| panic!("reading the fixture's output: {e}"));
+        assert!(read > 0, "the fixture ended without printing another line");
+        let more = FixtureRun::parse(&line);
+        if self.child.is_none() {
+            // Alive now, as in `spawn`: the pidfd names it.
+            self.child = more
+                .values
+                .get("child")
+                .and_then(|c| c.parse().ok())
+                .map(KillOnDrop::new);
+        }
+        self.run.values.extend(more.values);
+    }
+
     /// Waits for the fixture to exit, which must be a success; what it printed in all. Its
     /// child is its own business then (reaped by it, or left running on purpose): not killed.
     pub fn finish(mut self) -> FixtureRun {

@@ -25,7 +25,7 @@ use std::{
 pub use daemon::{Daemon, http_get, try_http_get};
 pub use fixtures::{
     Background, EchoServer, FixtureRun, KillOnDrop, compiled, python, run_fixture, run_forker,
-    run_locker, run_python, run_sharer, spawn_forker, spawn_forker_holding, spawn_holding,
+    run_locker, run_python, run_sharer, spawn, spawn_forker, spawn_forker_holding, spawn_holding,
     spawn_locker, spawn_sharer,
 };
 pub use processes::{Watched, watch};
@@ -33,6 +33,22 @@ pub use processes::{Watched, watch};
 pub const BINARY: &str = env!("CARGO_BIN_EXE_forkwatch");
 /// The grace window the tests run the daemon with: short, so negatives are decided quickly.
 pub const GRACE_MS: u64 = 400;
+
+/// The capabilities the README, the systemd unit and the DaemonSet grant, and nothing else.
+pub const CAPS: &str = "-all,+bpf,+perfmon,+sys_ptrace,+dac_read_search";
+
+/// setpriv's arguments to run as uid/gid 65534 holding exactly `caps` (setpriv's syntax, e.g.
+/// "-all,+bpf") as inheritable, ambient and bounding sets.
+pub fn as_nobody_with(caps: &str) -> Vec<String> {
+    vec![
+        "--reuid=65534".to_owned(),
+        "--regid=65534".to_owned(),
+        "--clear-groups".to_owned(),
+        format!("--inh-caps={caps}"),
+        format!("--ambient-caps={caps}"),
+        format!("--bounding-set={caps}"),
+    ]
+}
 
 /// How long a test may run unless it says otherwise: ten times what the slowest of them takes
 /// on a quiet machine, so that only a hang reaches it.

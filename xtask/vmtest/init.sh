@@ -120,7 +120,8 @@ step selftest 180 forkwatch selftest
 for func in sock_sendmsg sock_recvmsg tcp_sendmsg unix_stream_sendmsg vfs_write; do
     probe "fentry:$func" vmhelper fentry "$func"
 done
-for func in sock_sendmsg sock_recvmsg; do
+# write(2) and read(2) on a socket reach sock_write_iter/sock_read_iter, not sock_sendmsg.
+for func in sock_sendmsg sock_recvmsg sock_write_iter sock_read_iter; do
     probe "fexit:$func" vmhelper fexit "$func"
 done
 probe kprobes test -e /sys/kernel/tracing/kprobe_events

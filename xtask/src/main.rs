@@ -10,6 +10,7 @@ mod fuzz;
 mod lint;
 mod setup;
 mod test;
+mod vmtest;
 
 use std::process::ExitCode;
 
@@ -60,6 +61,14 @@ enum Command {
         #[arg(long)]
         smoke: bool,
     },
+    /// Install QEMU and busybox, build the static daemon and fixtures, then boot Debian's LTS
+    /// cloud kernels (fetched with `apt-get download`, cached in target/vmtest/) in QEMU and
+    /// run `check`, `selftest` and end-to-end scenarios in each: prints a kernel × step table.
+    Vmtest {
+        /// Which kernel series to boot.
+        #[arg(default_value = "all", value_parser = ["6.1", "6.12", "all"])]
+        kernel: String,
+    },
 }
 
 fn main() -> ExitCode {
@@ -75,6 +84,7 @@ fn main() -> ExitCode {
         Command::Bench { smoke } => setup::build_deps()
             .and_then(|()| daemon::build())
             .and_then(|()| bench::bench(smoke)),
+        Command::Vmtest { kernel } => setup::build_deps().and_then(|()| vmtest::vmtest(&kernel)),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -2,8 +2,9 @@
 //!
 //! Two sets, so that a user who only runs the daemon gets only what building it needs:
 //! `build_deps` (`cargo xtask build`, `run`, `dist`, `image`, `bench`) and `test_deps` (what the
-//! suite needs on top, for `cargo xtask test`). `cargo xtask setup` installs both. The bench and
-//! the image install the one tool each needs beyond building themselves (bpftrace; podman).
+//! suite needs on top, for `cargo xtask test`; it includes `vmtest_deps`, what `cargo xtask
+//! vmtest` needs). `cargo xtask setup` installs both. The bench and the image install the one
+//! tool each needs beyond building themselves (bpftrace; podman).
 //!
 //! Pins, and why:
 //! - the eBPF nightly (monitor-ebpf/rust-toolchain.toml) ships LLVM 22.1.8; later nightlies use
@@ -35,6 +36,9 @@ const TEST_PACKAGES: [&str; 5] = [
     "python3-venv",
     "systemd",
 ];
+/// Debian packages `cargo xtask vmtest` needs: QEMU, busybox for the guest's userland, and
+/// glibc's static libraries for the fixtures it builds with `gcc -static`.
+const VMTEST_PACKAGES: [&str; 3] = ["qemu-system-x86", "busybox-static", "libc6-dev"];
 /// The virtualenv the tests run their Python fixtures that need PyPI packages with, relative to
 /// the workspace root, and what it holds.
 const TEST_VENV: &str = "target/test-venv";
@@ -76,8 +80,17 @@ pub fn test_deps() -> anyhow::Result<()> {
         &TEST_PACKAGES,
         "python3 with its venv module, promtool, PostgreSQL and systemd-analyze",
     )?;
+    vmtest_deps()?;
     test_venv()?;
     cargo_fuzz()
+}
+
+/// What `cargo xtask vmtest` needs on top of `build_deps` (the kernels it fetches itself).
+pub fn vmtest_deps() -> anyhow::Result<()> {
+    apt_packages(
+        &VMTEST_PACKAGES,
+        "QEMU, a static busybox and static glibc, to boot kernels for vmtest",
+    )
 }
 
 fn apt_packages(packages: &[&str], what: &str) -> anyhow::Result<()> {

@@ -1,0 +1,217 @@
+#!/bin/sh
+# /init of the guest that `cargo xtask vmtest` boots (busybox sh, everything static in /bin).
+#
+# The host reads the serial console and parses only these lines:
+#   VMTEST-BEGIN <step>                   the step's own output follows
+#   VMTEST <step> <status> [detail]       status: pass | fail | skip (a step that failed or
+#                                         was skipped fails the run), yes | no (a kernel
+#                                         feature probed, not a verdict), info
+#   VMTEST-DONE                           the script got to its end
+# Every wait is bounded, here and on the host: a hung step fails by name, it never hangs the
+# boot. A step's time limit is scaled by vmtest.slow= (1 under KVM, more under TCG).
+#
+# `init.sh --here` runs the same steps on the running host instead, as root, with forkwatch,
+# the fixtures and vmhelper on PATH: a way to try the scenarios themselves on a kernel the
+# daemon already works on. It mounts nothing and powers nothing off.
+slow=1
+metrics_port=${VMTEST_METRICS_PORT:-9571}
+echo_port=${VMTEST_ECHO_PORT:-7000}
+if [ "$1" = --here ]; then
+    here=1
+    work=$(mktemp -d)
+else
+    here=
+    export PATH=/bin
+    mount -t proc proc /proc
+    mount -t sysfs sysfs /sys
+    mount -t devtmpfs devtmpfs /dev
+    mount -t tmpfs tmpfs /tmp
+    mount -t bpf bpf /sys/fs/bpf
+    mount -t debugfs debugfs /sys/kernel/debug
+    mount -t tracefs tracefs /sys/kernel/tracing
+    ip link set lo up
+    work=/tmp
+    for arg in $(cat /proc/cmdline); do
+        case $arg in vmtest.slow=*) slow=${arg#vmtest.slow=} ;; esac
+    done
+fi
+cd "$work" || exit 1
+
+result() { echo "VMTEST $1 $2${3:+ $3}"; }
+
+# step NAME SECONDS CMD...: CMD passes by exiting 0 within SECONDS (times the slowness).
+step() {
+    name=$1 secs=$(($2 * slow))
+    shift 2
+    echo "VMTEST-BEGIN $name"
+    busybox timeout "$secs" "$@" </dev/null 2>&1
+    rc=$?
+    if [ "$rc" = 0 ]; then
+        result "$name" pass
+    elif [ "$rc" = 143 ]; then
+        result "$name" fail "timed out after ${secs}s"
+    else
+        result "$name" fail "exit $rc"
+    fi
+}
+
+# probe NAME CMD...: a kernel feature, yes or no; never a failure of the run.
+probe() {
+    name=$1
+    shift
+    echo "VMTEST-BEGIN $name"
+    if busybox timeout $((30 * slow)) "$@" </dev/null 2>&1; then result "$name" yes; else result "$name" no; fi
+}
+
+# until_true SECONDS CMD...: polls CMD every 200 ms until it succeeds or SECONDS pass.
+until_true() {
+    tries=$(($1 * slow * 5))
+    shift
+    while [ "$tries" -gt 0 ]; do
+        "$@" && return 0
+        busybox usleep 200000
+        tries=$((tries - 1))
+    done
+    return 1
+}
+
+# pid_of KEY LINE: the number after "KEY=" in a fixture's "parent=P child=C" line.
+pid_of() { echo "$2" | sed -n "s/.*$1=\([0-9]*\).*/\1/p"; }
+
+# finding KIND PID: a finding of KIND about process PID is in the daemon's output.
+finding() { grep "\"kind\":\"$1\"" $work/findings | grep -q "\"pid\":$2[,}]"; }
+any_finding() { grep -q "\"pid\":$1[,}]" $work/findings; }
+
+metric() { busybox wget -q -O - http://127.0.0.1:$metrics_port/metrics 2>/dev/null | grep -q "^$1 $2\$"; }
+
+# expect KIND PID STEP: STEP passes once the daemon reports KIND for PID.
+expect() {
+    echo "VMTEST-BEGIN $3"
+    if [ -z "$2" ]; then
+        result "$3" fail "the fixture printed no pid"
+    elif until_true 30 finding "$1" "$2"; then
+        result "$3" pass
+    else
+        result "$3" fail "no $1 finding for pid $2 within $((30 * slow))s"
+    fi
+}
+
+# quiet PID STEP: STEP passes if nothing names PID (call after the grace window has passed).
+quiet() {
+    echo "VMTEST-BEGIN $2"
+    if [ -z "$1" ]; then
+        result "$2" fail "the fixture printed no pid"
+    elif any_finding "$1"; then
+        grep "\"pid\":$1[,}]" $work/findings
+        result "$2" fail "a finding names pid $1"
+    else
+        result "$2" pass
+    fi
+}
+
+echo "VMTEST-BEGIN kernel"
+uname -a
+result kernel info "$(uname -r)"
+
+step check 60 forkwatch check
+step selftest 180 forkwatch selftest
+
+# Attach points a per-kernel adaptation may need (docs/kernels-survey.md).
+for func in sock_sendmsg sock_recvmsg tcp_sendmsg unix_stream_sendmsg vfs_write; do
+    probe "fentry:$func" vmhelper fentry "$func"
+done
+# write(2) and read(2) on a socket reach sock_write_iter/sock_read_iter, not sock_sendmsg.
+for func in sock_sendmsg sock_recvmsg sock_write_iter sock_read_iter; do
+    probe "fexit:$func" vmhelper fexit "$func"
+done
+probe kprobes test -e /sys/kernel/tracing/kprobe_events
+
+# End to end: the daemon as a user runs it, real fixtures, findings read from its stdout.
+forkwatch run --format json --log-format json --metrics-addr 127.0.0.1:$metrics_port \
+    --exec-grace 2s --deadlock-after 1s >$work/findings 2>$work/daemon.log &
+daemon=$!
+echo "VMTEST-BEGIN daemon-ready"
+# ready_or_gone: the daemon is ready, or has exited (no use waiting for it then).
+ready_or_gone() { grep -q '"message":"ready"' "$work/daemon.log" || ! kill -0 "$daemon" 2>/dev/null; }
+until_true 60 ready_or_gone
+if grep -q '"message":"ready"' "$work/daemon.log"; then
+    result daemon-ready pass
+    ready=1
+else
+    tail -n 40 $work/daemon.log
+    if kill -0 "$daemon" 2>/dev/null; then
+        result daemon-ready fail "no ready line within $((60 * slow))s"
+    else
+        wait "$daemon"
+        result daemon-ready fail "it exited ($?) before it was ready"
+    fi
+    ready=
+fi
+
+scenarios="mt-fork-no-exec mt-fork-exec st-fork mt-posix-spawn inherited-lock-deadlock
+shared-tcp tcp-handoff shared-file-offset daemon-exit"
+if [ -z "$ready" ]; then
+    kill "$daemon" 2>/dev/null
+    for name in $scenarios; do result "$name" skip "the daemon is not running"; done
+else
+    echo_pid=$(pid_of pid "$(vmhelper echo "$echo_port")")
+
+    # The quiet patterns first, all at once, then one wait past the grace window for them all.
+    exec_out=$(forker mt-fork-exec 3 </dev/null)
+    st_out=$(forker st-fork 1 50 </dev/null)
+    spawn_out=$(forker mt-posix-spawn 3 </dev/null)
+    handoff_out=$(sharer handoff "$echo_port" </dev/null)
+    sleep $((4 * slow))
+    quiet "$(pid_of child "$exec_out")" mt-fork-exec
+    quiet "$(pid_of child "$st_out")" st-fork
+    quiet "$(pid_of child "$spawn_out")" mt-posix-spawn
+    quiet "$(pid_of child "$handoff_out")" tcp-handoff
+
+    out=$(forker mt-fork-no-exec 3 50 </dev/null)
+    expect mt_fork_no_exec "$(pid_of child "$out")" mt-fork-no-exec
+
+    locker deadlock 600000 </dev/null >$work/locker.out &
+    locker=$!
+    until_true 10 grep -q child= $work/locker.out
+    child=$(pid_of child "$(cat $work/locker.out)")
+    expect inherited_lock_deadlock "$child" inherited-lock-deadlock
+    kill -9 "$locker" $child 2>/dev/null
+
+    out=$(sharer tcp "$echo_port" </dev/null)
+    expect shared_socket "$(pid_of child "$out")" shared-tcp
+
+    # The write probe is attached only while a child goes without exec: write after it is.
+    mkfifo $work/go
+    sharer file $work/shared.txt <$work/go >$work/file.out &
+    exec 3>$work/go
+    until_true 20 metric forkwatch_write_probe_attached 1
+    echo go >&3
+    until_true 10 grep -q child= $work/file.out
+    expect shared_file_offset "$(pid_of child "$(cat $work/file.out)")" shared-file-offset
+    exec 3>&-
+
+    echo "VMTEST-BEGIN daemon-exit"
+    kill -INT "$daemon"
+    # wait has no time limit: a watchdog kills the daemon if it ignores SIGINT.
+    (sleep $((20 * slow)); kill -9 "$daemon" 2>/dev/null) &
+    watchdog=$!
+    wait "$daemon"
+    rc=$?
+    kill "$watchdog" 2>/dev/null
+    if [ "$rc" = 0 ]; then result daemon-exit pass; else result daemon-exit fail "exit $rc"; fi
+fi
+
+echo "VMTEST-BEGIN daemon-log"
+tail -n 60 $work/daemon.log
+result daemon-log info
+
+echo VMTEST-DONE
+if [ -n "$here" ]; then
+    # Only what this script started: the echo server and the work dir.
+    [ -n "$echo_pid" ] && kill "$echo_pid"
+    rm -rf "$work"
+    exit 0
+fi
+sync
+poweroff -f
+# If poweroff could not, init exits: the kernel panics, and panic=-1 with -no-reboot ends QEMU.

@@ -40,8 +40,8 @@ pub enum Command {
     /// Preflight: list what the daemon needs and whether this host has it, with the fix for
     /// each missing piece. Exits non-zero if the daemon cannot run.
     Check(CommonArgs),
-    /// Start the probes, run a multithreaded fork-without-exec and a fork+exec helper, and check
-    /// that exactly the first is reported.
+    /// Start the probes and prove each detector on this kernel with helper processes (the
+    /// binary re-executing itself): each hazard reported once, the safe patterns quiet.
     Selftest(CommonArgs),
     /// Helper processes for `selftest` (internal).
     #[command(hide = true)]

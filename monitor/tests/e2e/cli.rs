@@ -19,6 +19,23 @@ fn selftest_and_check_pass() {
             String::from_utf8_lossy(&selftest.stderr)
         );
         assert!(stdout.contains("selftest: passed"), "{stdout}");
+        // Every detector proven on this kernel, every safe pattern quiet: none skipped.
+        for scenario in [
+            "fork_exec_quiet",
+            "single_threaded_fork_quiet",
+            "spawn_quiet",
+            "mt_fork_no_exec",
+            "threads_after_mt_fork",
+            "shared_socket",
+            "inherited_lock_deadlock",
+            "shared_file_offset",
+        ] {
+            let pass = format!("selftest: PASS {scenario}: ");
+            assert!(
+                stdout.lines().filter(|l| l.starts_with(&pass)).count() == 1,
+                "{stdout}"
+            );
+        }
 
         let check = Command::new(BINARY).arg("check").output().unwrap();
         let stdout = String::from_utf8_lossy(&check.stdout);

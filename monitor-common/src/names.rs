@@ -1,7 +1,8 @@
 //! Names the daemon looks things up by in the eBPF object, and the event-category names it
 //! exports. The kernel side cannot use these constants (aya names a map, program or global after
 //! its Rust identifier), so each one here must equal an identifier in `monitor-ebpf/src`: the
-//! statics in `maps.rs` and `main.rs` and the `#[btf_tracepoint]` functions.
+//! statics in `maps.rs` and `main.rs` and the `#[btf_tracepoint]` and `#[fentry]` functions.
+//! Which of the programs a kernel gets is the daemon's choice (`kernel::detectors`).
 
 /// Name of the global in the eBPF object that holds [`KernelOffsets`](crate::KernelOffsets).
 pub const OFFSETS_GLOBAL: &str = "FORKWATCH_OFFSETS";
@@ -21,21 +22,31 @@ pub const FAMILY: &str = "FAMILY";
 /// The write probe (tp_btf sys_enter): attached only while a fork family has a child that
 /// has not exec'd for the grace window, because any syscall tracepoint slows every syscall.
 pub const WRITE_PROGRAM: (&str, &str) = ("sys_enter_write", "sys_enter");
-/// The scheduler probes (of PROGRAMS): they find the futex waits of tracked processes and
-/// run on every context switch and wakeup on the host, so the daemon attaches them only
-/// while something is tracked (`forkwatch check` attaches every program once).
+/// The scheduler probes (tp_btf, each named after its tracepoint): they find the futex waits
+/// of tracked processes and run on every context switch and wakeup on the host, so the daemon
+/// attaches them only while something is tracked (`forkwatch check` verifies them).
 /// In attach order: sched_wakeup first, so that no entry sched_switch adds can miss the
 /// wakeup that removes it; detached in reverse.
 pub const SCHEDULER_PROGRAMS: [&str; 2] = ["sched_wakeup", "sched_switch"];
-/// (program name in the object, tp_btf tracepoint it attaches to).
-pub const PROGRAMS: [(&str, &str); 7] = [
+/// (program name in the object, tp_btf tracepoint it attaches to) of fork and exec.
+pub const LIFECYCLE_PROGRAMS: [(&str, &str); 2] = [
     ("sched_process_fork", "sched_process_fork"),
     ("sched_process_exec", "sched_process_exec"),
-    ("sched_process_exit", "sched_process_exit"),
-    ("sched_switch", "sched_switch"),
-    ("sched_wakeup", "sched_wakeup"),
+];
+/// The tp_btf tracepoint of the exit programs, one per prototype: `EXIT_PROGRAM` reads the
+/// `group_dead` argument (passed by newer kernels), `EXIT_PROGRAM_LIVE` the task's signal->live.
+pub const EXIT_TRACEPOINT: &str = "sched_process_exit";
+pub const EXIT_PROGRAM: &str = "sched_process_exit";
+pub const EXIT_PROGRAM_LIVE: &str = "sched_process_exit_live";
+/// Socket I/O where the kernel has the sock: length tracepoints: (program, tp_btf tracepoint).
+pub const SOCKET_TRACEPOINT_PROGRAMS: [(&str, &str); 2] = [
     ("sock_send_length", "sock_send_length"),
     ("sock_recv_length", "sock_recv_length"),
+];
+/// Socket I/O elsewhere: (program, kernel function its fentry attaches to).
+pub const SOCKET_HOOK_PROGRAMS: [(&str, &str); 2] = [
+    ("socket_sendmsg_entry", "security_socket_sendmsg"),
+    ("socket_recvmsg_entry", "security_socket_recvmsg"),
 ];
 
 /// Event categories: the `category` label of `forkwatch_events_total` and

@@ -248,6 +248,9 @@ pub struct KernelOffsets {
     pub task_group_leader: u32,
     pub task_exit_code: u32,
     pub signal_nr_threads: u32,
+    /// signal_struct.live (an atomic_t: its counter at +0), for group-dead where
+    /// sched_process_exit does not pass it.
+    pub signal_live: u32,
     /// `struct pt_regs` members holding the syscall number and arguments 1, 2, 4 and 5 (on
     /// x86_64: orig_ax, di, si, r10, r8).
     pub regs_syscall_nr: u32,
@@ -273,7 +276,8 @@ pub struct KernelOffsets {
     pub sk_type: u32,
     pub sk_protocol: u32,
     pub sk_socket: u32,
-    /// struct socket.file; struct socket_alloc.vfs_inode; inode.i_ino.
+    /// struct socket.sk, .file; struct socket_alloc.vfs_inode; inode.i_ino.
+    pub socket_sk: u32,
     pub socket_file: u32,
     pub socket_inode: u32,
     pub inode_ino: u32,
@@ -400,7 +404,7 @@ mod tests {
         assert_eq!(size_of::<ForkEvent>(), 6 * 4 + 4 * 8 + COMM_LEN);
         assert_eq!(size_of::<ExecEvent>(), 2 * 4 + 8 + COMM_LEN);
         assert_eq!(size_of::<ExitEvent>(), 2 * 4 + 8 + 2 * 4);
-        assert_eq!(size_of::<KernelOffsets>(), 38 * 4);
+        assert_eq!(size_of::<KernelOffsets>(), 40 * 4);
         assert_eq!(
             size_of::<SharedSocketEvent>(),
             4 * 4 + 5 * 8 + 2 * 4 + 3 * 2 + 4 + 3 * 2 + 2 * 16 + 2 * UNIX_PATH_LEN + COMM_LEN

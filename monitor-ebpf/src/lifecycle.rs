@@ -140,13 +140,35 @@ pub fn sched_process_exec(_ctx: BtfTracePointContext) -> u32 {
     0
 }
 
+/// Exit on kernels whose tracepoint passes group-dead (TP_PROTO(struct task_struct *p, bool
+/// group_dead)): only the last thread ends the process.
 #[btf_tracepoint(function = "sched_process_exit")]
 pub fn sched_process_exit(ctx: BtfTracePointContext) -> u32 {
+    let task: *const u8 = ctx.arg(0);
+    let group_dead: u64 = ctx.arg(1);
+    on_exit(task, group_dead & 0xff != 0);
+    0
+}
+
+/// Exit on kernels whose tracepoint passes the task alone (TP_PROTO(struct task_struct *p):
+/// before group_dead was added, e.g. 6.1 and 6.12). do_exit() decrements signal->live before
+/// the tracepoint, so 0 means the last thread is leaving. Two threads exiting at once can both
+/// read 0: the daemon takes a second exit of a process it no longer tracks as unmatched.
+#[btf_tracepoint(function = "sched_process_exit")]
+pub fn sched_process_exit_live(ctx: BtfTracePointContext) -> u32 {
+    let task: *const u8 = ctx.arg(0);
+    let offsets = FORKWATCH_OFFSETS.load();
+    let group_dead = read::<*const u8>(task, offsets.task_signal)
+        .and_then(|signal| read::<i32>(signal, offsets.signal_live))
+        .is_ok_and(|live| live == 0);
+    on_exit(task, group_dead);
+    0
+}
+
+#[inline(always)]
+fn on_exit(task: *const u8, group_dead: bool) {
     let pid_tgid = bpf_get_current_pid_tgid();
     let (pid, tid) = ((pid_tgid >> 32) as u32, pid_tgid as u32);
-    // TP_PROTO(struct task_struct *p, bool group_dead): only the last thread ends the process.
-    let group_dead: u64 = ctx.arg(1);
-    let group_dead = group_dead & 0xff != 0;
     if group_dead {
         leave_family(pid);
     }
@@ -157,14 +179,13 @@ pub fn sched_process_exit(ctx: BtfTracePointContext) -> u32 {
         unblock(tid);
     }
     if !contains(&TRACKED, &pid) {
-        return 0;
+        return;
     }
     if !group_dead {
         send_thread_event(EventKind::ThreadExited, pid, tid);
-        return 0;
+        return;
     }
     let _ = TRACKED.remove(&pid);
-    let task: *const u8 = ctx.arg(0);
     let offsets = FORKWATCH_OFFSETS.load();
     let exit_code: i32 = read(task, offsets.task_exit_code).unwrap_or(0);
     match EVENTS.reserve::<ExitEvent>(0) {
@@ -180,7 +201,6 @@ pub fn sched_process_exit(ctx: BtfTracePointContext) -> u32 {
         }
         None => count(&LOST_EVENTS, lost_category::EXIT),
     }
-    0
 }
 
 /// Makes `child` (and its parent, if it is not yet) a member of the parent's fork family.

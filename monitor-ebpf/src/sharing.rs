@@ -5,9 +5,9 @@
 
 use aya_ebpf::{
     helpers::{bpf_get_current_comm, bpf_get_current_pid_tgid},
-    macros::btf_tracepoint,
+    macros::{btf_tracepoint, fentry},
     maps::LruHashMap,
-    programs::BtfTracePointContext,
+    programs::{BtfTracePointContext, FEntryContext},
 };
 use monitor_common::{
     DIRECTION_RECV, DIRECTION_SEND, EventKind, KernelOffsets, SharedSocketEvent, SockPid, SockUser,
@@ -25,31 +25,65 @@ use crate::{
     },
 };
 
+// Where the kernel has them (6.3 and later), the sock: length tracepoints: after data moved
+// through a socket (send, sendmsg, write, ... and their receiving twins), with how much.
+// TP_PROTO(struct sock *sk, int ret, int flags).
+
 #[btf_tracepoint(function = "sock_send_length")]
 pub fn sock_send_length(ctx: BtfTracePointContext) -> u32 {
-    let _ = on_socket_io(&ctx, DIRECTION_SEND);
+    let _ = on_socket_io(ctx.arg(0), ctx.arg::<i64>(1) as i32, DIRECTION_SEND);
     0
 }
 
 #[btf_tracepoint(function = "sock_recv_length")]
 pub fn sock_recv_length(ctx: BtfTracePointContext) -> u32 {
-    let _ = on_socket_io(&ctx, DIRECTION_RECV);
+    let _ = on_socket_io(ctx.arg(0), ctx.arg::<i64>(1) as i32, DIRECTION_RECV);
     0
 }
 
-/// TP_PROTO(struct sock *sk, int ret, int flags), after data moved through a socket (send,
-/// sendmsg, write, ... and their receiving twins).
-fn on_socket_io(ctx: &BtfTracePointContext, direction: u8) -> Result<(), i32> {
+// Elsewhere, fentry on the LSM hooks every socket send and receive goes through, before the
+// data moves: security_socket_sendmsg(struct socket *sock, struct msghdr *msg, int size) and
+// security_socket_recvmsg(sock, msg, int size, int flags). Not sock_sendmsg: the compiler
+// inlines it into the send syscalls (on 6.1 fentry there saw no send(2) at all), while the
+// hooks live in another file and are always called. `size` is what the caller asked to move.
+
+#[fentry(function = "security_socket_sendmsg")]
+pub fn socket_sendmsg_entry(ctx: FEntryContext) -> u32 {
+    let _ = on_socket_call(&ctx, DIRECTION_SEND);
+    0
+}
+
+#[fentry(function = "security_socket_recvmsg")]
+pub fn socket_recvmsg_entry(ctx: FEntryContext) -> u32 {
+    let _ = on_socket_call(&ctx, DIRECTION_RECV);
+    0
+}
+
+#[inline(always)]
+fn on_socket_call(ctx: &FEntryContext, direction: u8) -> Result<(), i32> {
+    // The family check first, as in on_socket_io: nearly every caller is not in one, and
+    // finding the sock costs a read.
+    let pid = (bpf_get_current_pid_tgid() >> 32) as u32;
+    if !contains(&FAMILY, &pid) {
+        return Ok(());
+    }
+    let sock: *const u8 = ctx.arg(0);
+    let size: i64 = ctx.arg(2);
+    let sk: *const u8 = read(sock, FORKWATCH_OFFSETS.load().socket_sk)?;
+    on_socket_io(sk, size as i32, direction)
+}
+
+/// A family member moved (or asked to move) `moved` bytes through socket `sk`.
+#[inline(always)]
+fn on_socket_io(sk: *const u8, moved: i32, direction: u8) -> Result<(), i32> {
     let pid_tgid = bpf_get_current_pid_tgid();
     let pid = (pid_tgid >> 32) as u32;
     let Some(family) = copied(&FAMILY, &pid) else {
         return Ok(()); // not in a fork family: the whole cost for almost every process
     };
-    let moved: i64 = ctx.arg(1);
-    if moved as i32 <= 0 {
+    if moved <= 0 {
         return Ok(()); // nothing moved (error, EOF, EAGAIN)
     }
-    let sk: *const u8 = ctx.arg(0);
     let offsets = FORKWATCH_OFFSETS.load();
     // The inode, not the struct sock address: the slab hands a freed sock's address to the next
     // socket (a prefork server's next accepted connection), inode numbers are not reused.

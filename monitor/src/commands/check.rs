@@ -2,12 +2,14 @@
 
 use std::path::Path;
 
-use monitor_common::names;
-
 use crate::{
     cli::CommonArgs,
-    kernel::btf_offsets,
-    kernel::{ProbeOptions, Probes},
+    kernel::{
+        ProbeOptions, Probes, btf_offsets,
+        capabilities::{
+            self, CAP_BPF, CAP_DAC_READ_SEARCH, CAP_PERFMON, CAP_SYS_ADMIN, CAP_SYS_PTRACE,
+        },
+    },
 };
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -52,13 +54,6 @@ impl Item {
     }
 }
 
-/// Linux capability numbers (linux/capability.h).
-const CAP_DAC_READ_SEARCH: u32 = 2;
-const CAP_SYS_PTRACE: u32 = 19;
-const CAP_SYS_ADMIN: u32 = 21;
-const CAP_PERFMON: u32 = 38;
-const CAP_BPF: u32 = 39;
-
 pub fn run(args: &CommonArgs) -> Vec<Item> {
     let mut items = vec![privileges(), pid_namespace(), btf(&args.btf), tracefs()];
     items.extend(probes(&args.btf));
@@ -96,15 +91,9 @@ pub fn print(items: &[Item]) -> bool {
     can_run
 }
 
-fn effective_capabilities() -> Option<u64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let hex = status.lines().find_map(|l| l.strip_prefix("CapEff:"))?;
-    u64::from_str_radix(hex.trim(), 16).ok()
-}
-
 fn privileges() -> Item {
     let name = "privileges";
-    let Some(caps) = effective_capabilities() else {
+    let Some(caps) = capabilities::effective() else {
         return Item::bad(
             Status::Warn,
             name,
@@ -213,32 +202,27 @@ fn probes(btf: &Path) -> Vec<Item> {
         }
     };
     let mut items = vec![Item::ok("bpf(2)", "maps created")];
-    for (program, tracepoint) in names::PROGRAMS {
-        let name = format!("probe {program}");
-        items.push(match probes.attach(program, tracepoint) {
-            Ok(()) => Item::ok(name, format!("tp_btf/{tracepoint} verified and attached")),
-            Err(err) => Item::bad(
-                Status::Fail,
+    if let Err(err) = probes.attach_all() {
+        items.push(Item::bad(
+            Status::Fail,
+            "probes",
+            err.to_string(),
+            "this kernel rejects an essential program; report it with the output of `uname -r`",
+        ));
+        return items;
+    }
+    for status in probes.detectors() {
+        let name = format!("detector {}", status.detector.name());
+        items.push(match &status.state {
+            Ok(how) => Item::ok(name, format!("active: {how}")),
+            Err(why) => Item::bad(
+                Status::Warn,
                 name,
-                err.to_string(),
-                "this kernel rejects the program; report it with the output of `uname -r`",
+                format!("unavailable: {why}"),
+                "the other detectors run; a newer kernel or its configuration would add this one",
             ),
         });
     }
-    let (program, tracepoint) = names::WRITE_PROGRAM;
-    let name = format!("probe {program}");
-    items.push(match probes.verify_write_probe() {
-        Ok(()) => Item::ok(
-            name,
-            format!("tp_btf/{tracepoint} verified (attached only on demand)"),
-        ),
-        Err(err) => Item::bad(
-            Status::Fail,
-            name,
-            err.to_string(),
-            "this kernel rejects the program; report it with the output of `uname -r`",
-        ),
-    });
     // Dropping the probes detaches them again.
     items
 }

@@ -8,7 +8,10 @@ use std::path::Path;
 
 use monitor_common::KernelOffsets;
 
-use crate::kernel::btf_raw::{RawBtf, RawBtfError};
+use crate::kernel::{
+    btf_raw::{RawBtf, RawBtfError},
+    detectors::KernelFeatures,
+};
 
 /// Where the running kernel publishes its BTF.
 pub const VMLINUX_BTF: &str = "/sys/kernel/btf/vmlinux";
@@ -56,8 +59,19 @@ pub fn kernel_offsets(path: &Path) -> Result<KernelOffsets, OffsetError> {
 
 /// The offsets the programs need, from raw kernel BTF bytes.
 pub fn offsets_from_btf(data: &[u8]) -> Result<KernelOffsets, OffsetError> {
+    inspect(data).map(|(offsets, _)| offsets)
+}
+
+/// The offsets the programs need and the attach points the kernel offers, from one parse of
+/// raw kernel BTF bytes.
+pub fn inspect(data: &[u8]) -> Result<(KernelOffsets, KernelFeatures), OffsetError> {
     let btf = RawBtf::parse(data).map_err(OffsetError::Malformed)?;
-    let finder = OffsetFinder { btf: &btf };
+    let offsets = offsets_in(&btf)?;
+    Ok((offsets, KernelFeatures::from_btf(&btf)))
+}
+
+fn offsets_in(btf: &RawBtf) -> Result<KernelOffsets, OffsetError> {
+    let finder = OffsetFinder { btf };
     // struct sock_common is embedded in struct sock as __sk_common.
     let sk_common = finder.offset("sock", "__sk_common")?;
     let common =
@@ -71,6 +85,7 @@ pub fn offsets_from_btf(data: &[u8]) -> Result<KernelOffsets, OffsetError> {
         task_group_leader: finder.offset("task_struct", "group_leader")?,
         task_exit_code: finder.offset("task_struct", "exit_code")?,
         signal_nr_threads: finder.offset("signal_struct", "nr_threads")?,
+        signal_live: finder.offset("signal_struct", "live")?,
         regs_syscall_nr: finder.offset("pt_regs", SYSCALL_REGS[0])?,
         regs_arg1: finder.offset("pt_regs", SYSCALL_REGS[1])?,
         regs_arg2: finder.offset("pt_regs", SYSCALL_REGS[2])?,
@@ -91,6 +106,7 @@ pub fn offsets_from_btf(data: &[u8]) -> Result<KernelOffsets, OffsetError> {
         sk_type: finder.offset("sock", "sk_type")?,
         sk_protocol: finder.offset("sock", "sk_protocol")?,
         sk_socket: finder.offset("sock", "sk_socket")?,
+        socket_sk: finder.offset("socket", "sk")?,
         socket_file: finder.offset("socket", "file")?,
         // The inode sits beside the socket in struct socket_alloc (SOCK_INODE()).
         socket_inode: finder.offset("socket_alloc", "vfs_inode")?

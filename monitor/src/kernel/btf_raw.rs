@@ -1,4 +1,5 @@
-//! A minimal reader of raw BTF: just enough to find the byte offset of a struct member.
+//! A minimal reader of raw BTF: just enough to find the byte offset of a struct member, and
+//! whether the kernel has a tracepoint (with how many arguments) or a function.
 //!
 //! Why not a full BTF library: parsing every one of vmlinux's ~150,000 types into owned
 //! structures took 41 MB at peak (btf-rs, measured on 6.18), and left 14 MB the allocator never
@@ -26,9 +27,12 @@ const TYPE_HEADER_LEN: usize = 12;
 const SEARCH_BUDGET: u32 = 4096;
 
 // Kinds (include/uapi/linux/btf.h) this reader needs by name.
+const KIND_PTR: u32 = 2;
 const KIND_STRUCT: u32 = 4;
 const KIND_UNION: u32 = 5;
 const KIND_TYPEDEF: u32 = 8;
+const KIND_FUNC: u32 = 12;
+const KIND_FUNC_PROTO: u32 = 13;
 const KIND_VOLATILE: u32 = 9;
 const KIND_CONST: u32 = 10;
 const KIND_RESTRICT: u32 = 11;
@@ -129,6 +133,31 @@ impl<'a> RawBtf<'a> {
                 h.kind == KIND_STRUCT && h.vlen > 0 && self.name(h.name_off) == name.as_bytes()
             })
         })
+    }
+
+    /// The first type of kind `kind` named `name`.
+    fn type_by_name(&self, kind: u32, name: &str) -> Option<TypeHeader> {
+        (1..=self.index.len() as u32)
+            .filter_map(|id| self.header(id))
+            .find(|h| h.kind == kind && self.name(h.name_off) == name.as_bytes())
+    }
+
+    /// How many arguments tracepoint `name` passes (its `btf_trace_<name>` typedef: a pointer
+    /// to a function whose first parameter is the program context), or None if this kernel
+    /// has no such tracepoint. tp_btf programs can read only that many.
+    pub fn tracepoint_args(&self, name: &str) -> Option<usize> {
+        let typedef = self.type_by_name(KIND_TYPEDEF, &format!("btf_trace_{name}"))?;
+        let pointer = self.header(typedef.size_or_type)?;
+        if pointer.kind != KIND_PTR {
+            return None;
+        }
+        let proto = self.header(pointer.size_or_type)?;
+        (proto.kind == KIND_FUNC_PROTO).then(|| proto.vlen.saturating_sub(1))
+    }
+
+    /// Whether the kernel has a function `name` in its BTF: what an fentry program attaches to.
+    pub fn has_function(&self, name: &str) -> bool {
+        self.type_by_name(KIND_FUNC, name).is_some()
     }
 
     /// Where `member` sits in the struct or union `id`, looking through anonymous struct and
@@ -291,6 +320,23 @@ pub(crate) mod tests {
             self.record(name, KIND_TYPEDEF, 0, false, target);
         }
 
+        pub fn pointer(&mut self, target: u32) {
+            self.record("", KIND_PTR, 0, false, target);
+        }
+
+        /// A function prototype with `params` parameters of type `param_type`.
+        pub fn func_proto(&mut self, params: u32, param_type: u32) {
+            self.record("", KIND_FUNC_PROTO, params, false, 0);
+            for _ in 0..params {
+                self.types.extend_from_slice(&0u32.to_ne_bytes());
+                self.types.extend_from_slice(&param_type.to_ne_bytes());
+            }
+        }
+
+        pub fn func(&mut self, name: &str, proto: u32) {
+            self.record(name, KIND_FUNC, 0, false, proto);
+        }
+
         /// A struct (or union) with (name, type id, bit offset, bitfield size) members.
         pub fn aggregate(&mut self, kind: u32, name: &str, members: &[(&str, u32, u32, u32)]) {
             let flag = members.iter().any(|m| m.3 != 0);
@@ -410,5 +456,24 @@ pub(crate) mod tests {
         let btf = RawBtf::parse(&data).unwrap();
         assert_eq!(btf.member_bits(3, "x").map(|m| m.bit_offset), Some(32));
         assert_eq!(btf.member_bits(3, "nothing"), None);
+    }
+
+    #[test]
+    fn tracepoint_arguments_and_functions() {
+        let mut b = Builder::new();
+        b.int("int", 4); // 1
+        b.func_proto(2, 1); // 2: (ctx, task)
+        b.pointer(2); // 3
+        b.typedef("btf_trace_sched_process_exit", 3); // 4
+        b.func_proto(3, 1); // 5
+        b.func("security_socket_sendmsg", 5); // 6
+        b.typedef("btf_trace_not_a_pointer", 1); // 7
+        let data = b.build();
+        let btf = RawBtf::parse(&data).unwrap();
+        assert_eq!(btf.tracepoint_args("sched_process_exit"), Some(1));
+        assert_eq!(btf.tracepoint_args("sock_send_length"), None);
+        assert_eq!(btf.tracepoint_args("not_a_pointer"), None);
+        assert!(btf.has_function("security_socket_sendmsg"));
+        assert!(!btf.has_function("sock_sendmsg"));
     }
 }

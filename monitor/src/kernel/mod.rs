@@ -1,16 +1,22 @@
-//! Loads the eBPF object, hands it the kernel's struct offsets, and attaches the tp_btf programs.
+//! Loads the eBPF object, hands it the kernel's struct offsets, and attaches the programs this
+//! kernel supports (see `detectors`): a detector whose programs the kernel refuses is reported
+//! unavailable, and the rest runs.
 //!
 //! Dropping [`Probes`] detaches every program and frees every map: there is nothing pinned, so a
 //! crashed or killed daemon leaves nothing behind in the kernel.
 
 pub mod btf_offsets;
 pub(crate) mod btf_raw;
+pub(crate) mod capabilities;
 mod counters;
+pub mod detectors;
 mod error;
 mod on_demand;
 
+use self::detectors::{AttachPoint, KernelFeatures, Program};
 pub use self::{
     counters::{KernelCounters, KernelCounts},
+    detectors::{Detector, DetectorStatus},
     error::ProbeError,
 };
 use self::{
@@ -23,7 +29,7 @@ use std::path::{Path, PathBuf};
 use aya::{
     Btf, Ebpf, EbpfLoader, Endianness,
     maps::{HashMap as BpfHashMap, MapData, RingBuf},
-    programs::{BtfTracePoint, ProgramError},
+    programs::{BtfTracePoint, FEntry, ProgramError},
 };
 use monitor_common::{OFFSETS_GLOBAL, WAKEUP_GLOBAL, names};
 
@@ -46,6 +52,10 @@ pub struct Probes {
     write: OnDemand,
     /// The scheduler probes while attached (see `set_scheduler_probes`).
     scheduler: OnDemand,
+    /// What this kernel's BTF offers the detectors.
+    features: KernelFeatures,
+    /// Each detector's state, once `attach_all` has run.
+    detectors: Vec<DetectorStatus>,
 }
 
 impl Probes {
@@ -55,8 +65,12 @@ impl Probes {
         // Read the file once: the offsets and aya's parse both come from these bytes, and they
         // are freed before the maps are created (the peak RSS is set here).
         let raw = btf_offsets::read_btf(&opts.btf_path)?;
-        let offsets = btf_offsets::offsets_from_btf(&raw)?;
-        tracing::debug!(?offsets, "kernel struct offsets from BTF");
+        let (offsets, features) = btf_offsets::inspect(&raw)?;
+        tracing::debug!(
+            ?offsets,
+            ?features,
+            "kernel struct offsets and features from BTF"
+        );
         let btf = parse_btf(&raw, &opts.btf_path)?;
         drop(raw);
         let ebpf = EbpfLoader::new()
@@ -78,44 +92,128 @@ impl Probes {
             btf: Some(btf),
             write: OnDemand::new(&WRITE_PROGRAMS),
             scheduler: OnDemand::new(&names::SCHEDULER_PROGRAMS),
+            features,
+            detectors: Vec::new(),
         })
     }
 
-    /// Verifies one program (see `names::PROGRAMS`) and hands it back, not yet attached.
-    fn load_program(
-        &mut self,
-        program: &'static str,
-        tracepoint: &str,
-    ) -> Result<&mut BtfTracePoint, ProbeError> {
+    /// Verifies one program, not yet attached.
+    fn load_program(&mut self, (program, at): Program) -> Result<(), ProbeError> {
         let btf = self.btf.as_ref().ok_or(ProbeError::BtfReleased)?;
-        let prog = tp_btf(&mut self.ebpf, program)?;
-        prog.load(tracepoint, btf)
-            .map_err(|e| program_error(program, "load (verifier)", e))?;
-        Ok(prog)
+        let loaded = match at {
+            AttachPoint::TpBtf(tracepoint) => {
+                tp_btf(&mut self.ebpf, program)?.load(tracepoint, btf)
+            }
+            AttachPoint::FEntry(function) => fentry(&mut self.ebpf, program)?.load(function, btf),
+        };
+        loaded.map_err(|e| program_error(program, "load (verifier)", e))
     }
 
-    /// Verifies and attaches one program.
-    pub fn attach(&mut self, program: &'static str, tracepoint: &str) -> Result<(), ProbeError> {
-        let prog = self.load_program(program, tracepoint)?;
-        prog.attach()
-            .map_err(|e| program_error(program, "attach", e))?;
+    /// Verifies and attaches one program. Its link lives as long as the program: dropping the
+    /// probes detaches it.
+    fn attach(&mut self, (program, at): Program) -> Result<(), ProbeError> {
+        self.load_program((program, at))?;
+        let attached = match at {
+            AttachPoint::TpBtf(_) => tp_btf(&mut self.ebpf, program)?.attach().map(drop),
+            AttachPoint::FEntry(_) => fentry(&mut self.ebpf, program)?.attach().map(drop),
+        };
+        attached.map_err(|e| program_error(program, "attach", e))?;
+        tracing::debug!(program, %at, "attached");
         Ok(())
     }
 
-    /// Attaches every always-on program and verifies the on-demand ones (the write probe, the
-    /// scheduler probes); then every program is loaded, and the kernel's parsed BTF is released.
+    /// Attaches every always-on program this kernel supports and verifies the on-demand ones
+    /// (the write probe, the scheduler probes); then the kernel's parsed BTF is released. Only
+    /// the lifecycle programs are essential: any other detector this kernel refuses is left
+    /// out, with a warning naming it and why (see [`Probes::detectors`]).
     pub fn attach_all(&mut self) -> Result<(), ProbeError> {
-        for (program, tracepoint) in names::PROGRAMS {
-            if names::SCHEDULER_PROGRAMS.contains(&program) {
-                self.load_program(program, tracepoint)?;
-                continue;
-            }
-            self.attach(program, tracepoint)?;
-            tracing::debug!(program, tracepoint, "attached");
+        let lifecycle = self.attach_lifecycle()?;
+        let mut statuses = vec![DetectorStatus {
+            detector: Detector::Lifecycle,
+            state: Ok(lifecycle),
+        }];
+        let scheduler = names::SCHEDULER_PROGRAMS.map(|p| (p, AttachPoint::TpBtf(p)));
+        let inherited_lock = scheduler
+            .iter()
+            .try_for_each(|&program| self.load_program(program))
+            .map(|()| {
+                format!(
+                    "{} (attached while something is tracked)",
+                    detectors::describe(&scheduler)
+                )
+            });
+        if inherited_lock.is_err() {
+            self.scheduler.disable();
         }
-        self.verify_write_probe()?;
+        statuses.push(status(Detector::InheritedLock, inherited_lock));
+        let sockets = self.attach_sockets();
+        statuses.push(status(Detector::SharedSocket, sockets));
+        let write = self.verify_write_probe().map(|()| {
+            format!(
+                "{} (attached while a fork family has a child without exec)",
+                AttachPoint::TpBtf(names::WRITE_PROGRAM.1)
+            )
+        });
+        if write.is_err() {
+            self.write.disable();
+        }
+        statuses.push(status(Detector::SharedFileOffset, write));
+        for unavailable in statuses.iter().filter(|s| !s.active()) {
+            if let Err(why) = &unavailable.state {
+                tracing::warn!(
+                    detector = unavailable.detector.name(),
+                    "detector unavailable on this kernel, the others run: {why}"
+                );
+            }
+        }
+        self.detectors = statuses;
         self.btf = None;
         Ok(())
+    }
+
+    /// Fork, exec and the exit program that fits this kernel's tracepoint: without them there
+    /// is nothing to watch, so any failure is the daemon's.
+    fn attach_lifecycle(&mut self) -> Result<String, ProbeError> {
+        let exit = self
+            .features
+            .exit_program()
+            .map_err(|detail| ProbeError::Unsupported {
+                what: "the process exit tracepoint",
+                detail,
+            })?;
+        let mut programs: Vec<Program> = names::LIFECYCLE_PROGRAMS
+            .iter()
+            .map(|&(program, tracepoint)| (program, AttachPoint::TpBtf(tracepoint)))
+            .collect();
+        programs.push(exit);
+        for &program in &programs {
+            self.attach(program)?;
+        }
+        Ok(format!(
+            "{} (via {})",
+            detectors::describe(&programs),
+            exit.0
+        ))
+    }
+
+    /// The cheapest way to watch socket I/O that this kernel accepts; why none, otherwise.
+    fn attach_sockets(&mut self) -> Result<String, String> {
+        let mut refused = Vec::new();
+        for programs in self.features.socket_programs()? {
+            match programs.iter().try_for_each(|&p| self.attach(p)) {
+                Ok(()) => return Ok(detectors::describe(programs)),
+                Err(err) => refused.push(err.to_string()),
+            }
+        }
+        Err(format!(
+            "this kernel refused every way to watch socket I/O: {}",
+            refused.join("; ")
+        ))
+    }
+
+    /// Each detector's state on this kernel (after `attach_all`).
+    pub fn detectors(&self) -> &[DetectorStatus] {
+        &self.detectors
     }
 
     /// Attaches or detaches the scheduler probes (sched_switch, sched_wakeup), which find the
@@ -134,9 +232,9 @@ impl Probes {
     }
 
     /// Verifies (loads, without attaching) the on-demand write probe.
-    pub fn verify_write_probe(&mut self) -> Result<(), ProbeError> {
+    fn verify_write_probe(&mut self) -> Result<(), ProbeError> {
         let (program, tracepoint) = names::WRITE_PROGRAM;
-        self.load_program(program, tracepoint).map(|_| ())
+        self.load_program((program, AttachPoint::TpBtf(tracepoint)))
     }
 
     /// Attaches or detaches the write probe (tp_btf sys_enter). While attached every syscall on
@@ -232,6 +330,23 @@ pub(super) fn tp_btf<'a>(
         .map_err(|e| program_error(program, "be found in the object", e))?
         .try_into()
         .map_err(|e| program_error(program, "be a tp_btf program", e))
+}
+
+/// An fentry program of the object, by name.
+fn fentry<'a>(ebpf: &'a mut Ebpf, program: &'static str) -> Result<&'a mut FEntry, ProbeError> {
+    ebpf.program_mut(program)
+        .ok_or(ProgramError::NotLoaded)
+        .map_err(|e| program_error(program, "be found in the object", e))?
+        .try_into()
+        .map_err(|e| program_error(program, "be an fentry program", e))
+}
+
+/// A detector's state from what its programs' loading returned.
+fn status<E: std::fmt::Display>(detector: Detector, state: Result<String, E>) -> DetectorStatus {
+    DetectorStatus {
+        detector,
+        state: state.map_err(|e| e.to_string()),
+    }
 }
 
 fn parse_btf(raw: &[u8], path: &Path) -> Result<Btf, ProbeError> {

@@ -11,6 +11,8 @@ pub(super) struct OnDemand {
     /// In attach order; detached in reverse.
     programs: &'static [&'static str],
     links: Vec<(&'static str, BtfTracePointLinkId)>,
+    /// The kernel refused the programs (their detector is unavailable): never attached.
+    disabled: bool,
 }
 
 impl OnDemand {
@@ -18,7 +20,13 @@ impl OnDemand {
         Self {
             programs,
             links: Vec::new(),
+            disabled: false,
         }
+    }
+
+    /// Never attach: this kernel refused the programs.
+    pub(super) fn disable(&mut self) {
+        self.disabled = true;
     }
 
     pub(super) fn attached(&self) -> bool {
@@ -26,7 +34,7 @@ impl OnDemand {
     }
 
     pub(super) fn set(&mut self, ebpf: &mut Ebpf, attached: bool) -> Result<(), ProbeError> {
-        if attached == self.attached() {
+        if attached == self.attached() || (attached && self.disabled) {
             return Ok(());
         }
         if !attached {

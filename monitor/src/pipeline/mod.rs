@@ -18,7 +18,7 @@ use tokio::sync::{mpsc, oneshot};
 use crate::{
     correlate,
     enrich::EnrichOptions,
-    kernel::{ProbeOptions, Probes},
+    kernel::{DetectorStatus, ProbeOptions, Probes},
     pipeline::event_loop::{Pipeline, PipelineConfig},
     report::finding::Finding,
     telemetry::Telemetry,
@@ -44,6 +44,8 @@ pub struct Monitor {
     stop: oneshot::Sender<()>,
     /// The pipeline thread's result, sent as it ends.
     stopped: oneshot::Receiver<anyhow::Result<()>>,
+    /// Which detectors this kernel runs, and why not the others.
+    detectors: Vec<DetectorStatus>,
 }
 
 impl Monitor {
@@ -75,6 +77,12 @@ impl Monitor {
         // Attach before the pipeline takes the probes; the ring buffer holds the first events
         // until the pipeline polls it a moment later.
         probes.attach_all()?;
+        let detectors = probes.detectors().to_vec();
+        telemetry
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .metrics
+            .detectors(&detectors);
         let (stop, stopped) = oneshot::channel::<()>();
         let stopped = spawn_pipeline(probes, config, tx, telemetry.clone(), stopped)?;
         Ok(Self {
@@ -82,7 +90,13 @@ impl Monitor {
             findings,
             stop,
             stopped,
+            detectors,
         })
+    }
+
+    /// Which detectors this kernel runs, and why not the others.
+    pub fn detectors(&self) -> &[DetectorStatus] {
+        &self.detectors
     }
 
     pub fn telemetry(&self) -> Arc<Mutex<Telemetry>> {

@@ -12,7 +12,7 @@ use prometheus::{
 use crate::{
     correlate::Stats,
     k8s::namespace_labels::NamespaceLabels,
-    kernel::KernelCounts,
+    kernel::{DetectorStatus, KernelCounts},
     report::finding::{Finding, Kind},
 };
 
@@ -27,6 +27,7 @@ pub struct Metrics {
     tracked: IntGauge,
     deadlocked: IntGauge,
     write_probe: IntGauge,
+    detector_active: IntGaugeVec,
     scheduler_probes: IntGauge,
     correlator: IntCounterVec,
     program_runs: IntCounterVec,
@@ -156,6 +157,18 @@ impl Metrics {
             )
             .expect("valid metric"),
         );
+        let detector_active = register(
+            &registry,
+            IntGaugeVec::new(
+                Opts::new(
+                    "forkwatch_detector_active",
+                    "1 for each detector this kernel runs, 0 for one whose programs it refuses \
+                     (`forkwatch check` and the daemon's start-up warning say why).",
+                ),
+                &["detector"],
+            )
+            .expect("valid metric"),
+        );
         let write_probe = register(
             &registry,
             IntGauge::new(
@@ -215,6 +228,7 @@ impl Metrics {
             tracked,
             deadlocked,
             write_probe,
+            detector_active,
             scheduler_probes,
             correlator,
             program_runs,
@@ -283,6 +297,15 @@ impl Metrics {
 
     pub fn event(&self, category: &str) {
         self.events.with_label_values(&[category]).inc();
+    }
+
+    /// Which detectors run, as decided when the probes were attached.
+    pub fn detectors(&self, statuses: &[DetectorStatus]) {
+        for status in statuses {
+            self.detector_active
+                .with_label_values(&[status.detector.name()])
+                .set(i64::from(status.active()));
+        }
     }
 
     pub fn write_probe(&self, attached: bool) {

@@ -175,6 +175,10 @@ fn metrics_pass_promtool_and_count_findings_and_forks() {
         assert_eq!(counter("forkwatch_events_lost_total{category=\"fork\"}"), 0);
         assert!(body.contains("forkwatch_build_info{version="));
         assert!(body.contains("forkwatch_tracked_processes"));
+        for detector in harness::DETECTORS {
+            let series = format!("forkwatch_detector_active{{detector=\"{detector}\"}}");
+            assert_eq!(counter(&series), 1, "this kernel runs every detector");
+        }
 
         let mut promtool = Command::new("promtool")
             .args(["check", "metrics"])

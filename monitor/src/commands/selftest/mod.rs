@@ -11,8 +11,9 @@ use anyhow::bail;
 
 use crate::{
     cli::CommonArgs,
+    kernel::Detector,
     pipeline::{Monitor, MonitorOptions},
-    report::finding::Finding,
+    report::finding::{Finding, Kind},
 };
 use fixtures::Fixture;
 use scenarios::{Pids, Runs, SCENARIOS, Scenario};
@@ -34,7 +35,32 @@ pub async fn run(args: CommonArgs) -> anyhow::Result<bool> {
         full_cmdline: false,
     })?;
     println!("selftest: probes loaded and attached");
-    run_scenarios(monitor, &[]).await
+    // The scenarios of a detector this kernel cannot run are skipped, with the reason.
+    let unavailable: Vec<(&str, String)> = monitor
+        .detectors()
+        .iter()
+        .filter_map(|status| Some((status.detector, status.state.clone().err()?)))
+        .flat_map(|(detector, why)| {
+            kinds_of(detector)
+                .iter()
+                .map(move |kind| (kind.as_str(), why.clone()))
+        })
+        .collect();
+    let unavailable: Vec<(&str, &str)> = unavailable
+        .iter()
+        .map(|(kind, why)| (*kind, why.as_str()))
+        .collect();
+    run_scenarios(monitor, &unavailable).await
+}
+
+/// The finding kinds a detector decides (the scenarios name their detector by the kind).
+fn kinds_of(detector: Detector) -> &'static [Kind] {
+    match detector {
+        Detector::Lifecycle => &[Kind::MtForkNoExec, Kind::ThreadsAfterMtFork],
+        Detector::InheritedLock => &[Kind::InheritedLockDeadlock],
+        Detector::SharedSocket => &[Kind::SharedSocket],
+        Detector::SharedFileOffset => &[Kind::SharedFileOffset],
+    }
 }
 
 /// The state of one scenario of the table.

@@ -31,6 +31,15 @@ pub use fixtures::{
 pub use processes::{Watched, watch};
 
 pub const BINARY: &str = env!("CARGO_BIN_EXE_forkwatch");
+
+/// The detectors `forkwatch check` lists (and `forkwatch_detector_active` labels): the dev
+/// kernel runs all of them.
+pub const DETECTORS: [&str; 4] = [
+    "lifecycle",
+    "inherited_lock",
+    "shared_socket",
+    "shared_file_offset",
+];
 /// The grace window the tests run the daemon with: short, so negatives are decided quickly.
 pub const GRACE_MS: u64 = 400;
 

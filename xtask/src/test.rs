@@ -1,5 +1,6 @@
 //! `cargo xtask test`: lint, the whole suite (privileged end-to-end tests included), bounded
-//! fuzzing, and the bench at smoke size.
+//! fuzzing, the bench at smoke size, and the kernel matrix (`vmtest`: Debian's 6.1 and 6.12 in
+//! QEMU; the host's own kernel is the rest of the suite's).
 //!
 //! Every phase runs whatever the phases before it did (a failing test must not hide a fuzzer's
 //! crash or a broken bench), each under a time limit, so that a hang fails its phase by name.
@@ -10,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::bail;
 
-use crate::{bench, cmd, daemon, fuzz, lint};
+use crate::{bench, cmd, daemon, fuzz, lint, vmtest};
 
 /// How long `cargo xtask test` fuzzes each target.
 const FUZZ_SECONDS: u32 = 30;
@@ -23,6 +24,9 @@ const TEST_LIMIT: Duration = Duration::from_secs(45 * 60);
 const FUZZ_LIMIT: Duration = Duration::from_secs(20 * 60);
 /// Building the release daemon, then the smoke run (a few minutes).
 const BENCH_LIMIT: Duration = Duration::from_secs(20 * 60);
+/// Building the static daemon and the guest programs, then one boot per kernel (under a minute
+/// each under TCG; vmtest limits each boot itself).
+const VMTEST_LIMIT: Duration = Duration::from_secs(25 * 60);
 
 pub fn test(no_lint: bool, args: &[String]) -> anyhow::Result<()> {
     let mut phases = Vec::new();
@@ -54,6 +58,11 @@ pub fn test(no_lint: bool, args: &[String]) -> anyhow::Result<()> {
     phase(&mut phases, "fuzz", FUZZ_LIMIT, || fuzz::run(FUZZ_SECONDS));
     phase(&mut phases, "bench smoke", BENCH_LIMIT, || {
         daemon::build().and_then(|()| bench::bench(true))
+    });
+    // A kernel that cannot be fetched or booted fails the phase: the matrix is the proof that
+    // the same binary runs on the LTS kernels fleets run.
+    phase(&mut phases, "vmtest", VMTEST_LIMIT, || {
+        vmtest::vmtest("all")
     });
     summary(&phases, run.as_ref())
 }

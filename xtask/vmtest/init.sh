@@ -114,6 +114,17 @@ uname -a
 result kernel info "$(uname -r)"
 
 step check 60 forkwatch check
+# One row per detector: active (with its attach points) or why not, from check's own lines.
+busybox timeout $((60 * slow)) forkwatch check >$work/check 2>&1 </dev/null
+for detector in lifecycle inherited_lock shared_socket shared_file_offset; do
+    echo "VMTEST-BEGIN detector:$detector"
+    line=$(grep "detector $detector:" $work/check)
+    echo "$line"
+    case $line in
+    "[ ok ] detector $detector: active: "*) result "detector:$detector" pass "${line#*active: }" ;;
+    *) result "detector:$detector" fail "${line:-no line for it in forkwatch check}" ;;
+    esac
+done
 step selftest 180 forkwatch selftest
 
 # Attach points a per-kernel adaptation may need (docs/kernels-survey.md).

@@ -202,13 +202,31 @@ impl Probes {
         for programs in self.features.socket_programs()? {
             match programs.iter().try_for_each(|&p| self.attach(p)) {
                 Ok(()) => return Ok(detectors::describe(programs)),
-                Err(err) => refused.push(err.to_string()),
+                Err(err) => {
+                    // A half-attached way would report sends twice beside the next one.
+                    self.unload(programs);
+                    refused.push(err.to_string());
+                }
             }
         }
         Err(format!(
             "this kernel refused every way to watch socket I/O: {}",
             refused.join("; ")
         ))
+    }
+
+    /// Detaches and unloads `programs` (those that were loaded; the others are left as they are).
+    fn unload(&mut self, programs: &[Program]) {
+        for &(program, at) in programs {
+            let unloaded = match at {
+                AttachPoint::TpBtf(_) => tp_btf(&mut self.ebpf, program).map(|p| p.unload()),
+                AttachPoint::FEntry(_) => fentry(&mut self.ebpf, program).map(|p| p.unload()),
+            };
+            // Not loaded (the way failed before it): nothing to undo.
+            if let Ok(Err(err)) = unloaded {
+                tracing::debug!(program, %err, "unload");
+            }
+        }
     }
 
     /// Each detector's state on this kernel (after `attach_all`).

@@ -80,7 +80,14 @@ pid_of() { echo "$2" | sed -n "s/.*$1=\([0-9]*\).*/\1/p"; }
 
 # finding KIND PID: a finding of KIND about process PID is in the daemon's output.
 finding() { grep "\"kind\":\"$1\"" $work/findings | grep -q "\"pid\":$2[,}]"; }
+# count KIND PID: how many findings of KIND name PID (0 when there is no such line).
+count() { grep "\"kind\":\"$1\"" $work/findings | grep -c "\"pid\":$2[,}]"; }
 any_finding() { grep -q "\"pid\":$1[,}]" $work/findings; }
+
+# What expect and quiet saw, checked again once the daemon has exited and flushed everything:
+# a hazard is reported exactly once, and a quiet pattern stays quiet after its first check.
+expected=
+quieted=
 
 metric() { busybox wget -q -O - http://127.0.0.1:$metrics_port/metrics 2>/dev/null | grep -q "^$1 $2\$"; }
 
@@ -90,6 +97,7 @@ expect() {
     if [ -z "$2" ]; then
         result "$3" fail "the fixture printed no pid"
     elif until_true 30 finding "$1" "$2"; then
+        expected="$expected $1:$2:$3"
         result "$3" pass
     else
         result "$3" fail "no $1 finding for pid $2 within $((30 * slow))s"
@@ -105,7 +113,36 @@ quiet() {
         grep "\"pid\":$1[,}]" $work/findings
         result "$2" fail "a finding names pid $1"
     else
+        quieted="$quieted $1:$2"
         result "$2" pass
+    fi
+}
+
+# reported-once: the last step, after the daemon's exit. Each hazard a step saw is in the
+# output exactly once (no duplicate from a retry, a restart of a decision or a second path),
+# and no quiet pattern was reported later (e.g. by a deadline decision after its check).
+reported_once() {
+    echo "VMTEST-BEGIN reported-once"
+    wrong=
+    for entry in $expected; do
+        kind=${entry%%:*} rest=${entry#*:}
+        pid=${rest%%:*} name=${rest#*:}
+        n=$(count "$kind" "$pid")
+        [ "$n" = 1 ] || wrong="$wrong $name:$kind*$n"
+    done
+    for entry in $quieted; do
+        pid=${entry%%:*} name=${entry#*:}
+        if any_finding "$pid"; then
+            grep "\"pid\":$pid[,}]" $work/findings
+            wrong="$wrong $name:reported-later"
+        fi
+    done
+    if [ -z "$expected" ]; then
+        result reported-once fail "no hazard was seen to count"
+    elif [ -n "$wrong" ]; then
+        result reported-once fail "$wrong"
+    else
+        result reported-once pass
     fi
 }
 
@@ -160,7 +197,7 @@ else
 fi
 
 scenarios="mt-fork-no-exec mt-fork-exec st-fork mt-posix-spawn inherited-lock-deadlock
-shared-tcp tcp-handoff shared-file-offset daemon-exit"
+shared-tcp tcp-handoff shared-file-offset daemon-exit reported-once"
 if [ -z "$ready" ]; then
     kill "$daemon" 2>/dev/null
     for name in $scenarios; do result "$name" skip "the daemon is not running"; done
@@ -210,6 +247,7 @@ else
     rc=$?
     kill "$watchdog" 2>/dev/null
     if [ "$rc" = 0 ]; then result daemon-exit pass; else result daemon-exit fail "exit $rc"; fi
+    reported_once
 fi
 
 echo "VMTEST-BEGIN daemon-log"

@@ -53,13 +53,18 @@ enum Command {
     /// Dist, then build the container image localhost/forkwatch:latest from
     /// deploy/container/Containerfile with podman or buildah (podman is installed if neither is).
     Image,
-    /// Install what building and the bench need (bpftrace), build the release daemon, and
-    /// measure its overhead on seven workloads against no monitor and against bpftrace
-    /// (target/bench/report.json and report.md).
+    /// Install what building and the bench need (bpftrace, PostgreSQL), build the release
+    /// daemon, and measure its overhead on seven workloads, on an idle host and on a server host
+    /// (PostgreSQL with open sessions, a lingering worker of a threaded master), against no
+    /// monitor and against bpftrace (target/bench/report.json and report.md).
     Bench {
-        /// Tiny sizes and one repetition: only checks that the bench runs and writes a report.
+        /// Tiny sizes and two repetitions: only checks that the bench runs and writes a report.
         #[arg(long)]
         smoke: bool,
+        /// Interleaved repetitions of each workload, host and condition (default 6, the fewest
+        /// the targets are judged over; 2 with --smoke).
+        #[arg(long, value_parser = clap::value_parser!(u64).range(1..=100))]
+        repetitions: Option<u64>,
     },
     /// Install QEMU and busybox, build the static daemon and fixtures, then boot Debian's LTS
     /// cloud kernels (fetched with `apt-get download`, cached in target/vmtest/) in QEMU and
@@ -81,9 +86,9 @@ fn main() -> ExitCode {
         Command::Test { no_lint, args } => setup::setup().and_then(|()| test::test(no_lint, &args)),
         Command::Dist => setup::build_deps().and_then(|()| dist::dist().map(drop)),
         Command::Image => setup::build_deps().and_then(|()| dist::image()),
-        Command::Bench { smoke } => setup::build_deps()
+        Command::Bench { smoke, repetitions } => setup::build_deps()
             .and_then(|()| daemon::build())
-            .and_then(|()| bench::bench(smoke)),
+            .and_then(|()| bench::bench_repeated(smoke, repetitions.map(|r| r as usize))),
         Command::Vmtest { kernel } => setup::build_deps().and_then(|()| vmtest::vmtest(&kernel)),
     };
     match result {

@@ -1,23 +1,29 @@
 //! `cargo xtask bench`: what forkwatch costs the host, measured against no monitor and against
 //! bpftrace running the probes a user would write by hand, on the same machine in one run.
 //!
-//! Each workload of workloads.c (beside this file) runs in three conditions, interleaved (the
-//! order of the conditions rotates from one repetition to the next, so slow drift of the machine
-//! does not favour one of them): (a) no monitor, (b) the release daemon with default settings,
-//! (c) bpftrace.
-//! During (b) it also measures the daemon's CPU time and peak RSS, events received and lost
-//! (from /metrics), and workload 0 once more while a long-lived fork family makes the daemon
-//! attach its syscall write probe. Then, with separate daemons so that neither perturbs (b): the
-//! in-kernel cost per program call (`--bpf-stats`), idle CPU, finding latency (latency.rs)
-//! and a sustained fork storm.
+//! Each workload of workloads.c (beside this file) runs on two kinds of host, each in its
+//! conditions, interleaved (the order of the hosts and of the conditions rotates from one
+//! repetition to the next, so slow drift of the machine does not favour one of them):
+//! - the idle host: (a) no monitor, (b) the release daemon with default settings, (c) bpftrace;
+//! - the server host (server.rs): PostgreSQL with open sessions and a lingering worker of a
+//!   threaded master, started before the daemon and running throughout: (a) and (b).
+//!
+//! Both hosts are judged alike: the median ratio of (b) to (a) against the workload's target,
+//! with the spread of the samples and the run's noise (from the spread of (a)) beside it. No
+//! sample is left out for the daemon's probe state; that state (write probe, scheduler probes)
+//! is recorded at the start and end of every sample of (b) and shown per host. During (b) the
+//! bench also measures the daemon's CPU time and peak RSS, and events received and lost (from
+//! /metrics). Then, with separate daemons so that neither perturbs (b): the in-kernel cost per
+//! program call (`--bpf-stats`, on both hosts), idle CPU, finding latency (latency.rs) and a
+//! sustained fork storm.
 //!
 //! Targets are reported, never enforced: a miss is marked in the table and in
-//! target/bench/report.json. `--smoke` runs tiny sizes once and only checks that the run works
-//! and writes a valid report.
+//! target/bench/report.json. `--smoke` runs tiny sizes and fewer repetitions and only checks
+//! that the run works and writes a valid report.
 //!
-//! Here: the workloads, conditions and targets, and the run's order; run.rs measures (each pass),
-//! processes.rs drives the daemon, bpftrace and the fork-family holder, report.rs assembles
-//! report.json, table.rs renders report.md.
+//! Here: the workloads, hosts, conditions and targets, and the run's order; run.rs measures
+//! (each pass), processes.rs drives the daemon and bpftrace, server.rs the server host,
+//! report.rs assembles report.json, table.rs renders report.md.
 
 use std::{
     collections::BTreeMap,
@@ -35,17 +41,24 @@ mod latency;
 mod processes;
 mod report;
 mod run;
+mod server;
 mod table;
 
 /// Relative to the workspace root.
 const BENCH_DIR: &str = "target/bench";
 const WORKLOADS_SOURCE: &str = "xtask/src/bench/workloads.c";
 const DAEMON: &str = "target/release/forkwatch";
-/// Full runs: repetitions of each (workload, condition).
-const REPETITIONS: usize = 6;
+/// Full runs: repetitions of each (workload, host, condition), unless `--repetitions` says
+/// otherwise. The targets are judged over at least this many.
+pub const REPETITIONS: usize = 6;
+/// Smoke runs: two, so that the spread and the noise are computed from more than one sample.
+const SMOKE_REPETITIONS: usize = 2;
 /// The write probe attaches once a family member has gone `--exec-grace` (1 s) without exec,
 /// checked every 500 ms; detaching takes up to one check.
 const PROBE_SWITCH_TIMEOUT: Duration = Duration::from_secs(6);
+/// After the daemon is ready on the server host, before the first sample: its decisions about
+/// the processes it found there (the exec grace of 1 s, checked every 500 ms) are made by then.
+const SERVER_SETTLE: Duration = Duration::from_secs(2);
 /// Lets the daemon drain its ring buffer before /metrics is read after a workload.
 const SETTLE: Duration = Duration::from_millis(250);
 /// The daemon reads the programs' run statistics every 500 ms (its family check); a scrape
@@ -154,30 +167,64 @@ impl Condition {
     }
 }
 
-/// One timed run. Not `clean` when something else was measured too: another forkwatch or
-/// bpftrace on the host (tests running at the same time), or, in (b), the daemon's write probe
-/// attached because some other process on the host formed a fork family.
+/// The host a workload runs on: idle (nothing else running), or a server (server.rs).
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Host {
+    Idle,
+    Server,
+}
+
+impl Host {
+    const ALL: [Host; 2] = [Host::Idle, Host::Server];
+
+    fn key(self) -> &'static str {
+        match self {
+            Host::Idle => "idle",
+            Host::Server => "server",
+        }
+    }
+
+    /// The conditions measured on this host: bpftrace is the idle host's reference only.
+    fn conditions(self) -> &'static [Condition] {
+        match self {
+            Host::Idle => &Condition::ALL,
+            Host::Server => &[Condition::None, Condition::Forkwatch],
+        }
+    }
+}
+
+/// One timed run. Not `clean` when another forkwatch or bpftrace ran on the host before or
+/// after it (tests running at the same time): something else was measured too. The daemon's own
+/// probe state never makes a sample unclean; it is recorded instead.
 #[derive(Clone, Copy)]
 struct Sample {
     t: f64,
     clean: bool,
+    /// In (b): the daemon's probes at the start and at the end of the timed run.
+    probes: Option<Probes>,
+}
+
+/// Whether the daemon's on-demand probes were attached, at a sample's start and its end.
+#[derive(Clone, Copy, Default)]
+struct Probes {
+    /// `forkwatch_write_probe_attached`.
+    write: [bool; 2],
+    /// `forkwatch_scheduler_probes_attached`.
+    scheduler: [bool; 2],
 }
 
 /// Everything a run measured, keyed so the report can be assembled at the end.
 #[derive(Default)]
 struct Results {
-    /// (workload id, condition) → seconds of the timed part, one per repetition.
-    times: BTreeMap<(usize, Condition), Vec<Sample>>,
-    /// Workload 0 while a fork family keeps the write probe attached.
-    family_times: Vec<Sample>,
-    family_probe_attached: Vec<bool>,
-    /// Per workload, during (b): events received per second of wall time, and events lost.
-    events_per_s: BTreeMap<usize, Vec<f64>>,
-    events_lost: BTreeMap<usize, f64>,
-    family_events_lost: f64,
-    /// Per (b) session: the daemon's CPU seconds (utime+stime) and wall seconds.
-    daemon_cpu_s: f64,
-    daemon_wall_s: f64,
+    /// (workload id, host, condition) → seconds of the timed part, one per repetition.
+    times: BTreeMap<(usize, Host, Condition), Vec<Sample>>,
+    /// Per workload and host, during (b): events received per second of wall time, and events
+    /// lost.
+    events_per_s: BTreeMap<(usize, Host), Vec<f64>>,
+    events_lost: BTreeMap<(usize, Host), f64>,
+    /// Per host, over its (b) sessions: the daemon's CPU seconds (utime+stime) and wall seconds.
+    daemon_cpu_s: BTreeMap<Host, f64>,
+    daemon_wall_s: BTreeMap<Host, f64>,
     peak_rss_kib: u64,
     /// Session → VmHWM at its end.
     rss_by_session: BTreeMap<String, u64>,
@@ -190,7 +237,21 @@ struct Results {
     sustained: Option<Value>,
 }
 
+/// The bench with its default repetitions (what `cargo xtask test` runs, with `smoke`).
 pub fn bench(smoke: bool) -> anyhow::Result<()> {
+    bench_repeated(smoke, None)
+}
+
+/// The bench, `repetitions` times (default: REPETITIONS, or SMOKE_REPETITIONS with `smoke`).
+pub fn bench_repeated(smoke: bool, repetitions: Option<usize>) -> anyhow::Result<()> {
+    let reps = repetitions.unwrap_or(if smoke {
+        SMOKE_REPETITIONS
+    } else {
+        REPETITIONS
+    });
+    if reps == 0 {
+        bail!("--repetitions 0 measures nothing: give at least 1 ({REPETITIONS} to judge targets)");
+    }
     let started = Instant::now();
     let root = cmd::workspace_root();
     let dir = root.join(BENCH_DIR);
@@ -233,24 +294,44 @@ pub fn bench(smoke: bool) -> anyhow::Result<()> {
         workloads,
         storm_workloads,
     };
-    let reps = if smoke { 1 } else { REPETITIONS };
+    // One cluster for the whole run (initdb once); each server-host block starts its server.
+    let cluster = server::Cluster::create(&bench)?;
     let mut results = Results::default();
     for rep in 0..reps {
-        for k in 0..Condition::ALL.len() {
-            let condition = Condition::ALL[(rep + k) % Condition::ALL.len()];
-            eprintln!(
-                "xtask: bench: repetition {}/{reps}, condition {}",
-                rep + 1,
-                condition.key()
-            );
-            match condition {
-                Condition::None => bench.pass_none(&mut results)?,
-                Condition::Forkwatch => bench.pass_forkwatch(&mut results)?,
-                Condition::Bpftrace => bench.pass_bpftrace(&mut results)?,
+        for h in 0..Host::ALL.len() {
+            let host = Host::ALL[(rep + h) % Host::ALL.len()];
+            // Started before any daemon of the block, running through all its conditions.
+            let server = match host {
+                Host::Idle => None,
+                Host::Server => Some(server::ServerHost::start(&bench, &cluster)?),
+            };
+            let conditions = host.conditions();
+            for k in 0..conditions.len() {
+                let condition = conditions[(rep + k) % conditions.len()];
+                eprintln!(
+                    "xtask: bench: repetition {}/{reps}, {} host, condition {}",
+                    rep + 1,
+                    host.key(),
+                    condition.key()
+                );
+                match condition {
+                    Condition::None => bench.pass_none(&mut results, host)?,
+                    Condition::Forkwatch => bench.pass_forkwatch(&mut results, host)?,
+                    Condition::Bpftrace => bench.pass_bpftrace(&mut results)?,
+                }
+            }
+            if let Some(server) = server {
+                server.stop()?;
             }
         }
     }
-    bench.pass_bpf_stats(&mut results)?;
+    bench.pass_bpf_stats(&mut results, None)?;
+    {
+        let server = server::ServerHost::start(&bench, &cluster)?;
+        bench.pass_bpf_stats(&mut results, Some(&server))?;
+        server.stop()?;
+    }
+    drop(cluster);
     bench.idle_and_sustained(&mut results)?;
 
     let report = report::report(&bench, &results, reps, &foreign, started.elapsed());
@@ -292,7 +373,8 @@ impl Results {
     }
 }
 
-/// The smoke check: the report parses and has every workload in every condition.
+/// The smoke check: the report parses and has every workload on every host in every condition,
+/// with the probe state of each forkwatch sample.
 fn validate(path: &Path) -> anyhow::Result<()> {
     let text = std::fs::read_to_string(path)?;
     let report: Value = serde_json::from_str(&text).context("report.json is not valid JSON")?;
@@ -307,13 +389,24 @@ fn validate(path: &Path) -> anyhow::Result<()> {
         );
     }
     for w in workloads {
-        for c in Condition::ALL {
-            let median = w["conditions"][c.key()]["median_s"].as_f64();
-            if !median.is_some_and(|m| m.is_finite() && m > 0.0) {
+        for host in Host::ALL {
+            let entry = &w["hosts"][host.key()];
+            for c in host.conditions() {
+                let median = entry["conditions"][c.key()]["median_s"].as_f64();
+                if !median.is_some_and(|m| m.is_finite() && m > 0.0) {
+                    bail!(
+                        "report.json: workload {} has no time on the {} host for {}",
+                        w["id"],
+                        host.key(),
+                        c.key()
+                    );
+                }
+            }
+            if entry["probe_state"]["samples"].as_u64().unwrap_or(0) == 0 {
                 bail!(
-                    "report.json: workload {} has no time for {}",
+                    "report.json: workload {} on the {} host has no probe state",
                     w["id"],
-                    c.key()
+                    host.key()
                 );
             }
         }

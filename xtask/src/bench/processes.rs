@@ -1,11 +1,12 @@
-//! The processes a bench run drives: the daemon (and its /metrics), bpftrace, and the holder
-//! of a fork family.
+//! The processes a bench run drives: the daemon (and its /metrics) and bpftrace (the server
+//! host's are in server.rs).
 
 use std::{
     collections::BTreeMap,
     fs::File,
     io::{BufRead as _, BufReader, Read as _, Write as _},
     net::TcpStream,
+    os::unix::process::CommandExt as _,
     path::{Path, PathBuf},
     process::{Child, ChildStdin, Command, Stdio},
     thread::sleep,
@@ -38,6 +39,7 @@ impl Daemon {
             .stdin(Stdio::null())
             .stdout(File::create(&stdout)?)
             .stderr(File::create(&stderr)?);
+        end_with_bench(&mut command, libc::SIGTERM);
         eprintln!("xtask: $ {}", describe(&command));
         let mut child = command.spawn().context("cannot start the daemon")?;
         let deadline = Instant::now() + Duration::from_secs(30);
@@ -90,19 +92,9 @@ impl Daemon {
         Ok(Metrics::parse(body))
     }
 
-    /// Waits until forkwatch_write_probe_attached is 1 (`attached`) or 0; whether it got there.
-    pub(super) fn wait_probe(&self, attached: bool) -> anyhow::Result<bool> {
-        self.wait_gauge("forkwatch_write_probe_attached", attached)
-    }
-
-    /// Waits until the scheduler probes are detached: the daemon keeps them for 2 s after the
-    /// last tracked child, and a workload of the "nothing tracked" kind must not start while a
-    /// previous fork storm's are still attached. Whether they were detached in time.
-    pub(super) fn wait_scheduler_idle(&self) -> anyhow::Result<bool> {
-        self.wait_gauge("forkwatch_scheduler_probes_attached", false)
-    }
-
-    fn wait_gauge(&self, gauge: &str, attached: bool) -> anyhow::Result<bool> {
+    /// Waits until `gauge` (one of the daemon's probe gauges) is 1 (`attached`) or 0, for up
+    /// to PROBE_SWITCH_TIMEOUT; whether it got there.
+    pub(super) fn wait_gauge(&self, gauge: &str, attached: bool) -> anyhow::Result<bool> {
         let want = if attached { 1.0 } else { 0.0 };
         let deadline = Instant::now() + PROBE_SWITCH_TIMEOUT;
         loop {
@@ -229,6 +221,7 @@ impl Bpftrace {
             .stdin(Stdio::null())
             .stdout(File::create(&out)?)
             .stderr(File::create(&err)?);
+        end_with_bench(&mut command, libc::SIGINT);
         eprintln!("xtask: $ {}", describe(&command));
         let mut child = command.spawn().context("cannot start bpftrace")?;
         let deadline = Instant::now() + Duration::from_secs(60);
@@ -273,6 +266,23 @@ impl Drop for Bpftrace {
     }
 }
 
+/// Makes the kernel send `signal` to the process `command` starts when the bench's thread that
+/// started it ends: the bench runs on its main thread, so that is when the bench dies (Ctrl-C,
+/// SIGKILL, the time limit of `cargo xtask test`) without reaching its own cleanup. Set after
+/// any uid change of `command` (std runs pre_exec closures after it), which would clear it.
+pub(super) fn end_with_bench(command: &mut Command, signal: libc::c_int) {
+    // SAFETY: the closure runs in the forked child before exec; prctl is async-signal-safe and
+    // touches no memory of the parent.
+    unsafe {
+        command.pre_exec(move || {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, signal as libc::c_ulong) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
+
 /// Starts `program MODE` with piped stdin and stdout and reads its first line. The program
 /// runs until its stdin closes (dropping the handle closes it, also on an error).
 pub(super) fn spawn_until_line(
@@ -289,39 +299,6 @@ pub(super) fn spawn_until_line(
     let mut line = String::new();
     BufReader::new(child.stdout.take().context("piped stdout")?).read_line(&mut line)?;
     Ok((child, stdin, line))
-}
-
-/// `workloads hold`: a process and its forked child that neither execs nor exits, until stdin
-/// closes (the child dies with its parent).
-pub(super) struct Holder {
-    child: Child,
-    stdin: Option<ChildStdin>,
-}
-
-impl Holder {
-    pub(super) fn start(bench: &Bench) -> anyhow::Result<Holder> {
-        let (child, stdin, line) = spawn_until_line(&bench.workloads, "hold")?;
-        if !line.starts_with("holding") {
-            bail!("the fork-family holder did not start: {line:?}");
-        }
-        Ok(Holder {
-            child,
-            stdin: Some(stdin),
-        })
-    }
-
-    pub(super) fn stop(mut self) -> anyhow::Result<()> {
-        drop(self.stdin.take());
-        self.child.wait()?;
-        Ok(())
-    }
-}
-
-impl Drop for Holder {
-    fn drop(&mut self) {
-        drop(self.stdin.take());
-        let _ = self.child.wait();
-    }
 }
 
 /// One /metrics scrape: (name, labels, value) per sample line.
@@ -381,7 +358,7 @@ impl Metrics {
     }
 }
 
-fn signal(pid: u32, name: &str) -> anyhow::Result<()> {
+pub(super) fn signal(pid: u32, name: &str) -> anyhow::Result<()> {
     let status = Command::new("kill")
         .args([&format!("-{name}"), &pid.to_string()])
         .status()

@@ -1,5 +1,5 @@
-//! One bench run's measurements: the workloads in each condition, the in-kernel cost per
-//! program call, idle CPU, finding latency and the sustained fork storm.
+//! One bench run's measurements: the workloads on each host in each condition, the in-kernel
+//! cost per program call, idle CPU, finding latency and the sustained fork storm.
 
 use std::{
     collections::BTreeMap,
@@ -13,10 +13,12 @@ use anyhow::{Context as _, bail};
 use serde_json::{Value, json};
 
 use super::{
-    Bench, Condition, IDLE_CPU_TARGET_PCT, IDLE_FULL, IDLE_SMOKE, LATENCY_RUNS, Results, SETTLE,
-    STATS_SETTLE, SUSTAIN_ATTEMPTS, SUSTAIN_FORKERS, SUSTAIN_FULL_SECONDS, SUSTAIN_SMOKE_SECONDS,
-    SUSTAIN_TARGET_FORKS_PER_S, Sample, WORKLOADS, Workload, foreign_monitors, latency,
-    processes::{Bpftrace, Daemon, Holder, Metrics},
+    Bench, Condition, Host, IDLE_CPU_TARGET_PCT, IDLE_FULL, IDLE_SMOKE, LATENCY_RUNS, Probes,
+    Results, SERVER_SETTLE, SETTLE, STATS_SETTLE, SUSTAIN_ATTEMPTS, SUSTAIN_FORKERS,
+    SUSTAIN_FULL_SECONDS, SUSTAIN_SMOKE_SECONDS, SUSTAIN_TARGET_FORKS_PER_S, Sample, WORKLOADS,
+    Workload, foreign_monitors, latency,
+    processes::{Bpftrace, Daemon, Metrics},
+    server::ServerHost,
 };
 
 impl Bench {
@@ -75,72 +77,77 @@ impl Bench {
         let quiet_before = foreign_monitors(own).is_empty();
         let (t, wall) = self.run_workload(w)?;
         let clean = quiet_before && foreign_monitors(own).is_empty();
-        Ok((Sample { t, clean }, wall))
+        Ok((
+            Sample {
+                t,
+                clean,
+                probes: None,
+            },
+            wall,
+        ))
     }
 
-    pub(super) fn pass_none(&self, results: &mut Results) -> anyhow::Result<()> {
+    pub(super) fn pass_none(&self, results: &mut Results, host: Host) -> anyhow::Result<()> {
         for w in &WORKLOADS {
             let (sample, _) = self.run_checked(w, &[])?;
             results
                 .times
-                .entry((w.id, Condition::None))
+                .entry((w.id, host, Condition::None))
                 .or_default()
                 .push(sample);
         }
         Ok(())
     }
 
-    pub(super) fn pass_forkwatch(&self, results: &mut Results) -> anyhow::Result<()> {
-        let daemon = Daemon::start(self, false, "b")?;
+    /// (b) on `host`. Each workload starts from the host's resting probe state: the state the
+    /// daemon settles in on that host (nothing attached on the idle host; on the server host,
+    /// whatever it holds SERVER_SETTLE after it was ready), so that the previous workload's
+    /// fork storm (whose scheduler probes stay 2 s after its last child) is not measured in the
+    /// next one. The state at each sample's start and end is recorded; no sample is left out
+    /// for it.
+    pub(super) fn pass_forkwatch(&self, results: &mut Results, host: Host) -> anyhow::Result<()> {
+        let daemon = Daemon::start(self, false, &format!("b-{}", host.key()))?;
+        let resting = match host {
+            Host::Idle => Probes::default(),
+            Host::Server => {
+                sleep(SERVER_SETTLE);
+                probes_of(&daemon.scrape()?)
+            }
+        };
         let cpu_before = daemon.cpu_seconds()?;
         let wall_before = Instant::now();
         for w in &WORKLOADS {
-            let idle = daemon.wait_scheduler_idle()?;
+            // Best effort: a state that does not come back in time is what the sample records.
+            daemon.wait_gauge("forkwatch_scheduler_probes_attached", resting.scheduler[0])?;
+            daemon.wait_gauge("forkwatch_write_probe_attached", resting.write[0])?;
             let before = daemon.scrape()?;
             let (mut sample, wall) = self.run_checked(w, &[daemon.pid()])?;
-            // A sample that began with another fork family's scheduler probes attached is not clean.
-            sample.clean &= idle;
+            let end = probes_of(&daemon.scrape()?);
+            let start = probes_of(&before);
+            sample.probes = Some(Probes {
+                write: [start.write[0], end.write[0]],
+                scheduler: [start.scheduler[0], end.scheduler[0]],
+            });
             sleep(SETTLE);
             let after = daemon.scrape()?;
-            let probe = before.sum("forkwatch_write_probe_attached")
-                + after.sum("forkwatch_write_probe_attached");
-            sample.clean &= probe == 0.0;
             results
                 .times
-                .entry((w.id, Condition::Forkwatch))
+                .entry((w.id, host, Condition::Forkwatch))
                 .or_default()
                 .push(sample);
             let events = after.sum("forkwatch_events_total") - before.sum("forkwatch_events_total");
             results
                 .events_per_s
-                .entry(w.id)
+                .entry((w.id, host))
                 .or_default()
                 .push(events / wall);
-            *results.events_lost.entry(w.id).or_default() += after
+            *results.events_lost.entry((w.id, host)).or_default() += after
                 .sum("forkwatch_events_lost_total")
                 - before.sum("forkwatch_events_lost_total");
         }
-        // Workload 0 once more, while a fork family is tracked.
-        let holder = Holder::start(self)?;
-        let attached = daemon.wait_probe(true)?;
-        let before = daemon.scrape()?;
-        let (sample, _) = self.run_checked(&WORKLOADS[0], &[daemon.pid()])?;
-        sleep(SETTLE);
-        let after = daemon.scrape()?;
-        let still_attached = after.sum("forkwatch_write_probe_attached") == 1.0;
-        results.family_times.push(sample);
-        results
-            .family_probe_attached
-            .push(attached && still_attached);
-        results.family_events_lost +=
-            after.sum("forkwatch_events_lost_total") - before.sum("forkwatch_events_lost_total");
-        holder.stop()?;
-        if !daemon.wait_probe(false)? {
-            eprintln!("xtask: bench: warning: the write probe stayed attached after the family");
-        }
-        results.daemon_cpu_s += daemon.cpu_seconds()? - cpu_before;
-        results.daemon_wall_s += wall_before.elapsed().as_secs_f64();
-        results.note_rss("b", daemon.peak_rss_kib()?);
+        *results.daemon_cpu_s.entry(host).or_default() += daemon.cpu_seconds()? - cpu_before;
+        *results.daemon_wall_s.entry(host).or_default() += wall_before.elapsed().as_secs_f64();
+        results.note_rss(&format!("b, {} host", host.key()), daemon.peak_rss_kib()?);
         daemon.stop()
     }
 
@@ -150,7 +157,7 @@ impl Bench {
             let (sample, _) = self.run_checked(w, &[tracer.child.id()])?;
             results
                 .times
-                .entry((w.id, Condition::Bpftrace))
+                .entry((w.id, Host::Idle, Condition::Bpftrace))
                 .or_default()
                 .push(sample);
         }
@@ -158,10 +165,27 @@ impl Bench {
     }
 
     /// The in-kernel cost per program call, with a daemon of its own: the statistics cost a
-    /// little on every program run, which must not count against (b).
-    pub(super) fn pass_bpf_stats(&self, results: &mut Results) -> anyhow::Result<()> {
-        eprintln!("xtask: bench: BPF program statistics (--bpf-stats)");
-        let daemon = Daemon::start(self, true, "bpf-stats")?;
+    /// little on every program run, which must not count against (b). On the idle host
+    /// (`server` None: each workload once nothing is attached), or on the running `server`
+    /// (started before this daemon; rows named "server: ...").
+    pub(super) fn pass_bpf_stats(
+        &self,
+        results: &mut Results,
+        server: Option<&ServerHost>,
+    ) -> anyhow::Result<()> {
+        let (tag, prefix) = match server {
+            None => ("bpf-stats", ""),
+            Some(_) => ("bpf-stats-server", "server: "),
+        };
+        eprintln!("xtask: bench: BPF program statistics (--bpf-stats), {tag}");
+        let daemon = Daemon::start(self, true, tag)?;
+        let resting = match server {
+            None => Probes::default(),
+            Some(_) => {
+                sleep(SERVER_SETTLE);
+                probes_of(&daemon.scrape()?)
+            }
+        };
         let mut record = |name: String, before: &Metrics, after: &Metrics| {
             let runs = before.by_label("forkwatch_bpf_program_runs_total", "program");
             let secs = before.by_label("forkwatch_bpf_program_seconds_total", "program");
@@ -178,24 +202,15 @@ impl Bench {
         };
         for w in &WORKLOADS {
             sleep(STATS_SETTLE);
-            daemon.wait_scheduler_idle()?;
+            daemon.wait_gauge("forkwatch_scheduler_probes_attached", resting.scheduler[0])?;
+            daemon.wait_gauge("forkwatch_write_probe_attached", resting.write[0])?;
             let before = daemon.scrape()?;
             self.run_workload(w)?;
             sleep(STATS_SETTLE);
             let after = daemon.scrape()?;
-            record(format!("{} {}", w.id, w.mode), &before, &after);
+            record(format!("{prefix}{} {}", w.id, w.mode), &before, &after);
         }
-        let holder = Holder::start(self)?;
-        daemon.wait_probe(true)?;
-        sleep(STATS_SETTLE);
-        let before = daemon.scrape()?;
-        self.run_workload(&WORKLOADS[0])?;
-        sleep(STATS_SETTLE);
-        let after = daemon.scrape()?;
-        record("0 cheap, family tracked".to_owned(), &before, &after);
-        holder.stop()?;
-        daemon.wait_probe(false)?;
-        results.note_rss("bpf-stats", daemon.peak_rss_kib()?);
+        results.note_rss(tag, daemon.peak_rss_kib()?);
         daemon.stop()
     }
 
@@ -295,5 +310,16 @@ impl Bench {
             "rate_reached": rate >= SUSTAIN_TARGET_FORKS_PER_S
                 && elapsed >= f64::from(SUSTAIN_FULL_SECONDS),
         }))
+    }
+}
+
+/// The daemon's probe state in one scrape (both elements of each pair alike).
+fn probes_of(metrics: &Metrics) -> Probes {
+    let on = |gauge: &str| metrics.sum(gauge) > 0.0;
+    let write = on("forkwatch_write_probe_attached");
+    let scheduler = on("forkwatch_scheduler_probes_attached");
+    Probes {
+        write: [write; 2],
+        scheduler: [scheduler; 2],
     }
 }

@@ -16,98 +16,112 @@ fn fmt_ratio(v: &Value) -> String {
         .map_or("-".to_owned(), |x| format!("{x:.3}"))
 }
 
-/// "min ratio (median ratio)".
+/// "median ratio (min ratio)".
 fn ratios(c: &Value) -> String {
     if c.is_null() {
         return "-".to_owned();
     }
     format!(
         "{} ({})",
-        fmt_ratio(&c["ratio_min"]),
-        fmt_ratio(&c["ratio_median"])
+        fmt_ratio(&c["ratio_median"]),
+        fmt_ratio(&c["ratio_min"])
     )
 }
 
 /// The Markdown table of a report (also what the terminal shows).
 pub(super) fn table(report: &Value) -> String {
     let mut out = intro(report);
-    out.push_str(&overhead_table(report));
+    for (host, title) in [
+        ("idle", "Idle host"),
+        (
+            "server",
+            "Server host (PostgreSQL with open sessions and a lingering worker of a threaded \
+             master, started before the daemon, running in both conditions)",
+        ),
+    ] {
+        out.push_str(&format!("\n{title}:\n\n"));
+        out.push_str(&overhead_table(report, host));
+    }
     out.push_str(&targets_table(report));
     out.push_str(&daemon_paragraphs(report));
     out.push_str(&bpf_stats_table(report));
     out
 }
 
-/// How to read the overhead table.
+/// How to read the overhead tables.
 fn intro(report: &Value) -> String {
+    let reps = report["repetitions"].as_u64().unwrap_or(0);
+    let needed = report["repetitions_for_a_verdict"].as_u64().unwrap_or(0);
+    let caveat = if report["smoke"] == true {
+        " (smoke: tiny sizes, not a measurement)".to_owned()
+    } else if reps < needed {
+        format!(" (fewer than the {needed} the targets are judged over: not a verdict)")
+    } else {
+        String::new()
+    };
     format!(
-        "Repetitions: {}{}. Times in seconds of the timed part, min / median [clean samples / \
-         all]; ratio = to no monitor, by min (by median); targets are judged on the min ratio. \
-         A sample is not clean when another forkwatch or bpftrace ran on the host, the \
-         daemon's write probe was attached for some other process's fork family, or its \
-         scheduler probes were still attached from an earlier fork storm; the figures use the \
-         clean samples when there are any.\n\n",
-        report["repetitions"],
-        if report["smoke"] == true {
-            " (smoke: tiny sizes, not a measurement)"
-        } else {
-            ""
-        }
+        "Repetitions: {reps}{caveat}, interleaved. Times in seconds of the timed part: median \
+         (min–max) [samples used / all]; ratio = to no monitor on the same host, by median (by \
+         min); targets are judged on the median ratio. Noise: half the range of the no-monitor \
+         samples on that host, in percent of their median; an overhead no larger than it is \
+         marked \"within noise\". Only samples during which another forkwatch or bpftrace ran \
+         on the host are left out of the statistics; none is left out for forkwatch's own probe \
+         state, which is shown per host: in how many samples the write probe and the scheduler \
+         probes were attached throughout, and in how many they switched.\n"
     )
 }
 
-/// One row per workload in each condition, and one for workload 0 with a fork family tracked.
-fn overhead_table(report: &Value) -> String {
-    let mut out = String::new();
-    out.push_str(
-        "| workload | no monitor | forkwatch | ratio | bpftrace | ratio | target | met | events/s | lost |\n",
-    );
-    out.push_str("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |\n");
-    for w in report["workloads"].as_array().into_iter().flatten() {
-        let name = format!("{} {}", w["id"], w["name"].as_str().unwrap_or(""));
-        out.push_str(&overhead_row(&name, &w["conditions"], Some(w)));
+/// One row per workload on `host`: its conditions, target, noise, probe state and events.
+fn overhead_table(report: &Value, host: &str) -> String {
+    let bpftrace = host == "idle";
+    let mut out = String::from("| workload | no monitor | forkwatch | ratio |");
+    if bpftrace {
+        out.push_str(" bpftrace | ratio |");
     }
-    let family = &report["workload0_family_tracked"];
-    let mut conditions = family["conditions"].clone();
-    conditions["none"] = report["workloads"][0]["conditions"]["none"].clone();
-    out.push_str(&overhead_row(
-        &format!(
-            "0 cheap syscalls, a fork family tracked (write probe attached: {})",
-            family["write_probe_attached"]
-        ),
-        &conditions,
-        None,
-    ));
+    out.push_str(" target | met | noise | probes attached | events/s | lost |\n|");
+    let columns = if bpftrace { 12 } else { 10 };
+    out.push_str(&" --- |".repeat(columns));
+    out.push('\n');
+    for w in report["workloads"].as_array().into_iter().flatten() {
+        let entry = &w["hosts"][host];
+        let c = &entry["conditions"];
+        let (target, met) = target_cells(w, entry);
+        let (events, lost) = event_cells(entry);
+        out.push_str(&format!(
+            "| {} {} | {} | {} | {} |",
+            w["id"],
+            w["name"].as_str().unwrap_or(""),
+            times(&c["none"]),
+            times(&c["forkwatch"]),
+            ratios(&c["forkwatch"]),
+        ));
+        if bpftrace {
+            out.push_str(&format!(
+                " {} | {} |",
+                times(&c["bpftrace"]),
+                ratios(&c["bpftrace"])
+            ));
+        }
+        out.push_str(&format!(
+            " {target} | {met} | {} | {} | {events} | {lost} |\n",
+            noise_cell(entry),
+            probe_cell(&entry["probe_state"]),
+        ));
+    }
     out
 }
 
-/// A row of the overhead table: the conditions `c`, and the workload `w`'s target and events
-/// (none for the family row).
-fn overhead_row(name: &str, c: &Value, w: Option<&Value>) -> String {
-    let (target, met) = w.map_or(("report".to_owned(), "-".to_owned()), target_cells);
-    let (events, lost) = w.map_or(("-".to_owned(), "-".to_owned()), event_cells);
-    let (fw, bt) = (&c["forkwatch"], &c["bpftrace"]);
-    format!(
-        "| {name} | {} | {} | {} | {} | {} | {target} | {met} | {events} | {lost} |\n",
-        times(&c["none"]),
-        times(fw),
-        ratios(fw),
-        times(bt),
-        ratios(bt),
-    )
-}
-
-/// The "target" and "met" cells of a workload.
-fn target_cells(w: &Value) -> (String, String) {
+/// The "target" and "met" cells of a workload on one host.
+fn target_cells(w: &Value, entry: &Value) -> (String, String) {
     let target = w["target_overhead_pct"]
         .as_f64()
         .map_or("report".to_owned(), |t| format!("≤ {t} %"));
-    let below = if w["below_bpftrace"] == true {
-        ""
-    } else {
+    let below = if entry["below_bpftrace"] == false {
         ", NOT below bpftrace"
+    } else {
+        ""
     };
-    let met = match w["target_met"].as_bool() {
+    let met = match entry["target_met"].as_bool() {
         Some(true) => format!("yes{below}"),
         Some(false) => format!("**MISS**{below}"),
         None => format!("-{below}"),
@@ -115,21 +129,49 @@ fn target_cells(w: &Value) -> (String, String) {
     (target, met)
 }
 
-/// The "events/s" and "lost" cells of a workload (during forkwatch's condition).
-fn event_cells(w: &Value) -> (String, String) {
+/// "±n %", and whether the overhead is within it.
+fn noise_cell(entry: &Value) -> String {
+    match entry["noise_pct"].as_f64() {
+        Some(n) if entry["within_noise"] == true => format!("±{n:.1} %: within"),
+        Some(n) => format!("±{n:.1} %"),
+        None => "unknown".to_owned(),
+    }
+}
+
+/// "write 6/6, sched 6/6 (1 switched)": samples with each probe attached throughout.
+fn probe_cell(state: &Value) -> String {
+    let n = state["samples"].as_u64().unwrap_or(0);
+    let one = |name: &str, p: &Value| {
+        let switched = p["switched"].as_u64().unwrap_or(0);
+        let switched = if switched > 0 {
+            format!(" ({switched} switched)")
+        } else {
+            String::new()
+        };
+        format!("{name} {}/{n}{switched}", p["throughout"])
+    };
+    format!(
+        "{}, {}",
+        one("write", &state["write_probe"]),
+        one("sched", &state["scheduler_probes"])
+    )
+}
+
+/// The "events/s" and "lost" cells of a workload on one host (during forkwatch's condition).
+fn event_cells(entry: &Value) -> (String, String) {
     (
-        w["forkwatch_events_per_s_median"]
+        entry["forkwatch_events_per_s_median"]
             .as_f64()
             .filter(|x| x.is_finite())
             .map_or("-".to_owned(), |x| format!("{x:.0}")),
         format!(
             "{:.0}",
-            w["forkwatch_events_lost"].as_f64().unwrap_or(f64::NAN)
+            entry["forkwatch_events_lost"].as_f64().unwrap_or(f64::NAN)
         ),
     )
 }
 
-/// "min / median [clean/all]" of one condition.
+/// "median (min–max) [used/all]" of one condition.
 fn times(v: &Value) -> String {
     if v.is_null() {
         return "-".to_owned();
@@ -137,10 +179,12 @@ fn times(v: &Value) -> String {
     let flags = v["clean"].as_array();
     let total = flags.map_or(0, Vec::len);
     let clean = flags.map_or(0, |f| f.iter().filter(|c| **c == true).count());
+    let used = if clean == 0 { total } else { clean };
     format!(
-        "{} / {} [{clean}/{total}]",
+        "{} ({}–{}) [{used}/{total}]",
+        fmt_s(&v["median_s"]),
         fmt_s(&v["min_s"]),
-        fmt_s(&v["median_s"])
+        fmt_s(&v["max_s"])
     )
 }
 
@@ -177,13 +221,23 @@ fn daemon_paragraphs(report: &Value) -> String {
             )
         })
         .collect();
+    let during: Vec<String> = d["during_b"]
+        .as_object()
+        .into_iter()
+        .flatten()
+        .map(|(host, b)| {
+            format!(
+                "{host} host {:.2} CPU s over {:.1} s of workloads ({:.2} % of one core)",
+                num(&b["cpu_seconds"]),
+                num(&b["wall_seconds"]),
+                num(&b["cpu_pct_of_one_core"]),
+            )
+        })
+        .collect();
     let mut out = format!(
-        "\nDaemon during (b): {:.2} CPU s over {:.1} s of workloads ({:.2} % of one core). \
-         Peak RSS (VmHWM) {:.1} MiB ({}). Idle: {:.2} % of one core by utime+stime over {:.1} s \
-         ({:.3} % by schedstat).\n",
-        num(&d["cpu_seconds_during_b"]),
-        num(&d["wall_seconds_during_b"]),
-        num(&d["cpu_pct_of_one_core_during_b"]),
+        "\nDaemon during (b): {}. Peak RSS (VmHWM) {:.1} MiB ({}). Idle: {:.2} % of one core by \
+         utime+stime over {:.1} s ({:.3} % by schedstat).\n",
+        during.join("; "),
         num(&d["peak_rss_kib"]) / 1024.0,
         by_session.join(", "),
         num(&d["idle"]["cpu_pct_of_one_core"]),
@@ -255,7 +309,8 @@ fn bpf_stats_table(report: &Value) -> String {
     }
     out.push_str(
         "\n(cells: calls × ns per call during that workload; all programs: their total time, and \
-         that in percent of the workload's min time without a monitor)\n",
+         that in percent of the workload's min time without a monitor on the same host; rows \
+         \"server: ...\": on the server host, with a daemon started after it)\n",
     );
     out
 }
@@ -271,5 +326,31 @@ fn program_cell(cell: &Value) -> String {
         )
     } else {
         " - |".to_owned()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    #[test]
+    fn says_when_an_overhead_is_within_noise() {
+        let within = json!({"noise_pct": 2.5, "within_noise": true});
+        assert_eq!(noise_cell(&within), "±2.5 %: within");
+        let beyond = json!({"noise_pct": 0.4, "within_noise": false});
+        assert_eq!(noise_cell(&beyond), "±0.4 %");
+        assert_eq!(noise_cell(&json!({"noise_pct": null})), "unknown");
+    }
+
+    #[test]
+    fn shows_probe_state_per_host() {
+        let state = json!({
+            "samples": 6,
+            "write_probe": {"throughout": 5, "switched": 1},
+            "scheduler_probes": {"throughout": 6, "switched": 0},
+        });
+        assert_eq!(probe_cell(&state), "write 5/6 (1 switched), sched 6/6");
     }
 }

@@ -6,8 +6,10 @@
  *                          the sustained fork storm: FORKERS multithreaded processes fork children
  *                          that exit at once, for SECONDS; the bench runs it from a statically
  *                          linked copy (fewer mappings to copy per fork: ~40 % more forks a second)
- *   workloads hold         a fork family for the daemon to track: fork a child that neither execs
- *                          nor exits; both stay until this process's stdin closes
+ *   workloads worker       the lingering worker of the server-host condition: a threaded master
+ *                          (3 threads besides the main one) forks a worker that neither execs nor
+ *                          exits, as a gunicorn, Puma or unicorn master does; both stay until this
+ *                          process's stdin closes
  *   workloads latency      a multithreaded fork whose child never execs and one whose child exits
  *                          without exec, with the wall-clock times to measure finding latency
  *
@@ -16,7 +18,7 @@
  * Two-party workloads use threads (tcp) or fork + exec (pipe: the reader is this program
  * re-executed), never fork without exec: a child that runs on without exec makes a fork family,
  * which the daemon answers by attaching its syscall write probe, and that would measure something
- * else (the bench measures that case on purpose, with `hold`).
+ * else (the bench measures that case on purpose, in its server-host condition, with `worker`).
  *
  * Built by the bench with `cc -O2 -pthread`, and with `-static` for the sustained storm.
  */
@@ -355,10 +357,12 @@ static void end_with_stdin(pid_t child) {
     waitpid(child, NULL, 0);
 }
 
-/* A long-lived fork family: the child neither execs nor exits until the parent goes. */
-static void hold(void) {
+/* A threaded master and its worker, forked without exec: the worker lives until the master
+ * goes (a long-lived fork family whose parent is multithreaded). */
+static void worker(void) {
+    start_idle_threads(3);
     pid_t child = fork_lingering_child();
-    printf("holding child=%d\n", (int)child);
+    printf("worker child=%d\n", (int)child);
     fflush(stdout);
     end_with_stdin(child);
 }
@@ -397,8 +401,8 @@ int main(int argc, char **argv) {
         latency();
         return 0;
     }
-    if (argc >= 2 && !strcmp(argv[1], "hold")) {
-        hold();
+    if (argc >= 2 && !strcmp(argv[1], "worker")) {
+        worker();
         return 0;
     }
     if (argc >= 4 && !strcmp(argv[1], "fork-noexec-for")) {
@@ -409,7 +413,7 @@ int main(int argc, char **argv) {
         fprintf(stderr,
                 "usage: %s cheap|futex|tcp|pipe|fork-exec|fork-noexec|threads N\n"
                 "       %s fork-noexec-for SECONDS FORKERS\n"
-                "       %s hold|latency\n",
+                "       %s worker|latency\n",
                 argv[0], argv[0], argv[0]);
         return 2;
     }

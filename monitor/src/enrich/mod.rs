@@ -27,6 +27,9 @@ use crate::{
     wire::event::{Fork, ResourceUse, SharedFile, SharedSocket},
 };
 
+/// How long reading a lock from a child's memory may take (20 bytes: microseconds, unless the
+/// page is backed by a file whose server holds it up).
+const LOCK_READ_BUDGET: std::time::Duration = std::time::Duration::from_millis(500);
 /// Frames of a blocked thread's stack worth showing.
 const MAX_STACK_FRAMES: usize = 32;
 
@@ -253,9 +256,14 @@ fn lock_wait(d: LockWait<ForkContext>, proc: &ProcFs, opts: EnrichOptions) -> Fi
         Vec::new()
     };
     // The child's copy of the lock is what the parent had at the fork (see lock_owner.rs).
+    let (pid, uaddr) = (d.wait.pid, d.wait.uaddr);
     let lock = alive
-        .then(|| lock_owner::read_lock(d.wait.pid, d.wait.uaddr))
-        .flatten();
+        .then(|| {
+            stack::within(LOCK_READ_BUDGET, move || {
+                Ok(lock_owner::read_lock(pid, uaddr))
+            })
+        })
+        .and_then(|read| read.ok().flatten());
     let owner = lock_owner::decide(
         lock.as_ref(),
         d.wait.syscall,

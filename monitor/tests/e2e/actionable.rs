@@ -63,9 +63,17 @@ fn a_python_lock_records_no_owner_and_the_finding_says_why() {
         let child = run.child();
         let _kill = KillOnDrop::new(child);
         let f = daemon.expect_kind(child, "inherited_lock_deadlock", TIMEOUT);
-        // CPython's threading.Lock is a semaphore: nothing in it says who holds it.
+        // CPython's threading.Lock is a semaphore: nothing in it says who holds it, which the
+        // stack shows. (This daemon also unwinds the other tests' deadlocked children, at most
+        // two at a time: on a loaded machine the stack can be left out, and then the reason is
+        // that, never a guessed owner.)
         assert_eq!(f["lock_owner"], serde_json::Value::Null, "{f}");
-        assert_eq!(f["lock_owner_unknown_reason"], "not_a_pthread_mutex", "{f}");
+        let why = if f["stack"].as_array().is_some_and(|s| !s.is_empty()) {
+            "not_a_pthread_mutex"
+        } else {
+            "no_stack"
+        };
+        assert_eq!(f["lock_owner_unknown_reason"], why, "{f}");
         assert_eq!(f["runtime"], "cpython", "{f}");
         assert!(
             f["hint"]

@@ -81,6 +81,16 @@ pub fn blocked_thread_stack_within(
     max_frames: usize,
     budget: Duration,
 ) -> Result<Vec<Frame>, StackError> {
+    within(budget, move || blocked_thread_stack(pid, tid, max_frames))
+}
+
+/// Runs `read` (a read of another process's memory or files) on a thread of its own, waited for
+/// at most `budget` and not at all once [`cancel`] was called: a page of its memory can be
+/// backed by a file whose server never answers, and that must not hold up the event loop.
+pub fn within<T: Send + 'static>(
+    budget: Duration,
+    read: impl FnOnce() -> Result<T, StackError> + Send + 'static,
+) -> Result<T, StackError> {
     if IN_FLIGHT.fetch_add(1, Ordering::AcqRel) >= MAX_IN_FLIGHT {
         IN_FLIGHT.fetch_sub(1, Ordering::AcqRel);
         return Err(StackError::Busy);
@@ -89,7 +99,7 @@ pub fn blocked_thread_stack_within(
     let spawned = std::thread::Builder::new()
         .name("fw-unwind".into())
         .spawn(move || {
-            let _ = tx.send(blocked_thread_stack(pid, tid, max_frames));
+            let _ = tx.send(read());
             IN_FLIGHT.fetch_sub(1, Ordering::AcqRel);
         });
     if let Err(source) = spawned {

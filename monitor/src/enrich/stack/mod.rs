@@ -65,7 +65,8 @@ pub enum StackError {
 /// with debug info takes a few hundred milliseconds; the budget is for what must never happen.
 pub const UNWIND_BUDGET: Duration = Duration::from_secs(3);
 
-/// Unwinds still running (on threads of their own). Past MAX_IN_FLIGHT a finding gets no stack
+/// Reads of other processes still running on threads of their own (unwinds, and the lock reads
+/// of enrich/lock_owner.rs, through [`within`]). Past MAX_IN_FLIGHT a finding goes without
 /// rather than another thread: whatever holds them up, it cannot pile up threads.
 static IN_FLIGHT: AtomicUsize = AtomicUsize::new(0);
 const MAX_IN_FLIGHT: usize = 2;

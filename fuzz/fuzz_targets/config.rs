@@ -1,8 +1,9 @@
-//! A config file is user input: parsing any text gives settings or an error, never a panic.
+//! A config file is user input: parsing any text gives settings and ignore rules or an error,
+//! never a panic.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|text: &str| {
-    let _ = forkwatch::cli::config::parse(text, "fuzz.toml");
+    let _ = forkwatch::cli::config::parse_file(text, "fuzz.toml");
 });

@@ -4,7 +4,7 @@
 //! never panic. Not an API: the daemon's own code calls the parsers directly.
 
 use crate::{
-    enrich::{cgroup, procfs, stack},
+    enrich::{cgroup, procfs, runtime, stack},
     k8s::pod_list,
 };
 
@@ -13,6 +13,8 @@ pub fn proc_maps(text: &str) {
     for line in text.lines() {
         let _ = stack::parse_maps_line(line);
     }
+    // The runtime is told from the same lines' path column.
+    let _ = runtime::from_maps(text);
 }
 
 /// /proc/PID/task/TID/syscall, as the unwinder and the futex-wait reader parse it.

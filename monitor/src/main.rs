@@ -15,9 +15,13 @@ fn main() -> ExitCode {
     let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
     // The config file only fills in FORKWATCH_* defaults, so it is applied before parsing and
     // its values meet the same validation as flags. A bad file is a usage error, like a bad flag.
+    let mut ignore = Vec::new();
     if let Some(path) = config::config_path(&args) {
         match config::read(&path) {
-            Ok(settings) => config::apply(&settings),
+            Ok(file) => {
+                config::apply(&file.settings);
+                ignore = file.ignore;
+            }
             Err(err) => {
                 eprintln!("forkwatch: error: {err}");
                 return ExitCode::from(2);
@@ -34,7 +38,7 @@ fn main() -> ExitCode {
     let result = match command {
         Command::Run(args) => {
             init_logging(args.common.log_format);
-            runtime().and_then(|rt| rt.block_on(run::run(args)))
+            runtime().and_then(|rt| rt.block_on(run::run(args, ignore)))
         }
         Command::Check(args) => {
             init_logging(args.log_format);

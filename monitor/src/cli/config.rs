@@ -74,13 +74,21 @@ pub enum ConfigError {
     #[error("--config {path}: not valid TOML: {message}")]
     Syntax { path: String, message: String },
     #[error(
-        "--config {path}, line {line}: unknown key `{key}`; the keys are the flags' names: {known}"
+        "--config {path}, line {line}: unknown key `{key}`; the keys are the flags' names: \
+         {known} (and [[ignore]] rules)"
     )]
     UnknownKey {
         path: String,
         line: usize,
         key: String,
         known: String,
+    },
+    #[error("--config {path}, line {line}: [[ignore]] `{key}` {problem}")]
+    BadRule {
+        path: String,
+        line: usize,
+        key: String,
+        problem: String,
     },
     #[error("--config {path}, line {line}: `{key}` must be {expected}, not {found}")]
     WrongType {
@@ -107,16 +115,34 @@ pub fn config_path(args: &[OsString]) -> Option<PathBuf> {
     std::env::var_os("FORKWATCH_CONFIG").map(PathBuf::from)
 }
 
-/// Reads the config file into (environment variable, value) pairs.
-pub fn read(path: &std::path::Path) -> Result<Vec<(String, String)>, ConfigError> {
+/// What a config file says: flag values, and the rules for findings not to print.
+#[derive(Debug, Default)]
+pub struct ConfigFile {
+    /// (environment variable, value) pairs: see [`apply`].
+    pub settings: Vec<(String, String)>,
+    /// The `[[ignore]]` rules (cli/ignore.rs).
+    pub ignore: Vec<crate::report::suppress::IgnoreRule>,
+}
+
+/// Reads the config file.
+pub fn read(path: &std::path::Path) -> Result<ConfigFile, ConfigError> {
     let shown = path.display().to_string();
     let text = std::fs::read_to_string(path).map_err(|error| ConfigError::Unreadable {
         path: shown.clone(),
         error,
     })?;
-    parse(&text, &shown)
+    parse_file(&text, &shown)
 }
 
+/// A config file's text: its flag values and its `[[ignore]]` rules.
+pub fn parse_file(text: &str, path: &str) -> Result<ConfigFile, ConfigError> {
+    Ok(ConfigFile {
+        settings: parse(text, path)?,
+        ignore: super::ignore::parse(text, path)?,
+    })
+}
+
+/// The flag values of a config file, as (environment variable, value) pairs.
 pub fn parse(text: &str, path: &str) -> Result<Vec<(String, String)>, ConfigError> {
     let table: toml::Table = text
         .parse()
@@ -127,6 +153,9 @@ pub fn parse(text: &str, path: &str) -> Result<Vec<(String, String)>, ConfigErro
     let keys = keys();
     let mut settings = Vec::new();
     for (raw_key, value) in &table {
+        if raw_key == super::ignore::IGNORE {
+            continue; // rules, not a flag: cli/ignore.rs
+        }
         let key = raw_key.replace('-', "_");
         let line = line_of_key(text, raw_key);
         let Some(Key { env, kind, .. }) = keys.iter().find(|k| k.name == key) else {

@@ -2,6 +2,7 @@
 //! units and DaemonSets set those); a bad value is a usage error (exit code 2) naming the flag.
 
 pub mod config;
+mod ignore;
 pub(crate) mod k8s;
 
 use std::{net::SocketAddr, path::PathBuf, time::Duration};
@@ -79,6 +80,10 @@ pub struct RunArgs {
     /// (e.g. 1s).
     #[arg(long, env = "FORKWATCH_DEADLOCK_AFTER", default_value = "1s", value_parser = parse_deadlock_after)]
     pub deadlock_after: Duration,
+    /// Fold findings of one kind from one parent executable within this window: the first is
+    /// printed at once, the rest as one `repeated` record when the window ends (0s: off).
+    #[arg(long, env = "FORKWATCH_REPEAT_WINDOW", default_value = "60s", value_parser = parse_repeat_window)]
+    pub repeat_window: Duration,
     /// Address for /metrics, /healthz and /readyz (port 0 picks a free port).
     #[arg(long, env = "FORKWATCH_METRICS_ADDR", default_value = "127.0.0.1:9571")]
     pub metrics_addr: SocketAddr,
@@ -132,6 +137,10 @@ fn parse_deadlock_after(text: &str) -> Result<Duration, String> {
     )
 }
 
+fn parse_repeat_window(text: &str) -> Result<Duration, String> {
+    parse_duration_in(text, "the repeat window", Duration::ZERO, "0s")
+}
+
 /// A duration between `min` and one hour.
 fn parse_duration_in(
     text: &str,
@@ -183,6 +192,7 @@ mod tests {
         let cli = parse(&[]).unwrap();
         assert!(cli.command.is_none());
         assert_eq!(cli.run.exec_grace, Duration::from_secs(1));
+        assert_eq!(cli.run.repeat_window, Duration::from_secs(60));
         assert_eq!(cli.run.metrics_addr.to_string(), "127.0.0.1:9571");
         assert!(!cli.run.full_cmdline);
         assert!(!cli.run.k8s.k8s_pod_names, "pod names are opt-in");
@@ -206,6 +216,7 @@ mod tests {
             (&["--exec-grace", "0s"], "between 1ms and 1h"),
             (&["--exec-grace", "2h"], "between 1ms and 1h"),
             (&["--deadlock-after", "1ms"], "between 10ms and 1h"),
+            (&["--repeat-window", "2h"], "between 0s and 1h"),
             (&["--ring-buffer-size", "5000"], "power of two"),
             (&["--ring-buffer-size", "1024"], "at least 4096"),
             (&["--metrics-addr", "localhost"], "invalid socket address"),

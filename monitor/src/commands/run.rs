@@ -16,6 +16,8 @@ use crate::{
     k8s::settings,
     pipeline::{Monitor, MonitorOptions},
     report::finding::Finding,
+    report::fold::Folder,
+    report::suppress::{IgnoreRule, Suppressor},
     report::{JsonSink, Sinks, TextSink, output_file},
     telemetry,
     telemetry::http::{self, HttpState},
@@ -24,7 +26,8 @@ use crate::{
 /// How often the kernel counters are pulled into the metrics between scrapes.
 const COUNTER_REFRESH: Duration = Duration::from_secs(5);
 
-pub async fn run(args: RunArgs) -> anyhow::Result<()> {
+/// Runs the daemon; `ignore` are the config file's `[[ignore]]` rules.
+pub async fn run(args: RunArgs, ignore: Vec<IgnoreRule>) -> anyhow::Result<()> {
     // Everything that can be wrong with the configuration fails before the probes load.
     let mut sinks = sinks(&args)?;
     let k8s = k8s_client(&args)?;
@@ -65,12 +68,32 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         }
         None => (None, None),
     };
-    let report = |mut finding: Finding, sinks: &mut Sinks| {
+    let suppressor = Suppressor::new(ignore);
+    let mut folder = Folder::new(args.repeat_window);
+    // Suppressed findings are counted apart and go no further; the rest are all counted, then
+    // folded (report/fold.rs) on their way to the sinks.
+    let report = |mut finding: Finding, sinks: &mut Sinks, folder: &mut Folder| {
         if let Some(names) = &pod_names {
             names.annotate(&mut finding.attribution);
         }
+        if let Some(rule) = suppressor.rule_for(&finding) {
+            telemetry::lock(&telemetry).metrics.suppressed(finding.kind);
+            tracing::debug!(
+                kind = finding.kind.as_str(),
+                pid = finding.pid,
+                rule_line = rule.line,
+                "finding suppressed by an [[ignore]] rule"
+            );
+            return;
+        }
         telemetry::lock(&telemetry).metrics.finding(&finding);
-        sinks.emit(&finding);
+        let now = std::time::Instant::now();
+        for repeated in folder.due(now) {
+            sinks.emit_repeated(&repeated);
+        }
+        if folder.offer(&finding, now) {
+            sinks.emit(&finding);
+        }
     };
     let ready = Arc::new(AtomicBool::new(false));
     let (http_stop, http_stopped) = tokio::sync::oneshot::channel::<()>();
@@ -89,6 +112,8 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         %metrics_addr,
         exec_grace_ms = args.exec_grace.as_millis() as u64,
         deadlock_after_ms = args.deadlock_after.as_millis() as u64,
+        repeat_window_ms = args.repeat_window.as_millis() as u64,
+        ignore_rules = suppressor.count(),
         config = ?args.common.config,
         "ready"
     );
@@ -97,7 +122,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     loop {
         tokio::select! {
             finding = monitor.next_finding() => match finding {
-                Some(finding) => report(finding, &mut sinks),
+                Some(finding) => report(finding, &mut sinks, &mut folder),
                 // The pipeline ended on its own: say why (its error comes back from stop).
                 None => {
                     monitor.stop().await?;
@@ -107,12 +132,21 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
             _ = sigterm.recv() => break,
             _ = sigint.recv() => break,
             _ = refresh.tick() => telemetry::lock(&telemetry).refresh(),
+            () = sleep_until(folder.next_due()) => {
+                for repeated in folder.due(std::time::Instant::now()) {
+                    sinks.emit_repeated(&repeated);
+                }
+            }
         }
     }
     tracing::info!("stopping: detaching probes");
     ready.store(false, Ordering::Release);
     for finding in monitor.stop().await? {
-        report(finding, &mut sinks);
+        report(finding, &mut sinks, &mut folder);
+    }
+    // What was folded and not yet said goes out now, not with the process.
+    for repeated in folder.flush() {
+        sinks.emit_repeated(&repeated);
     }
     if let Some(task) = refresher {
         task.abort();
@@ -121,6 +155,14 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let _ = server.await;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Sleeps until `at`; forever without one.
+async fn sleep_until(at: Option<std::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(tokio::time::Instant::from_std(at)).await,
+        None => std::future::pending().await,
+    }
 }
 
 /// With `--k8s-pod-names`, the API client; a missing or wrong setting is a usage error (exit

@@ -1,7 +1,9 @@
 //! Correlator decisions → findings, with what /proc still has to say about the processes.
 
 pub mod cgroup;
+pub mod lock_owner;
 pub mod procfs;
+pub mod runtime;
 pub mod stack;
 
 use monitor_common::{futex, linux, syscall};
@@ -9,6 +11,7 @@ use monitor_common::{futex, linux, syscall};
 use self::{
     cgroup::Attribution,
     procfs::{ForkContext, ProcFs},
+    runtime::Runtime,
 };
 use crate::{
     clock,
@@ -20,9 +23,13 @@ use crate::{
         ResourceUseInfo, SCHEMA_VERSION, SharedFileDetails, SharedSocketDetails, SocketInfo,
         ThreadsAfterMtForkDetails,
     },
+    report::hint,
     wire::event::{Fork, ResourceUse, SharedFile, SharedSocket},
 };
 
+/// How long reading a lock from a child's memory may take (20 bytes: microseconds, unless the
+/// page is backed by a file whose server holds it up).
+const LOCK_READ_BUDGET: std::time::Duration = std::time::Duration::from_millis(500);
 /// Frames of a blocked thread's stack worth showing.
 const MAX_STACK_FRAMES: usize = 32;
 
@@ -121,6 +128,7 @@ struct Subject {
     cmdline: Vec<String>,
     cgroup_id: u64,
     attribution: Attribution,
+    runtime: Option<Runtime>,
 }
 
 impl Subject {
@@ -133,12 +141,14 @@ impl Subject {
         cgroup_id: u64,
         proc: &ProcFs,
     ) -> Self {
+        let exe = proc.exe(later.pid);
         Self {
             pid: later.pid,
             comm: proc.comm(later.pid).unwrap_or_else(|| comm.to_owned()),
             parent_pid: first.pid,
             parent_comm: proc.comm(first.pid).unwrap_or_default(),
-            exe: proc.exe(later.pid),
+            runtime: proc.runtime(later.pid, exe.as_deref()),
+            exe,
             cmdline: proc.cmdline(later.pid),
             cgroup_id,
             attribution: proc
@@ -166,6 +176,7 @@ impl Subject {
             comm,
             parent_pid: fork.parent_pid,
             parent_comm: context.parent_comm.unwrap_or_else(|| fork.comm.clone()),
+            runtime: context.runtime,
             exe: context.exe,
             cmdline: context.cmdline,
             cgroup_id: fork.cgroup_id,
@@ -196,6 +207,8 @@ fn common(
         cgroup_id: subject.cgroup_id,
         attribution: subject.attribution,
         details,
+        runtime: subject.runtime,
+        hint: hint::hint(kind, subject.runtime),
     }
 }
 
@@ -208,7 +221,7 @@ fn mt_fork_no_exec(d: MtForkNoExec<ForkContext>, proc: &ProcFs, opts: EnrichOpti
     let details = Details::MtForkNoExec(MtForkNoExecDetails {
         parent_tid: d.fork.parent_tid,
         parent_threads: d.fork.parent_threads,
-        thread_names: d.context.thread_names.clone(),
+        thread_names: d.context.thread_names_but(d.fork.parent_tid),
         exited_without_exec,
         exit_code,
         exec_after_ms: exec_after_ns.map(|ns| ns / 1_000_000),
@@ -227,7 +240,8 @@ fn lock_wait(d: LockWait<ForkContext>, proc: &ProcFs, opts: EnrichOptions) -> Fi
     };
     // The thread holds still while blocked, so its stack can be read from outside; if it woke in
     // the meantime (or the pid was reused) there is no stack to show.
-    let frames = if proc.is_same_process(d.wait.pid, d.fork.child_start_ns) {
+    let alive = proc.is_same_process(d.wait.pid, d.fork.child_start_ns);
+    let frames = if alive {
         stack::blocked_thread_stack_within(
             d.wait.pid,
             d.wait.tid,
@@ -241,6 +255,22 @@ fn lock_wait(d: LockWait<ForkContext>, proc: &ProcFs, opts: EnrichOptions) -> Fi
     } else {
         Vec::new()
     };
+    // The child's copy of the lock is what the parent had at the fork (see lock_owner.rs).
+    let (pid, uaddr) = (d.wait.pid, d.wait.uaddr);
+    let lock = alive
+        .then(|| {
+            stack::within(LOCK_READ_BUDGET, move || {
+                Ok(lock_owner::read_lock(pid, uaddr))
+            })
+        })
+        .and_then(|read| read.ok().flatten());
+    let owner = lock_owner::decide(
+        lock.as_ref(),
+        d.wait.syscall,
+        d.wait.op,
+        &frames,
+        &d.context.threads,
+    );
     let reasons: Vec<&str> = d.reasons.iter().map(|r| r.as_str()).collect();
     let details = Details::LockWait(LockWaitDetails {
         tid: d.wait.tid,
@@ -252,6 +282,8 @@ fn lock_wait(d: LockWait<ForkContext>, proc: &ProcFs, opts: EnrichOptions) -> Fi
         reason: (!reasons.is_empty()).then(|| reasons.join(",")),
         stack_summary: (!frames.is_empty()).then(|| stack::format_stack(&frames)),
         stack: frames,
+        lock_owner_unknown_reason: owner.as_ref().err().map(|why| why.as_str()),
+        lock_owner: owner.ok(),
     });
     let subject = Subject::child(&d.fork, d.context, proc, false);
     common(kind, subject, d.decided_ns, opts, details)
@@ -358,6 +390,7 @@ pub fn events_lost(
         cmdline: Vec::new(),
         cgroup_id: 0,
         attribution: Attribution::default(),
+        runtime: None,
     };
     let details = Details::EventsLost(EventsLostDetails { lost, lost_total });
     common(
@@ -458,7 +491,19 @@ mod tests {
     fn context() -> ForkContext {
         ForkContext {
             parent_comm: Some("ruby".into()),
-            thread_names: vec!["ruby-timer-thr".into()],
+            threads: vec![
+                procfs::ParentThread {
+                    tid: 4_000_001,
+                    ns_tid: 4_000_001,
+                    name: "gai-async".into(),
+                },
+                procfs::ParentThread {
+                    tid: 4_000_003,
+                    ns_tid: 4_000_003,
+                    name: "ruby-timer-thr".into(),
+                },
+            ],
+            runtime: Some(Runtime::Ruby),
             exe: Some("/usr/bin/ruby".into()),
             cmdline: vec!["ruby".into(), "--secret=hunter2".into()],
             parent_futex_waits: vec![],

@@ -13,6 +13,7 @@ use std::{
 
 use crate::{
     enrich::cgroup::{self, Attribution},
+    enrich::runtime::{self, Runtime},
     wire::event::Fork,
 };
 
@@ -23,8 +24,11 @@ use crate::{
 pub struct ForkContext {
     /// The parent process's name (its main thread's comm).
     pub parent_comm: Option<String>,
-    /// Names of the parent's threads other than the one that forked, in tid order.
-    pub thread_names: Vec<String>,
+    /// The parent's threads, the forking one included, in tid order: who held a lock at the
+    /// fork (enrich/lock_owner.rs) and the `thread_names` of findings.
+    pub threads: Vec<ParentThread>,
+    /// The parent's language runtime (enrich/runtime.rs), which picks a finding's hint.
+    pub runtime: Option<Runtime>,
     pub exe: Option<String>,
     pub cmdline: Vec<String>,
     /// Futex addresses the parent's other threads were waiting on (see
@@ -35,6 +39,29 @@ pub struct ForkContext {
     /// Where the parent's initial stack starts (/proc/pid/stat `startstack`): an image's
     /// identity, randomized at every exec and kept across fork (see [`ProcFs::same_image`]).
     pub stack_start: Option<u64>,
+}
+
+/// One of the parent's threads when the fork was seen.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ParentThread {
+    /// Host tid.
+    pub tid: u32,
+    /// Its tid in the process's own PID namespace (the one a mutex records): the host tid
+    /// outside containers.
+    pub ns_tid: u32,
+    /// Its comm.
+    pub name: String,
+}
+
+impl ForkContext {
+    /// Names of the parent's threads other than `forking_tid`, in tid order.
+    pub fn thread_names_but(&self, forking_tid: u32) -> Vec<String> {
+        self.threads
+            .iter()
+            .filter(|t| t.tid != forking_tid)
+            .map(|t| t.name.clone())
+            .collect()
+    }
 }
 
 impl crate::correlate::ForkEvidence for ForkContext {
@@ -48,6 +75,10 @@ impl crate::correlate::ForkEvidence for ForkContext {
 const ARGV0_READ_BYTES: u64 = 4096;
 /// How much of /proc/PID/cmdline is read with `--full-cmdline`.
 const CMDLINE_READ_BYTES: u64 = 64 * 1024;
+/// How much of /proc/PID/maps is read to tell a runtime (about 2,500 lines): the target owns
+/// its maps, which can run to megabytes. A process whose runtime library is mapped beyond that
+/// is told by its executable's name alone, or not at all (then its hint is the generic one).
+const MAPS_READ_BYTES: u64 = 256 * 1024;
 /// The longest argv0 a finding shows, in bytes.
 pub const ARGV0_MAX_BYTES: usize = 128;
 
@@ -92,10 +123,15 @@ impl ProcFs {
         if cmdline.is_empty() {
             cmdline = self.cmdline(child);
         }
+        let exe = self.exe(parent).or_else(|| self.exe(child));
+        let runtime = self
+            .runtime(parent, exe.as_deref())
+            .or_else(|| self.runtime(child, exe.as_deref()));
         ForkContext {
             parent_comm: self.comm(parent),
-            thread_names: self.thread_names(parent, parent_tid),
-            exe: self.exe(parent).or_else(|| self.exe(child)),
+            threads: self.threads(parent),
+            runtime,
+            exe,
             cmdline,
             parent_futex_waits: self.futex_waits(parent, parent_tid),
             attribution: self
@@ -174,13 +210,7 @@ impl ProcFs {
 
     /// A `Key:` value of /proc/pid/status.
     pub fn status_value(&self, pid: u32, key: &str) -> Option<u64> {
-        let status = fs::read_to_string(self.path(pid, "status")).ok()?;
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix(key)?.strip_prefix(':'))?
-            .trim()
-            .parse()
-            .ok()
+        self.status_line(pid, key)?.parse().ok()
     }
 
     /// Every process id in /proc.
@@ -272,13 +302,56 @@ impl ProcFs {
         }
     }
 
-    /// Names of every thread of `pid` except `skip_tid`, in tid order.
-    pub fn thread_names(&self, pid: u32, skip_tid: u32) -> Vec<String> {
+    /// Every thread of `pid`, in tid order, with its name and its tid in the process's PID
+    /// namespace. Outside a container (an `NSpid:` of one entry) that is the host tid, and no
+    /// thread's status is read.
+    pub fn threads(&self, pid: u32) -> Vec<ParentThread> {
+        let nested = self
+            .status_line(pid, "NSpid")
+            .is_some_and(|ids| ids.split_whitespace().count() > 1);
         self.tids(pid)
             .into_iter()
-            .filter(|&tid| tid != skip_tid)
-            .filter_map(|tid| read_trimmed(&self.path(pid, &format!("task/{tid}/comm"))))
+            .filter_map(|tid| {
+                let name = read_trimmed(&self.path(pid, &format!("task/{tid}/comm")))?;
+                let ns_tid = if nested {
+                    // The innermost namespace's id is the last; a thread that is gone is left out.
+                    fs::read_to_string(self.path(pid, &format!("task/{tid}/status")))
+                        .ok()?
+                        .lines()
+                        .find_map(|l| l.strip_prefix("NSpid:"))?
+                        .split_whitespace()
+                        .last()?
+                        .parse()
+                        .ok()?
+                } else {
+                    tid
+                };
+                Some(ParentThread { tid, ns_tid, name })
+            })
             .collect()
+    }
+
+    /// The language runtime of `pid` (enrich/runtime.rs): from its executable's name, else
+    /// from the files it maps (a bounded read of /proc/PID/maps, only for executables the name
+    /// does not tell).
+    pub fn runtime(&self, pid: u32, exe: Option<&str>) -> Option<Runtime> {
+        if let Some(runtime) = exe.and_then(runtime::from_exe) {
+            return Some(runtime);
+        }
+        let mut maps = Vec::new();
+        fs::File::open(self.path(pid, "maps"))
+            .and_then(|file| file.take(MAPS_READ_BYTES).read_to_end(&mut maps))
+            .ok()?;
+        runtime::from_maps(&String::from_utf8_lossy(&maps))
+    }
+
+    /// The rest of a `Key:` line of /proc/pid/status.
+    fn status_line(&self, pid: u32, key: &str) -> Option<String> {
+        let status = fs::read_to_string(self.path(pid, "status")).ok()?;
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(key)?.strip_prefix(':'))
+            .map(|v| v.trim().to_owned())
     }
 
     /// Start time of `pid` in clock ticks since boot (field 22 of /proc/pid/stat).
@@ -485,6 +558,43 @@ mod tests {
             Some(true),
             "a re-exec of the same executable is not the same image"
         );
+    }
+
+    #[test]
+    fn threads_are_named_with_their_namespace_tids_and_the_runtime_is_told() {
+        let proc = ProcFs::default();
+        let me = std::process::id();
+        let (tx, rx) = std::sync::mpsc::channel::<()>();
+        let (tid_tx, tid_rx) = std::sync::mpsc::channel();
+        let named = std::thread::Builder::new()
+            .name("fw-lock-holder".into())
+            .spawn(move || {
+                // SAFETY: gettid has no preconditions.
+                tid_tx.send(unsafe { libc::gettid() } as u32).unwrap();
+                let _ = rx.recv();
+            })
+            .unwrap();
+        let tid = tid_rx.recv().unwrap();
+        let threads = proc.threads(me);
+        drop(tx);
+        named.join().unwrap();
+        let holder = threads
+            .iter()
+            .find(|t| t.tid == tid)
+            .expect("the named thread");
+        assert_eq!(holder.name, "fw-lock-holder");
+        assert_eq!(holder.ns_tid, tid, "the host's PID namespace: the same tid");
+        assert!(threads.iter().any(|t| t.tid == me), "the main thread too");
+        // This test binary is a glibc program with no interpreter.
+        assert_eq!(
+            proc.runtime(me, proc.exe(me).as_deref()),
+            Some(Runtime::Glibc)
+        );
+        assert_eq!(
+            proc.runtime(me, Some("/usr/bin/python3.11")),
+            Some(Runtime::Cpython)
+        );
+        assert_eq!(ProcFs::new("/nonexistent").runtime(me, None), None);
     }
 
     #[test]

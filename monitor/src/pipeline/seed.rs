@@ -89,8 +89,10 @@ fn seeded(proc: &ProcFs, pid: u32, now_ns: u64) -> Option<Seeded> {
     context.exe = Some(exe);
     context.cmdline = proc.cmdline(pid);
     context.attribution = proc.attribution(pid).unwrap_or(context.attribution);
-    // What the parent's threads waited on *at the fork* is unknown; now is no evidence of it.
+    // What the parent's threads waited on *at the fork*, and which threads it had then, is
+    // unknown; now is no evidence of either.
     context.parent_futex_waits.clear();
+    context.threads.clear();
     Some(Seeded {
         fork: Fork {
             parent_pid: parent,

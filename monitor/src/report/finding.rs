@@ -29,7 +29,7 @@ impl Severity {
     }
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Kind {
     MtForkNoExec,
@@ -105,6 +105,11 @@ pub struct Finding {
     pub attribution: crate::enrich::cgroup::Attribution,
     #[serde(flatten)]
     pub details: Details,
+    /// The language runtime of the process (`cpython`, `ruby`, `jvm`, `node`, `glibc`), when
+    /// told from its executable and mapped files; it picks the hint.
+    pub runtime: Option<crate::enrich::runtime::Runtime>,
+    /// How to fix it, from the table in report/hint.rs (docs/findings.md#hints).
+    pub hint: Option<&'static str>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize)]
@@ -204,6 +209,11 @@ pub struct LockWaitDetails {
     /// The blocked thread's user stack, innermost first ("a ← b ← c").
     pub stack_summary: Option<String>,
     pub stack: Vec<crate::enrich::stack::Frame>,
+    /// The parent's thread that held the lock at the fork, when the lock records its owner
+    /// (enrich/lock_owner.rs).
+    pub lock_owner: Option<crate::enrich::lock_owner::LockOwner>,
+    /// Why `lock_owner` is null (`not_a_pthread_mutex`, ...); null when it is not.
+    pub lock_owner_unknown_reason: Option<&'static str>,
 }
 
 /// `threads_after_mt_fork`.
@@ -261,13 +271,54 @@ impl Finding {
                 ms_without_exec: 12,
                 grace_ms: 1000,
             }),
+            runtime: Some(crate::enrich::runtime::Runtime::Cpython),
+            hint: crate::report::hint::hint(
+                Kind::MtForkNoExec,
+                Some(crate::enrich::runtime::Runtime::Cpython),
+            ),
         }
     }
 
     pub fn to_json_line(&self) -> String {
-        // Serializing a struct of strings and integers cannot fail.
-        let mut line = serde_json::to_string(self).unwrap_or_default();
-        line.push('\n');
-        line
+        to_json_line(self)
     }
+}
+
+/// `repeated`: findings folded into one record (report/fold.rs): of one kind, from one parent
+/// executable (and, once forks' call sites are captured, one call site), within
+/// `--repeat-window` of the first, which was printed on its own.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Repeated {
+    pub schema: u32,
+    /// Always "repeated".
+    pub kind: &'static str,
+    /// The folded findings' severity.
+    pub severity: Severity,
+    /// RFC 3339 UTC: the last folded finding's time.
+    pub time: String,
+    pub of_kind: Kind,
+    /// The parent executable they share (null when /proc no longer had it: then they share
+    /// `parent_comm`).
+    pub exe: Option<String>,
+    /// The first folded finding's parent_comm.
+    pub parent_comm: String,
+    /// How many findings were folded (the first, printed, not included).
+    pub count: u64,
+    pub first_time: String,
+    pub last_time: String,
+    /// The first few folded findings' pids.
+    pub sample_pids: Vec<u32>,
+}
+
+impl Repeated {
+    pub fn to_json_line(&self) -> String {
+        to_json_line(self)
+    }
+}
+
+fn to_json_line(record: &impl Serialize) -> String {
+    // Serializing a struct of strings and integers cannot fail.
+    let mut line = serde_json::to_string(record).unwrap_or_default();
+    line.push('\n');
+    line
 }

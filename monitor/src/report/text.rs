@@ -4,7 +4,7 @@ use std::{
 };
 
 use super::Sink;
-use crate::report::finding::{Details, Finding, Severity};
+use crate::report::finding::{Details, Finding, Repeated, Severity};
 
 /// A readable line per finding, for a human at a terminal.
 pub struct TextSink<W> {
@@ -24,15 +24,45 @@ impl<W: Write + Send> Sink for TextSink<W> {
         self.out.write_all(line.as_bytes())?;
         self.out.flush()
     }
+
+    fn emit_repeated(&mut self, repeated: &Repeated) -> io::Result<()> {
+        let line = render_repeated(repeated, self.color);
+        self.out.write_all(line.as_bytes())?;
+        self.out.flush()
+    }
 }
 
-pub fn render(f: &Finding, color: bool) -> String {
-    let (on, off) = match (color, f.severity) {
+/// The terminal's colour around a severity, when colour is on.
+fn colors(color: bool, severity: Severity) -> (&'static str, &'static str) {
+    match (color, severity) {
         (false, _) => ("", ""),
         (true, Severity::Critical) => ("\x1b[1;31m", "\x1b[0m"),
         (true, Severity::Warning) => ("\x1b[1;33m", "\x1b[0m"),
         (true, Severity::Info) => ("\x1b[1;36m", "\x1b[0m"),
+    }
+}
+
+pub fn render_repeated(r: &Repeated, color: bool) -> String {
+    let (on, off) = colors(color, r.severity);
+    let pids: Vec<String> = r.sample_pids.iter().map(u32::to_string).collect();
+    let from = match &r.exe {
+        Some(exe) => format!("exe={}", escape(exe)),
+        None => format!("parent ({})", escape(&r.parent_comm)),
     };
+    format!(
+        "{time} {on}{severity:<8}{off} repeated {kind} {count} more times from {from} between {first} and {last} (pids {pids}, ...)\n",
+        time = r.time,
+        severity = r.severity.as_str().to_uppercase(),
+        kind = r.of_kind.as_str(),
+        count = r.count,
+        first = r.first_time,
+        last = r.last_time,
+        pids = pids.join(", "),
+    )
+}
+
+pub fn render(f: &Finding, color: bool) -> String {
+    let (on, off) = colors(color, f.severity);
     let mut line = format!(
         "{time} {on}{severity:<8}{off} {kind} pid {pid} ({comm}) parent {ppid} ({pcomm})",
         time = f.time,
@@ -74,6 +104,14 @@ pub fn render(f: &Finding, color: bool) -> String {
             );
             if d.contended_in_parent_at_fork {
                 line.push_str(" (the parent was waiting on it at the fork)");
+            }
+            if let Some(owner) = &d.lock_owner {
+                let _ = write!(
+                    line,
+                    ", held at the fork by thread {} ({})",
+                    owner.tid,
+                    escape(&owner.name)
+                );
             }
             if let Some(reason) = &d.reason {
                 let _ = write!(line, ", could still end: {reason}");
@@ -132,6 +170,9 @@ pub fn render(f: &Finding, color: bool) -> String {
     if let (Some(namespace), Some(name)) = (&f.attribution.pod_namespace, &f.attribution.pod_name) {
         let _ = write!(line, " pod={}/{}", escape(namespace), escape(name));
     }
+    if let Some(hint) = f.hint {
+        let _ = write!(line, " hint: {hint}");
+    }
     line.push('\n');
     line
 }
@@ -165,13 +206,39 @@ mod tests {
             line,
             "2026-11-27T10:00:00.000Z WARNING  mt_fork_no_exec pid 2 (python3) parent 1 \
              (python3): forked by a process with 2 threads [worker], exited without exec after \
-             12 ms exe=/usr/bin/python3\n"
+             12 ms exe=/usr/bin/python3 hint: Use the multiprocessing start method \
+             \"forkserver\" or \"spawn\" (the default on Linux from Python 3.14), or fork \
+             before starting any thread; to run a program, use subprocess, which execs.\n"
         );
         assert!(render(&finding("x"), true).contains("\x1b[1;33mWARNING"));
         let mut in_pod = finding("x");
         in_pod.attribution.pod_namespace = Some("shop".into());
         in_pod.attribution.pod_name = Some("web-0".into());
+        in_pod.hint = None;
         assert!(render(&in_pod, false).ends_with(" exe=/usr/bin/python3 pod=shop/web-0\n"));
+    }
+
+    #[test]
+    fn a_repeated_record_is_one_line() {
+        let r = Repeated {
+            schema: 1,
+            kind: "repeated",
+            severity: Severity::Warning,
+            time: "2026-11-27T10:01:00.000Z".into(),
+            of_kind: crate::report::finding::Kind::MtForkNoExec,
+            exe: Some("/usr/sbin/prefork\nFAKE".into()),
+            parent_comm: "prefork".into(),
+            count: 19_999,
+            first_time: "2026-11-27T10:00:00.000Z".into(),
+            last_time: "2026-11-27T10:01:00.000Z".into(),
+            sample_pids: vec![7, 8],
+        };
+        assert_eq!(
+            render_repeated(&r, false),
+            "2026-11-27T10:01:00.000Z WARNING  repeated mt_fork_no_exec 19999 more times from \
+             exe=/usr/sbin/prefork\\nFAKE between 2026-11-27T10:00:00.000Z and \
+             2026-11-27T10:01:00.000Z (pids 7, 8, ...)\n"
+        );
     }
 
     #[test]

@@ -19,6 +19,7 @@ use crate::{
 pub struct Metrics {
     registry: Registry,
     findings: IntCounterVec,
+    suppressed: IntCounterVec,
     forks: IntCounterVec,
     lost: IntCounterVec,
     map_full: IntCounterVec,
@@ -86,6 +87,12 @@ impl Metrics {
             "forkwatch_findings_total",
             "Findings reported, by kind and severity.",
             &["kind", "severity"],
+        );
+        let suppressed = counter_vec(
+            "forkwatch_findings_suppressed_total",
+            "Findings an [[ignore]] rule of the config file named: counted here, not printed, \
+             and not in forkwatch_findings_total.",
+            &["kind"],
         );
         let forks = counter_vec(
             "forkwatch_forks_total",
@@ -213,6 +220,7 @@ impl Metrics {
         }
         for kind in Kind::ALL {
             findings.with_label_values(&[kind.as_str(), kind.severity().as_str()]);
+            suppressed.with_label_values(&[kind.as_str()]);
         }
         for outcome in ["unmatched", "evicted", "replaced", "withdrawn"] {
             correlator.with_label_values(&[outcome]);
@@ -220,6 +228,7 @@ impl Metrics {
         Self {
             registry,
             findings,
+            suppressed,
             forks,
             lost,
             map_full,
@@ -238,6 +247,11 @@ impl Metrics {
             last_kernel: KernelCounts::default(),
             last_stats: Stats::default(),
         }
+    }
+
+    /// A finding an [[ignore]] rule named (report/suppress.rs).
+    pub fn suppressed(&self, kind: Kind) {
+        self.suppressed.with_label_values(&[kind.as_str()]).inc();
     }
 
     pub fn finding(&mut self, finding: &Finding) {

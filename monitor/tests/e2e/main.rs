@@ -8,6 +8,7 @@
 
 mod harness;
 
+mod actionable;
 mod cli;
 mod deadlock;
 mod deploy;

@@ -10,7 +10,7 @@
 
 use std::time::{Duration, Instant};
 
-use crate::harness::{self, Daemon, run_forker, spawn_forker};
+use crate::harness::{self, Daemon, compiled_copy, run_fixture, run_forker, spawn_forker};
 
 /// Why the storm tests run alone.
 const STORM: &str = "a fork storm: every daemon on the host sees it, and would lose events";
@@ -230,6 +230,96 @@ fn fork_storm_with_a_tiny_ring_buffer_loses_events_loudly_and_never_invents_find
                 .any(|f| f["parent_pid"] == noexec.parent()),
             "no finding at all for the storm without exec"
         );
+    });
+}
+
+/// The storm the issue was filed for: 20,000 forks without exec from one multithreaded parent,
+/// which gave 20,000 lines. Folded, they print a few, and every finding is still counted: the
+/// printed ones plus the `repeated` counts are what the metrics count. The storm runs an
+/// executable of its own, so that nothing else folds with it (the barrier's control included).
+#[test]
+fn a_twenty_thousand_fork_storm_prints_a_few_lines_whose_counts_add_up() {
+    harness::root().alone(STORM).run(|| {
+        const FORKS: u64 = 20_000;
+        let daemon = Daemon::start(&["--repeat-window", "60s"]);
+        let exe = compiled_copy("forker", "storm-site");
+        let exe_text = exe.to_str().unwrap();
+        let lost_before: f64 = per_category(&daemon, "forkwatch_events_lost_total")
+            .iter()
+            .map(|(_, n)| n)
+            .sum();
+        run_fixture(std::process::Command::new(&exe).args(["storm", &FORKS.to_string()]));
+        // Every fork of the storm decided (and counted) before this returns.
+        daemon.barrier();
+        let kind = "mt_fork_no_exec";
+        let counted = daemon.metric(&format!(
+            "forkwatch_findings_total{{kind=\"{kind}\",severity=\"warning\"}}"
+        ));
+        let lost: f64 = per_category(&daemon, "forkwatch_events_lost_total")
+            .iter()
+            .map(|(_, n)| n)
+            .sum::<f64>()
+            - lost_before;
+        // Stopping flushes the windows still open: the storm's `repeated` record comes then.
+        let findings = {
+            let output = daemon.findings_handle();
+            let (code, _) = daemon.terminate();
+            assert_eq!(code, Some(0));
+            output()
+        };
+        // The storm's findings: by executable, or by name for a parent already gone (and its
+        // executable with it) when its fork was read.
+        let storm = |f: &&serde_json::Value| {
+            f["exe"] == exe_text || (f["exe"].is_null() && f["parent_comm"] == "storm-site")
+        };
+        let lines: Vec<&serde_json::Value> = findings.iter().filter(storm).collect();
+        let printed = lines.iter().filter(|f| f["kind"] == kind).count() as u64;
+        let repeated: Vec<_> = lines.iter().filter(|f| f["kind"] == "repeated").collect();
+        let folded: u64 = repeated
+            .iter()
+            .map(|r| {
+                assert_eq!(r["of_kind"], kind, "{r}");
+                r["count"].as_u64().unwrap()
+            })
+            .sum();
+        println!(
+            "storm: {FORKS} forks, {} lines ({printed} printed, {} repeated, {folded} folded); \
+             {counted} counted; {lost} events lost",
+            lines.len(),
+            repeated.len()
+        );
+        assert!(
+            lines.len() <= 5,
+            "{} lines, the first: {:?}",
+            lines.len(),
+            lines.first()
+        );
+        assert!(!repeated.is_empty(), "nothing folded: {lines:?}");
+        // Every child is reported once, folded or not; only a lost event can take one away.
+        if lost == 0.0 {
+            assert_eq!(printed + folded, FORKS, "{lines:?}");
+        } else {
+            assert!(printed + folded <= FORKS, "{lines:?}");
+            assert!(
+                (printed + folded) as f64 >= FORKS as f64 - lost,
+                "{lines:?}"
+            );
+        }
+        // The metric counted each of them, though only a few lines were printed; and all it
+        // counted was written out (other processes on the host add their own to both).
+        assert!(
+            counted >= (printed + folded) as f64,
+            "{counted} < {printed} + {folded}"
+        );
+        let written: f64 = findings
+            .iter()
+            .map(|f| match (f["kind"].as_str(), f["of_kind"].as_str()) {
+                (Some(k), _) if k == kind => 1.0,
+                (Some("repeated"), Some(k)) if k == kind => f["count"].as_f64().unwrap(),
+                _ => 0.0,
+            })
+            .sum();
+        assert!(written >= counted, "{written} written < {counted} counted");
     });
 }
 

@@ -65,7 +65,8 @@ pub enum StackError {
 /// with debug info takes a few hundred milliseconds; the budget is for what must never happen.
 pub const UNWIND_BUDGET: Duration = Duration::from_secs(3);
 
-/// Unwinds still running (on threads of their own). Past MAX_IN_FLIGHT a finding gets no stack
+/// Reads of other processes still running on threads of their own (unwinds, and the lock reads
+/// of enrich/lock_owner.rs, through [`within`]). Past MAX_IN_FLIGHT a finding goes without
 /// rather than another thread: whatever holds them up, it cannot pile up threads.
 static IN_FLIGHT: AtomicUsize = AtomicUsize::new(0);
 const MAX_IN_FLIGHT: usize = 2;
@@ -81,6 +82,16 @@ pub fn blocked_thread_stack_within(
     max_frames: usize,
     budget: Duration,
 ) -> Result<Vec<Frame>, StackError> {
+    within(budget, move || blocked_thread_stack(pid, tid, max_frames))
+}
+
+/// Runs `read` (a read of another process's memory or files) on a thread of its own, waited for
+/// at most `budget` and not at all once [`cancel`] was called: a page of its memory can be
+/// backed by a file whose server never answers, and that must not hold up the event loop.
+pub fn within<T: Send + 'static>(
+    budget: Duration,
+    read: impl FnOnce() -> Result<T, StackError> + Send + 'static,
+) -> Result<T, StackError> {
     if IN_FLIGHT.fetch_add(1, Ordering::AcqRel) >= MAX_IN_FLIGHT {
         IN_FLIGHT.fetch_sub(1, Ordering::AcqRel);
         return Err(StackError::Busy);
@@ -89,7 +100,7 @@ pub fn blocked_thread_stack_within(
     let spawned = std::thread::Builder::new()
         .name("fw-unwind".into())
         .spawn(move || {
-            let _ = tx.send(blocked_thread_stack(pid, tid, max_frames));
+            let _ = tx.send(read());
             IN_FLIGHT.fetch_sub(1, Ordering::AcqRel);
         });
     if let Err(source) = spawned {

@@ -25,6 +25,9 @@ struct Output {
     /// The `ready` log line's fields.
     ready: Option<Value>,
     closed: bool,
+    /// How many of the two streams (stdout, stderr) have ended: at 2 everything the daemon
+    /// wrote has been read.
+    streams_ended: u8,
 }
 
 pub struct Daemon {
@@ -56,6 +59,12 @@ impl Daemon {
             .args(["--metrics-addr", "127.0.0.1:0"]);
         if !extra.contains(&"--exec-grace") {
             command.args(["--exec-grace", &format!("{GRACE_MS}ms")]);
+        }
+        // Folding off unless a test asks for it: tests find their findings by pid, and the
+        // daemon sees the other tests' processes too, whose findings would otherwise open the
+        // window that folds this test's own (and the barrier's control, run again and again).
+        if !extra.contains(&"--repeat-window") {
+            command.args(["--repeat-window", "0s"]);
         }
         Daemon::spawn(command.args(extra))
     }
@@ -158,6 +167,24 @@ impl Daemon {
         self.output.0.lock().unwrap().findings.clone()
     }
 
+    /// Reads the findings later, after the daemon is gone (see `terminate`, which consumes it):
+    /// its output goes on being collected until its stdout closes.
+    pub fn findings_handle(&self) -> impl Fn() -> Vec<Value> + use<> {
+        let output = self.output.clone();
+        move || {
+            let (lock, cond) = &*output;
+            let deadline = Instant::now() + EXIT_TIMEOUT;
+            let mut out = lock.lock().unwrap();
+            while out.streams_ended < 2 && Instant::now() < deadline {
+                out = cond
+                    .wait_timeout(out, Duration::from_millis(100))
+                    .unwrap()
+                    .0;
+            }
+            out.findings.clone()
+        }
+    }
+
     /// Findings about process `pid`.
     pub fn findings_for(&self, pid: u32) -> Vec<Value> {
         self.findings()
@@ -182,6 +209,19 @@ impl Daemon {
             Some(view) => view.findings.into_iter().find(matches).unwrap(),
             None => panic!(
                 "no {kind:?} finding for pid {pid} within {timeout:?}; findings: {:?}\nlog:\n{}",
+                self.findings(),
+                self.log()
+            ),
+        }
+    }
+
+    /// Waits for an output record that `matches` (a `repeated` record, say); panics with the
+    /// daemon's log after `timeout`.
+    pub fn wait_for(&self, timeout: Duration, matches: impl Fn(&Value) -> bool) -> Value {
+        match self.wait(timeout, |out| out.findings.iter().any(&matches)) {
+            Some(view) => view.findings.into_iter().find(|f| matches(f)).unwrap(),
+            None => panic!(
+                "no such record within {timeout:?}; records: {:?}\nlog:\n{}",
                 self.findings(),
                 self.log()
             ),
@@ -386,7 +426,9 @@ fn spawn_reader(
             cond.notify_all();
         }
         let (lock, cond) = &*output;
-        lock.lock().unwrap().closed = true;
+        let mut out = lock.lock().unwrap();
+        out.closed = true;
+        out.streams_ended += 1;
         cond.notify_all();
     });
 }

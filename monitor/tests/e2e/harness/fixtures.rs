@@ -75,6 +75,23 @@ pub fn compiled(name: &str) -> PathBuf {
         .clone()
 }
 
+/// The compiled fixture `name` copied to the file name `alias` (once per test binary): another
+/// executable, for what findings are keyed by (folding, ignore rules), that no other test runs.
+pub fn compiled_copy(name: &str, alias: &str) -> PathBuf {
+    static COPIED: OnceLock<Mutex<HashMap<String, PathBuf>>> = OnceLock::new();
+    let source = compiled(name);
+    let mut copied = COPIED.get_or_init(Default::default).lock().unwrap();
+    copied
+        .entry(alias.to_owned())
+        .or_insert_with(|| {
+            let out = Path::new(env!("CARGO_TARGET_TMPDIR")).join(alias);
+            std::fs::copy(&source, &out)
+                .unwrap_or_else(|e| panic!("copying {source:?} to {out:?}: {e}"));
+            out
+        })
+        .clone()
+}
+
 pub fn run_forker(mode: &str, args: &[&str]) -> FixtureRun {
     run_fixture(Command::new(compiled("forker")).arg(mode).args(args))
 }

@@ -24,9 +24,9 @@ use std::{
 
 pub use daemon::{Daemon, http_get, try_http_get};
 pub use fixtures::{
-    Background, EchoServer, FixtureRun, KillOnDrop, compiled, python, run_fixture, run_forker,
-    run_locker, run_python, run_sharer, spawn, spawn_forker, spawn_forker_holding, spawn_holding,
-    spawn_locker, spawn_sharer,
+    Background, EchoServer, FixtureRun, KillOnDrop, compiled, compiled_copy, python, run_fixture,
+    run_forker, run_locker, run_python, run_sharer, spawn, spawn_forker, spawn_forker_holding,
+    spawn_holding, spawn_locker, spawn_sharer,
 };
 pub use processes::{Watched, watch};
 

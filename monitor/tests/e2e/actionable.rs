@@ -1,0 +1,191 @@
+//! End-to-end, as root: what makes a finding actionable. The thread that held an inherited lock
+//! (`lock_owner`), how to fix it (`hint`, by runtime), repeated findings folded into one
+//! `repeated` record, and `[[ignore]]` rules that silence exactly what they name.
+
+use std::{path::PathBuf, process::Command, time::Duration};
+
+use crate::harness::{
+    self, BINARY, Daemon, KillOnDrop, compiled, compiled_copy, run_fixture, run_python, spawn,
+    spawn_holding,
+};
+
+const TIMEOUT: Duration = Duration::from_secs(10);
+
+#[test]
+fn a_mutex_held_by_a_named_thread_at_the_fork_names_that_thread_and_a_c_hint() {
+    harness::root().run(|| {
+        let daemon = Daemon::start(&["--deadlock-after", "500ms"]);
+        let fixture = spawn(&mut Command::new(compiled("cache_refresh")));
+        let run = &fixture.run;
+        let f = daemon.expect_kind(run.child(), "inherited_lock_deadlock", TIMEOUT);
+        assert_eq!(f["futex_addr"], run.text("lock"), "{f}");
+        assert_eq!(f["lock_owner"]["name"], "cache-refresh", "{f}");
+        assert_eq!(f["lock_owner"]["tid"], run.get("holder"), "{f}");
+        assert_eq!(
+            f["lock_owner_unknown_reason"],
+            serde_json::Value::Null,
+            "{f}"
+        );
+        assert_eq!(f["runtime"], "glibc", "{f}");
+        let hint = f["hint"].as_str().unwrap_or_default();
+        assert!(hint.contains("async-signal-safe"), "a C hint: {f}");
+        // The child's stack runs through the fork's call site.
+        let stack = f["stack_summary"].as_str().unwrap_or_default();
+        assert!(
+            stack.contains("worker_main ← start_worker_process ← main"),
+            "{stack}"
+        );
+    });
+}
+
+#[test]
+fn python_os_fork_from_a_threaded_program_gets_a_python_hint() {
+    harness::root().run(|| {
+        let daemon = Daemon::start(&[]);
+        let fixture = spawn_holding(&mut harness::python("thread_fork.py", &[]));
+        let child = fixture.run.child();
+        let f = daemon.expect_kind(child, "mt_fork_no_exec", TIMEOUT);
+        drop(fixture);
+        assert_eq!(f["runtime"], "cpython", "{f}");
+        let hint = f["hint"].as_str().unwrap_or_default();
+        assert!(
+            hint.contains("\"forkserver\" or \"spawn\""),
+            "a Python hint: {f}"
+        );
+    });
+}
+
+#[test]
+fn a_python_lock_records_no_owner_and_the_finding_says_why() {
+    harness::root().run(|| {
+        let daemon = Daemon::start(&["--deadlock-after", "500ms"]);
+        let run = run_python("lock_fork.py", &[]);
+        let child = run.child();
+        let _kill = KillOnDrop::new(child);
+        let f = daemon.expect_kind(child, "inherited_lock_deadlock", TIMEOUT);
+        // CPython's threading.Lock is a semaphore: nothing in it says who holds it, which the
+        // stack shows. (This daemon also unwinds the other tests' deadlocked children, at most
+        // two at a time: on a loaded machine the stack can be left out, and then the reason is
+        // that, never a guessed owner.)
+        assert_eq!(f["lock_owner"], serde_json::Value::Null, "{f}");
+        let why = if f["stack"].as_array().is_some_and(|s| !s.is_empty()) {
+            "not_a_pthread_mutex"
+        } else {
+            "no_stack"
+        };
+        assert_eq!(f["lock_owner_unknown_reason"], why, "{f}");
+        assert_eq!(f["runtime"], "cpython", "{f}");
+        assert!(
+            f["hint"]
+                .as_str()
+                .unwrap_or_default()
+                .contains("forkserver"),
+            "{f}"
+        );
+    });
+}
+
+/// Findings of one kind from one executable are folded while the window lasts: the first is
+/// printed, the others come as one `repeated` record when the window ends, without the daemon
+/// stopping. An executable of its own, so that no other test's process opens its window.
+#[test]
+fn repeated_findings_are_folded_until_the_window_ends() {
+    harness::root().run(|| {
+        let daemon = Daemon::start(&["--repeat-window", "3s"]);
+        let exe = compiled_copy("forker", "fold-forker");
+        let exe_text = exe.to_str().unwrap();
+        let mut children = Vec::new();
+        for _ in 0..3 {
+            let run = run_fixture(Command::new(&exe).args(["mt-fork-no-exec", "2", "10"]));
+            children.push(run.child());
+        }
+        let first = daemon.expect_kind(children[0], "mt_fork_no_exec", TIMEOUT);
+        assert_eq!(first["exe"], exe_text);
+        let repeated =
+            daemon.wait_for(TIMEOUT, |f| f["kind"] == "repeated" && f["exe"] == exe_text);
+        assert_eq!(repeated["of_kind"], "mt_fork_no_exec", "{repeated}");
+        assert_eq!(repeated["count"], 2, "{repeated}");
+        assert_eq!(repeated["sample_pids"], serde_json::json!(children[1..]));
+        assert!(daemon.findings_for(children[1]).is_empty());
+        assert!(daemon.findings_for(children[2]).is_empty());
+    });
+}
+
+/// A TOML string, quoted.
+fn toml_string(text: &str) -> String {
+    format!("\"{}\"", text.replace('\\', "\\\\").replace('"', "\\\""))
+}
+
+#[test]
+fn an_ignore_rule_silences_exactly_what_it_names() {
+    harness::root().run(|| {
+        // Two executables of their own, which the rule names: their mt_fork_no_exec only.
+        let forker = compiled_copy("forker", "ignored-forker");
+        let locker = compiled_copy("locker", "ignored-locker");
+        let pattern = forker.with_file_name("ignored-*");
+        let config = write_config(
+            "ignore.toml",
+            &format!(
+                "[[ignore]]\nkind = \"mt_fork_no_exec\"\nexe = {}\n\
+                 reason = \"the e2e test's own\"\n",
+                toml_string(pattern.to_str().unwrap())
+            ),
+        );
+        let daemon = Daemon::start(&["--config", config.to_str().unwrap()]);
+        let suppressed = "forkwatch_findings_suppressed_total{kind=\"mt_fork_no_exec\"}";
+        assert_eq!(daemon.metric(suppressed), 0.0);
+        // Named: kind and executable.
+        let silenced = run_fixture(Command::new(&forker).args(["mt-fork-no-exec", "2", "10"]));
+        // Same executables, another kind: the locker's child starts a thread
+        // (threads_after_mt_fork) and exits without exec (mt_fork_no_exec, silenced).
+        let other_kind = run_fixture(Command::new(&locker).arg("unlock-thread"));
+        let _kill = KillOnDrop::new(other_kind.child());
+        // Same kind, another executable.
+        let other_exe = harness::run_forker("mt-fork-no-exec", &["2", "10"]);
+        daemon.expect_kind(other_exe.child(), "mt_fork_no_exec", TIMEOUT);
+        daemon.expect_kind(other_kind.child(), "threads_after_mt_fork", TIMEOUT);
+        daemon.barrier();
+        assert!(
+            daemon.findings_for(silenced.child()).is_empty(),
+            "{:?}",
+            daemon.findings_for(silenced.child())
+        );
+        assert!(
+            daemon
+                .findings_of(other_kind.child(), "mt_fork_no_exec")
+                .is_empty()
+        );
+        // Counted, by kind: exactly the two it silenced.
+        assert_eq!(daemon.metric(suppressed), 2.0);
+        let other = "forkwatch_findings_suppressed_total{kind=\"threads_after_mt_fork\"}";
+        assert_eq!(daemon.metric(other), 0.0);
+    });
+}
+
+fn write_config(name: &str, text: &str) -> PathBuf {
+    let path = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join(name);
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+#[test]
+fn a_bad_ignore_rule_exits_2_naming_the_file_line_and_key() {
+    harness::unprivileged().run(|| {
+        let config = write_config(
+            "bad-ignore.toml",
+            "exec_grace = \"1s\"\n\n[[ignore]]\nkind = \"mt_fork_no_exec\"\nexee = \"/bin/x\"\n\
+             reason = \"typo\"\n",
+        );
+        let out = Command::new(BINARY)
+            .args(["run", "--config", config.to_str().unwrap()])
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{stderr}");
+        let expected = format!(
+            "--config {}, line 5: [[ignore]] `exee` unknown key",
+            config.display()
+        );
+        assert!(stderr.contains(&expected), "{stderr}");
+    });
+}

@@ -70,7 +70,7 @@ pub fn finding(
 
 /// A child decided at its deadline is still running without exec, or so the events say. When
 /// the ring buffer overflowed, its exec or exit event may be what was lost: before reporting,
-/// check /proc. Gone (its exit was not seen), or running another executable (its exec was not
+/// check /proc. Gone or a zombie (its exit was not seen), or running another executable (its exec was not
 /// seen): the evidence is gone, and forkwatch would rather stay quiet than cry wolf.
 fn lost_evidence(d: &MtForkNoExec<ForkContext>, proc: &ProcFs) -> Option<&'static str> {
     if d.outcome != Outcome::NoExecWithinGrace {
@@ -79,6 +79,11 @@ fn lost_evidence(d: &MtForkNoExec<ForkContext>, proc: &ProcFs) -> Option<&'stati
     let pid = d.fork.child_pid;
     if !proc.is_same_process(pid, d.fork.child_start_ns) {
         return Some("the child is gone but its exit event never arrived");
+    }
+    // Exited, not yet reaped: as gone as above (a busy parent reaps late; its zombie keeps the
+    // /proc entry and start time, so the check above cannot see it).
+    if proc.has_exited(pid) {
+        return Some("the child has exited (not yet reaped) but its exit event never arrived");
     }
     match (&d.context.exe, proc.exe(pid)) {
         (Some(then), Some(now)) if *then != now => {
@@ -631,6 +636,29 @@ mod tests {
             finding(decision(Outcome::NoExecWithinGrace), &proc, opts(false)),
             None
         );
+    }
+
+    #[test]
+    fn a_deadline_decision_whose_child_is_an_unreaped_zombie_is_withdrawn() {
+        // A real child that exits at once and is not reaped until the end: its /proc entry and
+        // start time stay, only its state says it has exited.
+        let proc = ProcFs::default();
+        let mut child = std::process::Command::new("true").spawn().unwrap();
+        let pid = child.id();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while !proc.has_exited(pid) {
+            assert!(std::time::Instant::now() < deadline, "{pid} never exited");
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as u64;
+        let mut d = decision(Outcome::NoExecWithinGrace);
+        let Decision::MtForkNoExec(inner) = &mut d else {
+            unreachable!()
+        };
+        inner.fork.child_pid = pid;
+        inner.fork.child_start_ns = proc.start_ticks(pid).unwrap() * (1_000_000_000 / hz);
+        assert_eq!(finding(d, &proc, opts(false)), None);
+        child.wait().unwrap();
     }
 
     #[test]

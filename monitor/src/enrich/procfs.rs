@@ -360,6 +360,16 @@ impl ProcFs {
         parse_stat_field(&stat, STAT_START_TIME)
     }
 
+    /// Whether `pid` has exited and waits to be reaped (state `Z`, or `X` while it is), per field 3
+    /// of /proc/pid/stat. Its /proc entry is still there, with its start time: only the state
+    /// tells it from a live process.
+    pub fn has_exited(&self, pid: u32) -> bool {
+        fs::read_to_string(self.path(pid, "stat"))
+            .ok()
+            .and_then(|stat| stat_state(&stat))
+            .is_some_and(|state| matches!(state, 'Z' | 'X'))
+    }
+
     /// Where the initial stack of `pid`'s program image starts (`startstack`, which the kernel
     /// shows to a reader allowed to ptrace it, else 0: then None).
     pub fn stack_start(&self, pid: u32) -> Option<u64> {
@@ -514,6 +524,15 @@ pub(crate) fn parse_stat_field(stat: &str, number: usize) -> Option<u64> {
         .ok()
 }
 
+/// The state letter (field 3) of a /proc/pid/stat line, counted after the comm's last ')'.
+pub(crate) fn stat_state(stat: &str) -> Option<char> {
+    stat[stat.rfind(')')? + 1..]
+        .split_whitespace()
+        .next()?
+        .chars()
+        .next()
+}
+
 fn clock_ticks_per_second() -> u64 {
     // SAFETY: sysconf has no memory-safety preconditions.
     let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
@@ -523,6 +542,14 @@ fn clock_ticks_per_second() -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn state_is_read_after_a_hostile_comm() {
+        assert_eq!(stat_state("42 (a) Z (b)) S 1 42"), Some('S'));
+        assert_eq!(stat_state("42 (x) Z 1 42"), Some('Z'));
+        assert_eq!(stat_state("42 (x)"), None);
+        assert_eq!(stat_state("no parenthesis"), None);
+    }
 
     #[test]
     fn start_ticks_survives_hostile_comm() {

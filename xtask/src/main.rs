@@ -2,6 +2,7 @@
 //! a fresh machine the README's two commands are all a newcomer types: `run` installs only what
 //! building needs, `test` the test tools too.
 
+mod apt;
 mod bench;
 mod cmd;
 mod daemon;
@@ -71,7 +72,7 @@ enum Command {
     /// run `check`, `selftest` and end-to-end scenarios in each: prints a kernel × step table.
     Vmtest {
         /// Which kernel series to boot.
-        #[arg(default_value = "all", value_parser = ["6.1", "6.12", "all"])]
+        #[arg(default_value = "all", value_parser = ["5.10", "6.1", "6.12", "all"])]
         kernel: String,
     },
 }

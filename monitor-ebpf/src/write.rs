@@ -9,7 +9,7 @@ use aya_ebpf::{
     programs::BtfTracePointContext,
 };
 use monitor_common::{
-    DIRECTION_SEND, EventKind, SharedFileEvent,
+    DIRECTION_SEND, EventKind, FIRST_WATCHED_FD, SharedFileEvent,
     linux::{O_APPEND, S_IFMT, S_IFREG},
     lost_category, syscall,
 };
@@ -44,7 +44,7 @@ fn on_file_write(ctx: &BtfTracePointContext, syscall: u32) -> Result<(), i32> {
     let offsets = FORKWATCH_OFFSETS.load();
     let regs: *const u8 = ctx.arg(0);
     let fd: u64 = read(regs, offsets.regs_arg1)?;
-    if fd < 3 {
+    if fd < u64::from(FIRST_WATCHED_FD) {
         return Ok(()); // stdio: sharing it with children is normal
     }
     let file = kread::current_fd_file(fd as u32, &offsets)?;

@@ -22,7 +22,8 @@ use crate::{
 };
 
 /// tp_btf sys_enter: TP_PROTO(struct pt_regs *regs, long id). Attached by the daemon only while
-/// a fork family has a child that has not exec'd within the grace window: while attached, every
+/// two members of a fork family hold one open file description of a regular file opened for
+/// writing without O_APPEND (the daemon's pipeline/write_candidate.rs): while attached, every
 /// syscall on the host takes the tracing slow path.
 #[btf_tracepoint(function = "sys_enter")]
 pub fn sys_enter_write(ctx: BtfTracePointContext) -> u32 {

@@ -11,7 +11,9 @@
 
 use std::{ffi::CString, fs, io::Read as _, os::unix::ffi::OsStrExt as _, path::Path};
 
-use crate::pipeline::write_candidate::{OpenFile, Same, fdinfo_flags, is_watched_fd, moves_offset};
+use crate::pipeline::write_candidate::{
+    OpenFile, Same, fdinfo_flags, is_watched_fd, moves_offset, names_a_path,
+};
 
 /// How much of a /proc/PID/fdinfo/N file is read: `pos:` (at most 20 digits) and `flags:` come
 /// first; what some file types add after them (epoll's watches, inotify's marks) can be long.
@@ -20,25 +22,34 @@ const FDINFO_READ_BYTES: u64 = 256;
 /// kcmp(2)'s type for "the same open file description" (include/uapi/linux/kcmp.h).
 const KCMP_FILE: libc::c_int = 0;
 
-/// More fds than the check may look at (its budget, shared by one family's members).
-#[derive(Debug, PartialEq, Eq)]
-pub struct TooManyFds;
+/// How many of a process's fds are looked at: its lowest. /proc/PID/fd lists fds in ascending
+/// order, and a description shared by a fork was opened before it, when the process had few
+/// fds, so it has a low number; a server's thousands of connections come later.
+pub const MAX_FDS_PER_PROCESS: usize = 4096;
 
-/// The fds of `pid` that could race on an offset (see [`OpenFile`]), appended to `out`, looking
-/// at no more than `budget` fd entries (decremented). A process that is gone has none.
+/// The check's fd budget (shared by every family it looks at) is spent.
+#[derive(Debug, PartialEq, Eq)]
+pub struct OutOfBudget;
+
+/// The fds of `pid` that could race on an offset (see [`OpenFile`]), appended to `out`: of its
+/// lowest MAX_FDS_PER_PROCESS fds, and no more than `budget` (decremented). A process that is
+/// gone has none.
+///
+/// Per fd: the link's target first (one readlink), since most fds of a server are sockets and
+/// pipes, whose targets are not paths; then the flags in fdinfo; then the file type.
 pub fn offset_files(
     proc_root: &Path,
     pid: u32,
     budget: &mut usize,
     out: &mut Vec<OpenFile>,
-) -> Result<(), TooManyFds> {
+) -> Result<(), OutOfBudget> {
     let dir = proc_root.join(pid.to_string());
     let Ok(entries) = fs::read_dir(dir.join("fd")) else {
         return Ok(());
     };
-    for entry in entries {
+    for entry in entries.take(MAX_FDS_PER_PROCESS) {
         if *budget == 0 {
-            return Err(TooManyFds);
+            return Err(OutOfBudget);
         }
         *budget -= 1;
         let Some(fd) = entry
@@ -50,13 +61,17 @@ pub fn offset_files(
         if !is_watched_fd(fd) {
             continue;
         }
+        let link = dir.join(format!("fd/{fd}"));
+        if !fs::read_link(&link).is_ok_and(|target| names_a_path(target.as_os_str().as_bytes())) {
+            continue; // closed meanwhile, or a socket, pipe or anonymous inode
+        }
         let Some(flags) = read_fdinfo_flags(&dir.join(format!("fdinfo/{fd}"))) else {
             continue; // closed meanwhile, or unreadable
         };
         if !moves_offset(flags) {
             continue;
         }
-        if let Some((dev, ino)) = regular_file_id(&dir.join(format!("fd/{fd}"))) {
+        if let Some((dev, ino)) = regular_file_id(&link) {
             out.push(OpenFile { pid, fd, dev, ino });
         }
     }
@@ -136,7 +151,7 @@ mod tests {
 
     use super::*;
 
-    fn mine(budget: usize) -> Result<Vec<OpenFile>, TooManyFds> {
+    fn mine(budget: usize) -> Result<Vec<OpenFile>, OutOfBudget> {
         let mut files = Vec::new();
         let mut budget = budget;
         offset_files(
@@ -174,7 +189,7 @@ mod tests {
 
     #[test]
     fn the_budget_bounds_the_entries_read() {
-        assert_eq!(mine(0), Err(TooManyFds));
+        assert_eq!(mine(0), Err(OutOfBudget));
         let mut files = Vec::new();
         let mut budget = 1000;
         offset_files(Path::new("/proc"), u32::MAX, &mut budget, &mut files).unwrap();

@@ -49,10 +49,11 @@ pub struct Candidate {
     pub confirmed: bool,
 }
 
-/// The most kcmp comparisons one family's check makes. Separate opens of one file (a
-/// hundred workers each opening the same log) are distinct descriptions and would take one
-/// comparison per pair; past this the check gives up and counts the family as a candidate.
-pub const MAX_COMPARISONS: usize = 4096;
+/// The most kcmp comparisons one family's check makes. Separate opens of one file (workers
+/// each opening the same file for writing, without O_APPEND) are distinct descriptions and take
+/// one comparison per pair of processes; past this (about 180 such workers) the check gives up
+/// and counts the family as a candidate, rather than miss one.
+pub const MAX_COMPARISONS: usize = 16_384;
 
 /// The `flags:` of a /proc/PID/fdinfo/FD text (octal, as the kernel prints it).
 pub fn fdinfo_flags(fdinfo: &str) -> Option<u32> {
@@ -73,6 +74,14 @@ pub fn moves_offset(flags: u32) -> bool {
 /// Whether an fd number is one the write probe watches (not stdio).
 pub fn is_watched_fd(fd: u32) -> bool {
     fd >= FIRST_WATCHED_FD
+}
+
+/// Whether the target of a /proc/PID/fd/N link is a path, as every file on a mounted file
+/// system has (unlinked ones too: "/tmp/x (deleted)", memfds: "/memfd:name"). Sockets, pipes
+/// and anonymous inodes (eventfd, epoll, pidfd) are named "type:[...]" and have no offset that
+/// write(2) moves. Read before anything else: it is the cheapest way past a server's sockets.
+pub fn names_a_path(target: &[u8]) -> bool {
+    target.first() == Some(&b'/')
 }
 
 /// The first candidate among the fds of one family's members, if any: two fds of two different
@@ -177,6 +186,22 @@ mod tests {
         );
         assert!(!moves_offset(0o2001), "O_APPEND");
         assert!(!moves_offset(0o2002), "O_APPEND | O_RDWR");
+    }
+
+    #[test]
+    fn only_link_targets_that_are_paths_can_be_files() {
+        assert!(names_a_path(b"/var/log/app.log"));
+        assert!(names_a_path(b"/tmp/#123 (deleted)"));
+        assert!(names_a_path(b"/memfd:forkwatch-selftest (deleted)"));
+        for target in [
+            &b"socket:[123]"[..],
+            b"pipe:[456]",
+            b"anon_inode:[eventfd]",
+            b"anon_inode:[pidfd]",
+            b"",
+        ] {
+            assert!(!names_a_path(target), "{}", String::from_utf8_lossy(target));
+        }
     }
 
     #[test]

@@ -225,9 +225,19 @@ fn the_write_probe_stays_detached_for_postgres_subshells_workers_and_append_logs
         let sampler = ProbeSampler::start(&daemon);
         let server = Postgres::start("forkwatch-pg-probe");
         let sessions = [server.session(), server.session()];
+        // And odd fds a family may share, none a shared offset: a FIFO open read-write (an open
+        // of it by the daemon could block; it must never open one) and a file open read-only.
+        let (fifo, read_only) = (temp_file("probe.fifo"), temp_file("read-only"));
+        make_fifo(&fifo);
+        std::fs::write(&read_only, "x").unwrap();
         let shells = [
-            spawn_shell("sh", "(sleep 600; :); :"),
-            spawn_shell("bash", "(sleep 600; :) & wait"),
+            spawn_shell("sh", "(sleep 600; :); :", &[]),
+            spawn_shell("bash", "(sleep 600; :) & wait", &[]),
+            spawn_shell(
+                "sh",
+                "exec 3<>\"$0\" 4<\"$1\"; (sleep 600; :); :",
+                &[&fifo, &read_only],
+            ),
         ];
         let worker = spawn_forker("mt-fork-no-exec", &["2", "600000"]);
         let log = spawn_sharer("file-append", &[&temp_file("server.log")]);
@@ -273,10 +283,10 @@ fn the_write_probe_stays_detached_for_postgres_subshells_workers_and_append_logs
     });
 }
 
-/// `SHELL -c SCRIPT` in the background, killed (with its process group) on drop.
-fn spawn_shell(shell: &str, script: &str) -> ShellGroup {
+/// `SHELL -c SCRIPT ARGS...` in the background, killed (with its process group) on drop.
+fn spawn_shell(shell: &str, script: &str, args: &[&str]) -> ShellGroup {
     let mut command = std::process::Command::new(shell);
-    command.args(["-c", script]).process_group(0);
+    command.args(["-c", script]).args(args).process_group(0);
     let child = command
         .stdin(std::process::Stdio::null())
         .spawn()
@@ -304,6 +314,14 @@ impl Drop for ShellGroup {
         unsafe { libc::kill(-(self.child.id() as i32), libc::SIGKILL) };
         let _ = self.child.wait();
     }
+}
+
+fn make_fifo(path: &str) {
+    let _ = std::fs::remove_file(path);
+    let c_path = std::ffi::CString::new(path).unwrap();
+    // SAFETY: a valid NUL-terminated path.
+    let rc = unsafe { libc::mkfifo(c_path.as_ptr(), 0o600) };
+    assert_eq!(rc, 0, "mkfifo {path}: {}", std::io::Error::last_os_error());
 }
 
 /// Waits until `pid` has a child (a shell's subshell, forked without exec), and returns it.

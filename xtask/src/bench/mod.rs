@@ -6,8 +6,8 @@
 //! does not favour one of them): (a) no monitor, (b) the release daemon with default settings,
 //! (c) bpftrace.
 //! During (b) it also measures the daemon's CPU time and peak RSS, events received and lost
-//! (from /metrics), and workload 0 once more while a long-lived fork family makes the daemon
-//! attach its syscall write probe. Then, with separate daemons so that neither perturbs (b): the
+//! (from /metrics), and workload 0 once more while a long-lived fork family sharing a file
+//! offset makes the daemon attach its syscall write probe. Then, with separate daemons so that neither perturbs (b): the
 //! in-kernel cost per program call (`--bpf-stats`), idle CPU, finding latency (latency.rs)
 //! and a sustained fork storm.
 //!
@@ -43,8 +43,9 @@ const WORKLOADS_SOURCE: &str = "xtask/src/bench/workloads.c";
 const DAEMON: &str = "target/release/forkwatch";
 /// Full runs: repetitions of each (workload, condition).
 const REPETITIONS: usize = 6;
-/// The write probe attaches once a family member has gone `--exec-grace` (1 s) without exec,
-/// checked every 500 ms; detaching takes up to one check.
+/// The write probe attaches once parent and child of a family have held one description of a
+/// file open for writing and the child has gone `--exec-grace` (1 s) without exec, checked every
+/// 500 ms; detaching takes up to one check.
 const PROBE_SWITCH_TIMEOUT: Duration = Duration::from_secs(6);
 /// Lets the daemon drain its ring buffer before /metrics is read after a workload.
 const SETTLE: Duration = Duration::from_millis(250);

@@ -291,7 +291,8 @@ pub(super) fn spawn_until_line(
     Ok((child, stdin, line))
 }
 
-/// `workloads hold`: a process and its forked child that neither execs nor exits, until stdin
+/// `workloads hold`: a process and its forked child that neither execs nor exits, sharing one
+/// description of a file open for writing (the write probe's reason), until stdin
 /// closes (the child dies with its parent).
 pub(super) struct Holder {
     child: Child,

@@ -6,8 +6,10 @@
  *                          the sustained fork storm: FORKERS multithreaded processes fork children
  *                          that exit at once, for SECONDS; the bench runs it from a statically
  *                          linked copy (fewer mappings to copy per fork: ~40 % more forks a second)
- *   workloads hold         a fork family for the daemon to track: fork a child that neither execs
- *                          nor exits; both stay until this process's stdin closes
+ *   workloads hold         a fork family that keeps the daemon's write probe attached: open an
+ *                          unnamed regular file for writing (O_TMPFILE, no O_APPEND), fork a child
+ *                          that neither execs nor exits; both hold the one open file description
+ *                          (the probe's reason: a shared offset) until this process's stdin closes
  *   workloads latency      a multithreaded fork whose child never execs and one whose child exits
  *                          without exec, with the wall-clock times to measure finding latency
  *
@@ -15,8 +17,9 @@
  *
  * Two-party workloads use threads (tcp) or fork + exec (pipe: the reader is this program
  * re-executed), never fork without exec: a child that runs on without exec makes a fork family,
- * which the daemon answers by attaching its syscall write probe, and that would measure something
- * else (the bench measures that case on purpose, with `hold`).
+ * whose open files the daemon checks, and which attaches its syscall write probe if they share an
+ * offset: that would measure something else (the bench measures that case on purpose, with
+ * `hold`).
  *
  * Built by the bench with `cc -O2 -pthread`, and with `-static` for the sustained storm.
  */
@@ -355,8 +358,13 @@ static void end_with_stdin(pid_t child) {
     waitpid(child, NULL, 0);
 }
 
-/* A long-lived fork family: the child neither execs nor exits until the parent goes. */
+/* A long-lived fork family sharing a file offset: the child neither execs nor exits until the
+ * parent goes, and both hold one description of a regular file open for writing, at fd 3 or
+ * above (the daemon attaches its write probe only for such a candidate). */
 static void hold(void) {
+    const char *dir = getenv("TMPDIR") ? getenv("TMPDIR") : "/tmp";
+    int fd = open(dir, O_TMPFILE | O_WRONLY, 0600);
+    if (fd < 0) die("open O_TMPFILE");
     pid_t child = fork_lingering_child();
     printf("holding child=%d\n", (int)child);
     fflush(stdout);

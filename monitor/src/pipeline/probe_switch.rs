@@ -9,7 +9,7 @@ use crate::{
     pipeline::{
         event_loop::Pipeline,
         open_files, seed,
-        write_candidate::{Candidate, find_candidate},
+        write_candidate::{Candidate, Same, find_candidate},
     },
 };
 
@@ -78,9 +78,10 @@ impl Pipeline {
     /// children share only stdio, sockets, pipes and O_APPEND logs, which keep it detached.
     ///
     /// A family's fds are read again when its membership changes (a fork, exec or exit: a new
-    /// child's inherited descriptions, or a member gone), at every tick while the probe is
-    /// attached (a member may have closed its fd), and every WRITE_RECHECK otherwise, for what
-    /// shares a description without a fork (write_candidate.rs lists it).
+    /// child's inherited descriptions, or a member gone), at the tick after the reason of an
+    /// attached probe went (a member closed its fd: the pair is re-verified with kcmp at every
+    /// tick), and every WRITE_RECHECK, for what shares a description without a fork
+    /// (write_candidate.rs lists it).
     pub(super) fn switch_write_probe(&mut self) {
         let members = self.lingering_families();
         let attached = self.probes.write_probe_attached();
@@ -91,7 +92,10 @@ impl Pipeline {
             let stale = gate
                 .checked_at
                 .is_none_or(|at| at.elapsed() >= WRITE_RECHECK);
-            if members != gate.members || attached || stale {
+            // While attached, the reason itself is re-verified first (one kcmp): only once it is
+            // gone are the families read again, for another.
+            let reason_holds = gate.reason.as_ref().is_some_and(Reason::still_holds);
+            if members != gate.members || stale || (attached && !reason_holds) {
                 let reason = check_families(self.proc.root(), &members);
                 tracing::debug!(
                     members = members.len(),
@@ -179,6 +183,20 @@ pub(super) struct WriteGate {
 struct Reason {
     family: u32,
     candidate: Candidate,
+}
+
+impl Reason {
+    /// Whether the two fds are still one description, as kcmp confirmed at the check (an fd
+    /// closed, or reused for another file, is not). An unconfirmed reason is never taken as
+    /// still holding: the families are read again.
+    fn still_holds(&self) -> bool {
+        let Candidate {
+            first,
+            second,
+            confirmed,
+        } = self.candidate;
+        confirmed && open_files::same_description(&first, &second) == Same::Yes
+    }
 }
 
 impl std::fmt::Display for Reason {

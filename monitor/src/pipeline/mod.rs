@@ -7,7 +7,7 @@ mod lost;
 mod open_files;
 mod probe_switch;
 mod seed;
-mod write_candidate;
+pub(crate) mod write_candidate;
 
 use std::{
     path::PathBuf,

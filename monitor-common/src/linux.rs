@@ -21,6 +21,11 @@ pub const TCP_LISTEN: u8 = 10;
 
 /// `file.f_flags` bit: every write goes to the end (include/uapi/asm-generic/fcntl.h).
 pub const O_APPEND: u32 = 0o2000;
+/// `file.f_flags` access mode (the low two bits) and the two modes that may write
+/// (include/uapi/asm-generic/fcntl.h).
+pub const O_ACCMODE: u32 = 0o3;
+pub const O_WRONLY: u32 = 0o1;
+pub const O_RDWR: u32 = 0o2;
 /// `inode.i_mode` file-type mask and the regular-file type (include/uapi/linux/stat.h).
 pub const S_IFMT: u16 = 0o170000;
 pub const S_IFREG: u16 = 0o100000;

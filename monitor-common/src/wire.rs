@@ -351,6 +351,11 @@ pub const BLOCKED_MAX_ENTRIES: u32 = 16_384;
 pub const FAMILY_MAX_ENTRIES: u32 = 65_536;
 /// Capacity of the socket and file maps (`SOCK_*`, `FILE_*`; LRU).
 pub const SOCKET_MAX_ENTRIES: u32 = 65_536;
+/// The lowest fd whose writes the write probe watches: 0-2 are stdio, which parent and child
+/// share on purpose (a shell's subshells, a daemon's log on stderr). The daemon's check for a
+/// write-offset candidate skips the same fds, so that it never attaches the probe for writes
+/// the probe ignores.
+pub const FIRST_WATCHED_FD: u32 = 3;
 /// Default ring-buffer size in bytes (a power of two, a multiple of the page size).
 pub const RING_BUFFER_BYTES: u32 = 1 << 20;
 

@@ -9,7 +9,7 @@ use aya_ebpf::{
     programs::BtfTracePointContext,
 };
 use monitor_common::{
-    DIRECTION_SEND, EventKind, SharedFileEvent,
+    DIRECTION_SEND, EventKind, FIRST_WATCHED_FD, SharedFileEvent,
     linux::{O_APPEND, S_IFMT, S_IFREG},
     lost_category, syscall,
 };
@@ -22,7 +22,8 @@ use crate::{
 };
 
 /// tp_btf sys_enter: TP_PROTO(struct pt_regs *regs, long id). Attached by the daemon only while
-/// a fork family has a child that has not exec'd within the grace window: while attached, every
+/// two members of a fork family hold one open file description of a regular file opened for
+/// writing without O_APPEND (the daemon's pipeline/write_candidate.rs): while attached, every
 /// syscall on the host takes the tracing slow path.
 #[btf_tracepoint(function = "sys_enter")]
 pub fn sys_enter_write(ctx: BtfTracePointContext) -> u32 {
@@ -44,7 +45,7 @@ fn on_file_write(ctx: &BtfTracePointContext, syscall: u32) -> Result<(), i32> {
     let offsets = FORKWATCH_OFFSETS.load();
     let regs: *const u8 = ctx.arg(0);
     let fd: u64 = read(regs, offsets.regs_arg1)?;
-    if fd < 3 {
+    if fd < u64::from(FIRST_WATCHED_FD) {
         return Ok(()); // stdio: sharing it with children is normal
     }
     let file = kread::current_fd_file(fd as u32, &offsets)?;

@@ -6,6 +6,7 @@
 use crate::{
     enrich::{cgroup, procfs, runtime, stack},
     k8s::pod_list,
+    pipeline::write_candidate,
 };
 
 /// Lines of /proc/PID/maps (paths are any bytes a user can name a file with).
@@ -29,6 +30,15 @@ pub fn proc_stat(text: &str) {
     let _ = procfs::parse_stat_field(text, procfs::STAT_START_TIME);
     let _ = procfs::parse_stat_field(text, procfs::STAT_START_STACK);
     let _ = procfs::argv0(text);
+}
+
+/// /proc/PID/fdinfo/FD (its `flags:` line) and the target of a /proc/PID/fd/FD link, as the
+/// write probe's attach rule reads them (the process's owner chooses the file types and paths).
+pub fn proc_fdinfo(text: &[u8]) {
+    if let Ok(text) = std::str::from_utf8(text) {
+        let _ = write_candidate::fdinfo_flags(text).map(write_candidate::moves_offset);
+    }
+    let _ = write_candidate::names_a_path(text);
 }
 
 /// /proc/PID/cgroup, and the cgroup path in it (a container runtime or a user with a delegated

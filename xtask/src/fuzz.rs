@@ -1,5 +1,6 @@
 //! Bounded fuzzing of the parsers of untrusted input (fuzz/): ring-buffer records, config files,
-//! kernel BTF, what other users write into /proc (maps, syscall and stat lines, cgroup paths)
+//! kernel BTF, what other users write into /proc (maps, syscall and stat lines, fdinfo, cgroup
+//! paths)
 //! and the API server's pod list (`forkwatch::fuzzing`). Part of `cargo xtask test`: each target runs for a fixed time with the pinned
 //! nightly (sanitizers need it) and any crash fails the run, leaving the input in fuzz/artifacts/.
 
@@ -9,13 +10,14 @@ use anyhow::bail;
 
 use crate::{cmd, setup};
 
-pub const TARGETS: [&str; 8] = [
+pub const TARGETS: [&str; 9] = [
     "decode",
     "config",
     "btf",
     "proc_maps",
     "proc_syscall",
     "proc_stat",
+    "proc_fdinfo",
     "cgroup",
     "pod_list",
 ];

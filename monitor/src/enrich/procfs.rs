@@ -110,6 +110,11 @@ impl ProcFs {
         }
     }
 
+    /// Where /proc is mounted for this reader.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
     fn path(&self, pid: u32, leaf: &str) -> PathBuf {
         self.root.join(pid.to_string()).join(leaf)
     }

@@ -23,7 +23,7 @@ use crate::{
     enrich::procfs::{ForkContext, ProcFs},
     enrich::{self, EnrichOptions},
     kernel::Probes,
-    pipeline::{fork_context::ForkContexts, lost::LostReports, seed},
+    pipeline::{fork_context::ForkContexts, lost::LostReports, probe_switch::WriteGate, seed},
     report::finding::Finding,
     telemetry::{self, Telemetry},
     wire,
@@ -64,6 +64,10 @@ pub struct Pipeline {
     pub(super) events: AsyncFd<RingBuf<MapData>>,
     pub(super) blocked: BlockedMap,
     pub(super) children: BpfHashMap<MapData, u32, u64>,
+    /// The kernel's fork families (member → family root), for the write probe's attach rule.
+    pub(super) family_map: BpfHashMap<MapData, u32, u32>,
+    /// What the write probe's attach rule found last (probe_switch.rs).
+    pub(super) write_gate: WriteGate,
     /// The kernel's tracked-children map: seeded children are added to it at start.
     pub(super) tracked_map: BpfHashMap<MapData, u32, u64>,
     /// Futex waits of seeded children found in /proc at start, fed to the correlator while
@@ -106,6 +110,8 @@ impl Pipeline {
                 .map_err(|e| std::io::Error::other(e.to_string()))?,
             blocked,
             children,
+            family_map,
+            write_gate: WriteGate::default(),
             tracked_map,
             seeded_waits: Vec::new(),
             probes,
@@ -122,7 +128,11 @@ impl Pipeline {
         };
         // Before the daemon reports ready: hazards already live are part of the state.
         pipeline.seed_from_proc();
-        seed::seed_families(&pipeline.proc, family_map, &mut pipeline.children);
+        seed::seed_families(
+            &pipeline.proc,
+            &mut pipeline.family_map,
+            &mut pipeline.children,
+        );
         Ok(pipeline)
     }
 

@@ -4,8 +4,10 @@
 mod event_loop;
 mod fork_context;
 mod lost;
+mod open_files;
 mod probe_switch;
 mod seed;
+pub(crate) mod write_candidate;
 
 use std::{
     path::PathBuf,

@@ -267,7 +267,7 @@ const NO_EXIST: u64 = 1;
 /// seen. Each is re-checked after the insert, like the tracked children.
 pub(super) fn seed_families(
     proc: &ProcFs,
-    mut family: BpfHashMap<MapData, u32, u32>,
+    family: &mut BpfHashMap<MapData, u32, u32>,
     children: &mut BpfHashMap<MapData, u32, u64>,
 ) {
     let now = clock::boot_ns();

@@ -28,6 +28,7 @@ pub struct Metrics {
     tracked: IntGauge,
     deadlocked: IntGauge,
     write_probe: IntGauge,
+    write_probe_checks: IntCounter,
     detector_active: IntGaugeVec,
     scheduler_probes: IntGauge,
     correlator: IntCounterVec,
@@ -180,8 +181,18 @@ impl Metrics {
             &registry,
             IntGauge::new(
                 "forkwatch_write_probe_attached",
-                "1 while the write probe (every syscall's slow path) is attached: a forked child \
-             has gone without exec for the grace window.",
+                "1 while the write probe (every syscall's slow path) is attached: two live \
+                 members of a fork family hold one open file description of a regular file \
+                 opened for writing without O_APPEND.",
+            )
+            .expect("valid metric"),
+        );
+        let write_probe_checks = register(
+            &registry,
+            IntCounter::new(
+                "forkwatch_write_probe_checks_total",
+                "Decisions whether the write probe is needed, one per 500 ms while some fork \
+                 family has a child that has gone without exec for the grace window.",
             )
             .expect("valid metric"),
         );
@@ -237,6 +248,7 @@ impl Metrics {
             tracked,
             deadlocked,
             write_probe,
+            write_probe_checks,
             detector_active,
             scheduler_probes,
             correlator,
@@ -324,6 +336,11 @@ impl Metrics {
 
     pub fn write_probe(&self, attached: bool) {
         self.write_probe.set(i64::from(attached));
+    }
+
+    /// One decision of the write probe's attach rule was taken.
+    pub fn write_probe_checked(&self) {
+        self.write_probe_checks.inc();
     }
 
     pub fn scheduler_probes(&self, attached: bool) {

@@ -5,7 +5,7 @@
 
 use std::{
     fs,
-    io::Write as _,
+    io::{BufRead as _, BufReader, Write as _},
     net::TcpListener,
     path::{Path, PathBuf},
     process::{Command, Stdio},
@@ -27,7 +27,7 @@ const SUN_PATH_MAX: usize = 107;
 fn psycopg_connection_used_by_parent_and_child_is_shared_socket_and_corrupts() {
     harness::root().run(|| {
         let started = Instant::now();
-        let server = Postgres::start();
+        let server = Postgres::start("forkwatch-pg");
         let server_ready = started.elapsed();
         let daemon = Daemon::start(&[]);
         let run = run_fixture(&[
@@ -82,17 +82,19 @@ fn psycopg_connection_used_by_parent_and_child_is_shared_socket_and_corrupts() {
 
 /// A PostgreSQL server of its own, run as the `postgres` OS user (initdb refuses root) on a
 /// private Unix socket directory and a free loopback port; stopped and removed on drop.
-struct Postgres {
+pub struct Postgres {
     bin: PathBuf,
     dir: PathBuf,
-    socket_dir: PathBuf,
-    port: u16,
+    pub socket_dir: PathBuf,
+    pub port: u16,
 }
 
 impl Postgres {
-    fn start() -> Postgres {
+    /// Starts a server in a directory `name` of its own (one per test that may run beside
+    /// another).
+    pub fn start(name: &str) -> Postgres {
         let bin = postgres_bin();
-        let dir = work_dir(&bin);
+        let dir = work_dir(&bin, name);
         let data = dir.join("data");
         let socket_dir = dir.join("s");
         let port = free_port();
@@ -170,6 +172,75 @@ impl Postgres {
     }
 }
 
+impl Postgres {
+    /// The postmaster's pid (the first line of postmaster.pid): the root of the server's fork
+    /// family, since its backends and helpers are forked without exec.
+    pub fn postmaster_pid(&self) -> u32 {
+        let text =
+            fs::read_to_string(self.dir.join("data/postmaster.pid")).expect("read postmaster.pid");
+        text.lines()
+            .next()
+            .and_then(|l| l.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no pid in postmaster.pid: {text:?}"))
+    }
+
+    /// An interactive `psql` session, open until dropped: its backend (a child the postmaster
+    /// forked without exec) exists once this returns, and stays.
+    pub fn session(&self) -> Session {
+        let mut psql = Command::new(self.bin.join("psql"))
+            .arg("-h")
+            .arg(&self.socket_dir)
+            .args([
+                "-p",
+                &self.port.to_string(),
+                "-U",
+                "postgres",
+                "-X",
+                "-q",
+                "-A",
+                "-t",
+            ])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("run psql");
+        let watched = harness::watch(&psql);
+        let mut stdin = psql.stdin.take().expect("stdin");
+        writeln!(stdin, "select pg_backend_pid();").expect("write to psql");
+        stdin.flush().expect("flush psql");
+        let mut line = String::new();
+        BufReader::new(psql.stdout.take().expect("stdout"))
+            .read_line(&mut line)
+            .expect("read psql");
+        let backend = line
+            .trim()
+            .parse()
+            .unwrap_or_else(|_| panic!("psql printed no backend pid: {line:?}"));
+        Session {
+            psql,
+            _stdin: stdin,
+            backend,
+            _watched: watched,
+        }
+    }
+}
+
+/// An open `psql` session ([`Postgres::session`]).
+pub struct Session {
+    psql: std::process::Child,
+    _stdin: std::process::ChildStdin,
+    pub backend: u32,
+    _watched: Option<harness::Watched>,
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        let _ = self.psql.kill();
+        let _ = self.psql.wait();
+    }
+}
+
 impl Drop for Postgres {
     fn drop(&mut self) {
         stop_server(&self.bin, &self.dir.join("data"));
@@ -215,13 +286,13 @@ fn postgres_bin() -> PathBuf {
 /// A fresh directory owned by `postgres` for the data and the socket: under cargo's temporary
 /// directory, unless `postgres` cannot reach it there (a checkout under a private home) or the
 /// socket's path would be too long, and then under the system's.
-fn work_dir(bin: &Path) -> PathBuf {
+fn work_dir(bin: &Path, name: &str) -> PathBuf {
     let candidates = [
         PathBuf::from(env!("CARGO_TARGET_TMPDIR")),
         std::env::temp_dir(),
     ];
     for base in &candidates {
-        let dir = base.join("forkwatch-pg");
+        let dir = base.join(name);
         // A server left behind by a test that was killed would hold the directory.
         stop_server(bin, &dir.join("data"));
         let _ = fs::remove_dir_all(&dir);

@@ -1,9 +1,17 @@
 //! End-to-end, as root: sockets shared across fork. Parent and child talking on one connection
 //! is `shared_socket` naming the peer; the legitimate kinds of sharing stay quiet.
 
-use std::time::{Duration, Instant};
+use std::{
+    os::unix::process::CommandExt as _,
+    time::{Duration, Instant},
+};
 
-use crate::harness::{self, Background, Daemon, EchoServer, compiled, run_sharer, spawn_sharer};
+use crate::{
+    harness::{
+        self, Background, Daemon, EchoServer, compiled, run_sharer, spawn_forker, spawn_sharer,
+    },
+    postgres::Postgres,
+};
 
 const TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -93,26 +101,35 @@ fn handoff_prefork_socketpair_pipe_and_stdout_stay_quiet() {
     });
 }
 
-/// Why the file tests run alone: the daemon attaches its write probe while any child on the
-/// host has gone without exec for the grace window, and detaches it once none has. A test that
-/// waits for the probe to be attached (or detached) must know that its own child is why.
-const WRITE_PROBE: &str = "the write probe follows every lingering child on the host";
+/// Why the file tests run alone: the daemon attaches its write probe while any fork family on
+/// the host holds a candidate (two live members, one description of a regular file open for
+/// writing without O_APPEND), and detaches it once none does. A test that waits for the probe to
+/// be attached (or detached) must know that its own processes are why.
+const WRITE_PROBE: &str =
+    "the write probe follows every fork family on the host that shares a file offset";
+
+const PROBE_GAUGE: &str = "forkwatch_write_probe_attached";
 
 /// Starts the file fixture `mode` (it forks, then waits for a go-ahead), waits until the daemon
-/// has attached its write probe (because the fixture's child went without exec for the grace
-/// window), then lets parent and child write: no write can come before the probe. (A fixed
-/// delay did not promise that on a loaded machine.) The parent keeps the file open until the
-/// fixture is finished, so that the daemon can name it however late it reports.
+/// has attached its write probe (parent and child hold one description of a file open for
+/// writing, and the child has gone without exec for the grace window), then lets parent and
+/// child write: no write can come before the probe. (A fixed delay did not promise that on a
+/// loaded machine.) The parent keeps the file open until the fixture is finished, so that the
+/// daemon can name it however late it reports.
 fn write_with_the_probe_attached(daemon: &Daemon, mode: &str, path: &str) -> Background {
     let mut fixture = spawn_sharer(mode, &[path]);
-    daemon.wait_metric(
-        "forkwatch_write_probe_attached",
-        |v| v == 1.0,
-        Duration::from_secs(20),
-        "the write probe was not attached for a child without exec",
+    wait_for_the_probe(
+        daemon,
+        true,
+        "the write probe was not attached for a shared offset",
     );
     fixture.send("go");
     fixture
+}
+
+fn wait_for_the_probe(daemon: &Daemon, attached: bool, what: &str) {
+    let wanted = f64::from(u8::from(attached));
+    daemon.wait_metric(PROBE_GAUGE, |v| v == wanted, Duration::from_secs(20), what);
 }
 
 fn temp_file(name: &str) -> String {
@@ -136,12 +153,35 @@ fn writes_through_one_open_file_without_o_append_are_shared_file_offset() {
         assert_eq!(f["first_use"]["syscall"], "write");
         assert_eq!(f["later_use"]["syscall"], "write");
         // The family is gone: the write probe (every syscall's slow path) comes off again.
-        daemon.wait_metric(
-            "forkwatch_write_probe_attached",
-            |v| v == 0.0,
-            Duration::from_secs(20),
-            "write probe still attached",
+        wait_for_the_probe(&daemon, false, "write probe still attached");
+    });
+}
+
+/// The candidate goes while the family stays: the child closes its copy of the shared fd and
+/// lives on without exec. The probe comes off then, not when the family ends.
+#[test]
+fn the_write_probe_detaches_when_the_child_closes_the_shared_file() {
+    harness::root().alone(WRITE_PROBE).run(|| {
+        let daemon = Daemon::start(&[]);
+        let mut fixture =
+            write_with_the_probe_attached(&daemon, "file-then-close", &temp_file("closed.log"));
+        let child = fixture.run.child();
+        daemon.expect_kind(child, "shared_file_offset", TIMEOUT);
+        fixture.read_line();
+        assert_eq!(fixture.run.get("closed"), 1);
+        wait_for_the_probe(
+            &daemon,
+            false,
+            "the write probe stayed attached after the child closed the shared fd",
         );
+        // Certain, not lucky: the child leaves only at the next line, which is not sent yet.
+        let state = std::fs::read_to_string(format!("/proc/{child}/stat"));
+        assert!(
+            state.is_ok_and(|s| !s.contains(") Z")),
+            "the child {child} must still live, un-exec'd, when the probe comes off"
+        );
+        fixture.send("leave");
+        fixture.finish();
     });
 }
 
@@ -149,14 +189,210 @@ fn writes_through_one_open_file_without_o_append_are_shared_file_offset() {
 fn appends_are_not_shared_file_offset() {
     harness::root().alone(WRITE_PROBE).run(|| {
         let daemon = Daemon::start(&[]);
-        let fixture =
-            write_with_the_probe_attached(&daemon, "file-append", &temp_file("append.log"));
-        let run = fixture.finish();
+        // An O_APPEND family alone never attaches the probe (see the test below): a family that
+        // shares a real offset keeps it attached here, so that the appends reach the probe,
+        // which must let them through. That family writes only after the appends.
+        let mut append = spawn_sharer("file-append", &[&temp_file("append.log")]);
+        let mut reason = spawn_sharer("file", &[&temp_file("reason.log")]);
+        wait_for_the_probe(&daemon, true, "no probe for the family sharing an offset");
+        append.send("go");
+        let run = append.finish();
+        assert_eq!(
+            daemon.metric(PROBE_GAUGE),
+            1.0,
+            "the probe must have stayed attached through the appends: its reason still holds"
+        );
         daemon.assert_quiet(
             "O_APPEND writes by parent and child",
             &[run.child(), run.parent()],
         );
+        // And the probe did see writes meanwhile: the reason family's are reported.
+        reason.send("go");
+        daemon.expect_kind(reason.run.child(), "shared_file_offset", TIMEOUT);
+        reason.finish();
     });
+}
+
+/// What a server host runs all day must not put every syscall on the slow path: PostgreSQL
+/// with open sessions (backends forked without exec), a shell's subshells, a lingering worker
+/// of a multithreaded master and a parent and child sharing an O_APPEND log. None holds a
+/// candidate, so the write probe stays detached: sampled throughout, and until the daemon has
+/// decided twice after every one of these children was past the grace window.
+#[test]
+fn the_write_probe_stays_detached_for_postgres_subshells_workers_and_append_logs() {
+    harness::root().alone(WRITE_PROBE).run(|| {
+        let daemon = Daemon::start(&[]);
+        let sampler = ProbeSampler::start(&daemon);
+        let server = Postgres::start("forkwatch-pg-probe");
+        let sessions = [server.session(), server.session()];
+        // And odd fds a family may share, none a shared offset: a FIFO open read-write (an open
+        // of it by the daemon could block; it must never open one) and a file open read-only.
+        let (fifo, read_only) = (temp_file("probe.fifo"), temp_file("read-only"));
+        make_fifo(&fifo);
+        std::fs::write(&read_only, "x").unwrap();
+        let shells = [
+            spawn_shell("sh", "(sleep 600; :); :", &[]),
+            spawn_shell("bash", "(sleep 600; :) & wait", &[]),
+            spawn_shell(
+                "sh",
+                "exec 3<>\"$0\" 4<\"$1\"; (sleep 600; :); :",
+                &[&fifo, &read_only],
+            ),
+        ];
+        let worker = spawn_forker("mt-fork-no-exec", &["2", "600000"]);
+        let log = spawn_sharer("file-append", &[&temp_file("server.log")]);
+        let mut roots = vec![
+            server.postmaster_pid(),
+            worker.run.parent(),
+            log.run.parent(),
+        ];
+        roots.extend(shells.iter().map(|s| s.id()));
+        // Every child above was forked before this point (each fixture printed its pids after
+        // its fork, each session ran a query on its backend, each shell's subshell...):
+        let shell_children: Vec<u32> = shells.iter().map(|s| wait_for_a_child(s.id())).collect();
+        // ... so a grace window from now, all are past it.
+        std::thread::sleep(Duration::from_millis(daemon.grace_ms()));
+        let checks = "forkwatch_write_probe_checks_total";
+        let before = daemon.metric(checks);
+        daemon.wait_metric(
+            checks,
+            |v| v >= before + 2.0,
+            Duration::from_secs(20),
+            "the daemon did not decide on the write probe twice",
+        );
+        let samples = sampler.stop();
+        let ours = attaches_for(&daemon.log(), &roots);
+        assert!(
+            ours.is_empty(),
+            "the write probe was attached for one of these families ({roots:?}): {ours:?}"
+        );
+        if samples.attached > 0 {
+            // Only another family on the host, named in the log, may have attached it.
+            assert!(
+                daemon.log().contains("write probe attached: pid"),
+                "{samples:?} without a foreign candidate in the log:\n{}",
+                daemon.log()
+            );
+        }
+        assert!(samples.total >= 10, "too few samples: {samples:?}");
+        eprintln!(
+            "write probe samples: {samples:?}; backends {:?}, subshells {shell_children:?}",
+            sessions.iter().map(|s| s.backend).collect::<Vec<_>>()
+        );
+        drop(log);
+    });
+}
+
+/// `SHELL -c SCRIPT ARGS...` in the background, killed (with its process group) on drop.
+fn spawn_shell(shell: &str, script: &str, args: &[&str]) -> ShellGroup {
+    let mut command = std::process::Command::new(shell);
+    command.args(["-c", script]).args(args).process_group(0);
+    let child = command
+        .stdin(std::process::Stdio::null())
+        .spawn()
+        .unwrap_or_else(|e| panic!("run {shell}: {e}"));
+    ShellGroup {
+        _watched: harness::watch(&child),
+        child,
+    }
+}
+
+struct ShellGroup {
+    child: std::process::Child,
+    _watched: Option<harness::Watched>,
+}
+
+impl ShellGroup {
+    fn id(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+impl Drop for ShellGroup {
+    fn drop(&mut self) {
+        // SAFETY: kill has no memory-safety preconditions; the group is the shell's own.
+        unsafe { libc::kill(-(self.child.id() as i32), libc::SIGKILL) };
+        let _ = self.child.wait();
+    }
+}
+
+fn make_fifo(path: &str) {
+    let _ = std::fs::remove_file(path);
+    let c_path = std::ffi::CString::new(path).unwrap();
+    // SAFETY: a valid NUL-terminated path.
+    let rc = unsafe { libc::mkfifo(c_path.as_ptr(), 0o600) };
+    assert_eq!(rc, 0, "mkfifo {path}: {}", std::io::Error::last_os_error());
+}
+
+/// Waits until `pid` has a child (a shell's subshell, forked without exec), and returns it.
+fn wait_for_a_child(pid: u32) -> u32 {
+    let deadline = Instant::now() + TIMEOUT;
+    loop {
+        let children =
+            std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).unwrap_or_default();
+        if let Some(child) = children.split_whitespace().next() {
+            return child.parse().unwrap();
+        }
+        assert!(Instant::now() < deadline, "{pid} forked no child");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// The daemon's "write probe attached" log lines that name one of the fork families `roots`, or
+/// do not name a family at all.
+fn attaches_for(log: &str, roots: &[u32]) -> Vec<String> {
+    log.lines()
+        .filter(|line| line.contains("write probe attached"))
+        .filter(|line| {
+            let family = line
+                .split("fork family ")
+                .nth(1)
+                .and_then(|rest| rest.split_whitespace().next()?.parse::<u32>().ok());
+            family.is_none_or(|f| roots.contains(&f))
+        })
+        .map(str::to_owned)
+        .collect()
+}
+
+/// Samples the write probe's gauge every 20 ms on a thread of its own, until stopped.
+struct ProbeSampler {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: std::thread::JoinHandle<Samples>,
+}
+
+#[derive(Debug, Default)]
+struct Samples {
+    total: u32,
+    attached: u32,
+}
+
+impl ProbeSampler {
+    fn start(daemon: &Daemon) -> ProbeSampler {
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let addr = daemon.metrics_addr;
+        let thread = {
+            let stop = stop.clone();
+            harness::thread(move || {
+                let mut samples = Samples::default();
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let (_, body) = harness::http_get(addr, "/metrics");
+                    let value = body
+                        .lines()
+                        .find_map(|l| l.strip_prefix(PROBE_GAUGE)?.trim().parse::<f64>().ok());
+                    samples.total += 1;
+                    samples.attached += u32::from(value != Some(0.0));
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                samples
+            })
+        };
+        ProbeSampler { stop, thread }
+    }
+
+    fn stop(self) -> Samples {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.thread.join().expect("the sampler panicked")
+    }
 }
 
 /// Shared-socket findings about either process of a pair.

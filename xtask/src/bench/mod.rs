@@ -53,8 +53,9 @@ const DAEMON: &str = "target/release/forkwatch";
 pub const REPETITIONS: usize = 6;
 /// Smoke runs: two, so that the spread and the noise are computed from more than one sample.
 const SMOKE_REPETITIONS: usize = 2;
-/// The write probe attaches once a family member has gone `--exec-grace` (1 s) without exec,
-/// checked every 500 ms; detaching takes up to one check.
+/// The write probe attaches once parent and child of a family have held one description of a
+/// file open for writing and the child has gone `--exec-grace` (1 s) without exec, checked every
+/// 500 ms; detaching takes up to one check.
 const PROBE_SWITCH_TIMEOUT: Duration = Duration::from_secs(6);
 /// After the daemon is ready on the server host, before the first sample: its decisions about
 /// the processes it found there (the exec grace of 1 s, checked every 500 ms) are made by then.

@@ -60,6 +60,10 @@ enum Command {
         /// Tiny sizes and one repetition: only checks that the bench runs and writes a report.
         #[arg(long)]
         smoke: bool,
+        /// Only the per-call cost of the hooks every task pays, against empty programs on the
+        /// same hooks (a minute; target/bench/hooks.json and hooks.md).
+        #[arg(long)]
+        hooks_only: bool,
     },
     /// Install QEMU and busybox, build the static daemon and fixtures, then boot Debian's LTS
     /// cloud kernels (fetched with `apt-get download`, cached in target/vmtest/) in QEMU and
@@ -81,9 +85,15 @@ fn main() -> ExitCode {
         Command::Test { no_lint, args } => setup::setup().and_then(|()| test::test(no_lint, &args)),
         Command::Dist => setup::build_deps().and_then(|()| dist::dist().map(drop)),
         Command::Image => setup::build_deps().and_then(|()| dist::image()),
-        Command::Bench { smoke } => setup::build_deps()
+        Command::Bench { smoke, hooks_only } => setup::build_deps()
             .and_then(|()| daemon::build())
-            .and_then(|()| bench::bench(smoke)),
+            .and_then(|()| {
+                if hooks_only {
+                    bench::hooks_only(smoke)
+                } else {
+                    bench::bench(smoke)
+                }
+            }),
         Command::Vmtest { kernel } => setup::build_deps().and_then(|()| vmtest::vmtest(&kernel)),
     };
     match result {

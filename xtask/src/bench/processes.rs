@@ -102,7 +102,7 @@ impl Daemon {
         self.wait_gauge("forkwatch_scheduler_probes_attached", false)
     }
 
-    fn wait_gauge(&self, gauge: &str, attached: bool) -> anyhow::Result<bool> {
+    pub(super) fn wait_gauge(&self, gauge: &str, attached: bool) -> anyhow::Result<bool> {
         let want = if attached { 1.0 } else { 0.0 };
         let deadline = Instant::now() + PROBE_SWITCH_TIMEOUT;
         loop {

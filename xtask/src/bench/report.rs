@@ -7,7 +7,7 @@ use serde_json::{Value, json};
 
 use super::{
     Bench, Condition, IDLE_CPU_TARGET_PCT, RSS_TARGET_KIB, Results, Sample, WORKLOADS, Workload,
-    latency, processes::bpftrace_script,
+    hooks, latency, processes::bpftrace_script,
 };
 
 fn min_median(samples: &[f64]) -> (f64, f64) {
@@ -67,6 +67,7 @@ pub(super) fn report(
         && results.family_probe_attached.iter().all(|&a| a);
     let daemon_cpu_pct = 100.0 * results.daemon_cpu_s / results.daemon_wall_s.max(1e-9);
     targets.extend(daemon_targets(results));
+    targets.extend(hooks::targets(results.hook_cost.as_ref()));
     let bpf_stats = bpf_stats_json(results);
     let in_kernel = in_kernel_json(results, &workloads);
     json!({
@@ -100,6 +101,7 @@ pub(super) fn report(
         "sustained_fork_storm": results.sustained,
         "bpf_stats": bpf_stats,
         "bpf_in_kernel_totals": in_kernel,
+        "hook_cost": results.hook_cost,
         "targets": targets,
     })
 }

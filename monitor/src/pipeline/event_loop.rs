@@ -22,7 +22,7 @@ use crate::{
     correlate::{self, Correlator},
     enrich::procfs::{ForkContext, ProcFs},
     enrich::{self, EnrichOptions},
-    kernel::Probes,
+    kernel::{Members, Probes},
     pipeline::{fork_context::ForkContexts, lost::LostReports, seed},
     report::finding::Finding,
     telemetry::{self, Telemetry},
@@ -65,7 +65,7 @@ pub struct Pipeline {
     pub(super) blocked: BlockedMap,
     pub(super) children: BpfHashMap<MapData, u32, u64>,
     /// The kernel's tracked-children map: seeded children are added to it at start.
-    pub(super) tracked_map: BpfHashMap<MapData, u32, u64>,
+    pub(super) tracked_map: Members<u64>,
     /// Futex waits of seeded children found in /proc at start, fed to the correlator while
     /// they last (see seed.rs).
     pub(super) seeded_waits: Vec<seed::SeededWait>,

@@ -8,8 +8,9 @@
 use aya::maps::{Array, HashMap as BpfHashMap, MapData, MapError};
 use monitor_common::member_slot;
 
-/// BPF_NOEXIST: an entry the kernel programs made since attaching is newer than /proc's.
-const NO_EXIST: u64 = 1;
+/// BPF_NOEXIST, for the daemon's inserts at start: an entry the kernel programs made since
+/// attaching is newer than /proc's.
+pub(crate) const NO_EXIST: u64 = 1;
 
 /// A map of processes (pid → `V`) with its member filter.
 pub struct Members<V: aya::Pod> {

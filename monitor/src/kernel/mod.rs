@@ -15,6 +15,7 @@ mod members;
 mod on_demand;
 
 use self::detectors::{AttachPoint, KernelFeatures, Program};
+pub(crate) use self::members::NO_EXIST;
 pub use self::{
     counters::{KernelCounters, KernelCounts},
     detectors::{Detector, DetectorStatus},

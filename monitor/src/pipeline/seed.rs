@@ -25,7 +25,7 @@ use aya::maps::{HashMap as BpfHashMap, MapData};
 use crate::{
     clock,
     enrich::procfs::{ForkContext, ProcFs, parse_futex_wait},
-    kernel::Members,
+    kernel::{Members, NO_EXIST},
     pipeline::event_loop::Pipeline,
     wire::event::{BlockedWait, Fork},
 };
@@ -254,9 +254,6 @@ impl Pipeline {
         }
     }
 }
-
-/// BPF_NOEXIST: an entry the kernel programs made since attaching is newer than /proc's.
-const NO_EXIST: u64 = 1;
 
 /// Restart recovery for sharing: makes the members of fork families that share a socket (see
 /// `families`) members in the kernel again, so that their next uses of a shared connection are

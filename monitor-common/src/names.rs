@@ -19,6 +19,9 @@ pub const MAP_FULL: &str = "MAP_FULL";
 pub const BLOCKED: &str = "BLOCKED";
 pub const CHILDREN: &str = "CHILDREN";
 pub const FAMILY: &str = "FAMILY";
+/// The member filters in front of `TRACKED` and `FAMILY` (see `MEMBER_SLOTS`).
+pub const TRACKED_SLOTS: &str = "TRACKED_SLOTS";
+pub const FAMILY_SLOTS: &str = "FAMILY_SLOTS";
 /// The write probe (tp_btf sys_enter): attached only while a fork family has a child that
 /// has not exec'd for the grace window, because any syscall tracepoint slows every syscall.
 pub const WRITE_PROGRAM: (&str, &str) = ("sys_enter_write", "sys_enter");

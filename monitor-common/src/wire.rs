@@ -349,6 +349,19 @@ pub const BLOCKED_MAX_ENTRIES: u32 = 16_384;
 /// Capacity of the fork-family maps (`FAMILY`, `CHILDREN`; plain hash maps: exec and exit
 /// remove their entries in the kernel).
 pub const FAMILY_MAX_ENTRIES: u32 = 65_536;
+/// Slots of each member filter (`TRACKED_SLOTS`, `FAMILY_SLOTS`, a power of two): a pid's slot
+/// is its low bits. Each slot has two counts, elements 2 × slot (the kernel programs' inserts)
+/// and 2 × slot + 1 (the entries the daemon seeded): see the eBPF `maps`. 2 × 16,384 × 8 bytes
+/// = 256 KiB of kernel memory per filter; with n members on the host an uninvolved pid finds its
+/// slot taken with odds of about n / 16,384.
+pub const MEMBER_SLOTS: u32 = 16_384;
+
+/// The element of a member filter with the kernel programs' count of `pid`'s slot; the
+/// daemon's count is the next element.
+#[inline(always)]
+pub const fn member_slot(pid: u32) -> u32 {
+    (pid & (MEMBER_SLOTS - 1)) * 2
+}
 /// Capacity of the socket and file maps (`SOCK_*`, `FILE_*`; LRU).
 pub const SOCKET_MAX_ENTRIES: u32 = 65_536;
 /// The lowest fd whose writes the write probe watches: 0-2 are stdio, which parent and child
@@ -380,6 +393,17 @@ mod tests {
     use core::mem::{align_of, offset_of, size_of};
 
     use super::*;
+
+    #[test]
+    fn member_slots_pair_the_two_counts_of_a_slot_inside_the_filter() {
+        assert!(MEMBER_SLOTS.is_power_of_two());
+        // Pids one slot-count apart share a slot; neighbours do not.
+        assert_eq!(member_slot(7), member_slot(7 + MEMBER_SLOTS));
+        assert_ne!(member_slot(7), member_slot(8));
+        // The programs' count is even, the daemon's the odd one after it, both in the map.
+        assert_eq!(member_slot(7) % 2, 0);
+        assert_eq!(member_slot(u32::MAX) + 1, 2 * MEMBER_SLOTS - 1);
+    }
 
     #[test]
     fn every_record_starts_with_its_kind_tag() {

@@ -15,7 +15,7 @@ use monitor_common::{
 use crate::{
     FORKWATCH_OFFSETS,
     kread::{self, read, read_user},
-    maps::{TRACKED, block, blocked_count, contains, unblock},
+    maps::{block, blocked_count, is_tracked, unblock},
 };
 
 /// A task going to sleep (`prev_state`), as opposed to one preempted, still runnable, or dying.
@@ -38,7 +38,7 @@ pub fn sched_switch(ctx: BtfTracePointContext) -> u32 {
     }
     let pid_tgid = bpf_get_current_pid_tgid();
     let pid = (pid_tgid >> 32) as u32;
-    if !contains(&TRACKED, &pid) {
+    if !is_tracked(pid) {
         return 0;
     }
     let _ = record_futex_wait(pid, pid_tgid as u32);

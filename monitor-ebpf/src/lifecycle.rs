@@ -16,8 +16,9 @@ use crate::{
     FORKWATCH_OFFSETS,
     kread::{self, read},
     maps::{
-        CHILDREN, EVENTS, FAMILY, FORK_COUNTERS, FORK_WAKEUPS, LOST_EVENTS, TRACKED, URGENT,
-        blocked_count, contains, copied, count, insert, unblock, wakeup_flags,
+        CHILDREN, EVENTS, FAMILY, FAMILY_SLOTS, FORK_COUNTERS, FORK_WAKEUPS, LOST_EVENTS, TRACKED,
+        TRACKED_SLOTS, URGENT, blocked_count, contains, copied, count, family_of, insert,
+        insert_member, is_tracked, remove_member, unblock, wakeup_flags,
     },
 };
 
@@ -39,7 +40,7 @@ fn on_fork(ctx: &BtfTracePointContext) -> Result<(), i32> {
     if child_pid != child_tgid {
         count(&FORK_COUNTERS, fork_counter::THREAD);
         let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
-        if contains(&TRACKED, &tgid) {
+        if is_tracked(tgid) {
             send_thread_event(EventKind::ThreadCreated, tgid, child_pid as u32);
         }
         return Ok(());
@@ -77,7 +78,13 @@ fn on_fork(ctx: &BtfTracePointContext) -> Result<(), i32> {
     let parent_start_ns = kread::process_start_ns(parent, &offsets).unwrap_or(0);
     let pid = child_pid as u32;
     // Full: the fork is still reported, but the child's futex waits go unseen (counted).
-    let _ = insert(&TRACKED, &pid, &child_start_ns, map_full::TRACKED);
+    let _ = insert_member(
+        &TRACKED,
+        &TRACKED_SLOTS,
+        pid,
+        &child_start_ns,
+        map_full::TRACKED,
+    );
     let now_ns = kread::now_ns();
     entry.write(ForkEvent {
         kind: EventKind::Fork as u32,
@@ -120,11 +127,11 @@ pub fn sched_process_exec(_ctx: BtfTracePointContext) -> u32 {
     let pid = (bpf_get_current_pid_tgid() >> 32) as u32;
     // A new program shares nothing it does not inherit on purpose: it leaves its family.
     leave_family(pid);
-    if !contains(&TRACKED, &pid) {
+    if !is_tracked(pid) {
         return 0;
     }
     // Once exec'd the process no longer carries the parent's state: stop tracking it.
-    let _ = TRACKED.remove(&pid);
+    remove_member(&TRACKED, &TRACKED_SLOTS, pid);
     match EVENTS.reserve::<ExecEvent>(0) {
         Some(mut entry) => {
             entry.write(ExecEvent {
@@ -178,14 +185,14 @@ fn on_exit(task: *const u8, group_dead: bool) {
     if blocked_count() != 0 {
         unblock(tid);
     }
-    if !contains(&TRACKED, &pid) {
+    if !is_tracked(pid) {
         return;
     }
     if !group_dead {
         send_thread_event(EventKind::ThreadExited, pid, tid);
         return;
     }
-    let _ = TRACKED.remove(&pid);
+    remove_member(&TRACKED, &TRACKED_SLOTS, pid);
     let offsets = FORKWATCH_OFFSETS.load();
     let exit_code: i32 = read(task, offsets.task_exit_code).unwrap_or(0);
     match EVENTS.reserve::<ExitEvent>(0) {
@@ -206,15 +213,15 @@ fn on_exit(task: *const u8, group_dead: bool) {
 /// Makes `child` (and its parent, if it is not yet) a member of the parent's fork family.
 #[inline(always)]
 fn join_family(parent: u32, child: u32) {
-    let family = match copied(&FAMILY, &parent) {
+    let family = match family_of(parent) {
         Some(family) => family,
         None => {
-            let _ = insert(&FAMILY, &parent, &parent, map_full::FAMILY);
+            let _ = insert_member(&FAMILY, &FAMILY_SLOTS, parent, &parent, map_full::FAMILY);
             parent
         }
     };
     // Full: this member's sharing goes unseen; the refusal is counted for the metrics.
-    let _ = insert(&FAMILY, &child, &family, map_full::FAMILY);
+    let _ = insert_member(&FAMILY, &FAMILY_SLOTS, child, &family, map_full::FAMILY);
     let _ = insert(&CHILDREN, &child, &kread::now_ns(), map_full::CHILDREN);
 }
 
@@ -222,8 +229,8 @@ fn join_family(parent: u32, child: u32) {
 /// takes no bucket lock).
 #[inline(always)]
 fn leave_family(pid: u32) {
-    if contains(&FAMILY, &pid) {
-        let _ = FAMILY.remove(&pid);
+    if family_of(pid).is_some() {
+        remove_member(&FAMILY, &FAMILY_SLOTS, pid);
     }
     if contains(&CHILDREN, &pid) {
         let _ = CHILDREN.remove(&pid);

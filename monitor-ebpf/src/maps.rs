@@ -4,13 +4,14 @@
 //! value another CPU may be changing; the one write in place (`holder`) is a single store.
 
 use aya_ebpf::{
-    bindings::{BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
+    bindings::{BPF_EXIST, BPF_NOEXIST, BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
     macros::map,
     maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
 };
 use monitor_common::{
-    BLOCKED_MAX_ENTRIES, BlockedWait, FAMILY_MAX_ENTRIES, RING_BUFFER_BYTES, SOCKET_MAX_ENTRIES,
-    SockPid, SockUser, TRACKED_MAX_ENTRIES, fork_counter, lost_category, map_full,
+    BLOCKED_MAX_ENTRIES, BlockedWait, FAMILY_MAX_ENTRIES, MEMBER_SLOTS, RING_BUFFER_BYTES,
+    SOCKET_MAX_ENTRIES, SockPid, SockUser, TRACKED_MAX_ENTRIES, fork_counter, lost_category,
+    map_full, member_slot,
 };
 
 use crate::{FORKWATCH_WAKEUP_BYTES, kread::Plain};
@@ -19,9 +20,33 @@ use crate::{FORKWATCH_WAKEUP_BYTES, kread::Plain};
 pub static EVENTS: RingBuf = RingBuf::with_byte_size(RING_BUFFER_BYTES, 0);
 
 /// Processes created by a multithreaded fork that have not exec'd or exited yet
-/// (pid → child start time). Filled here, emptied by exec/exit; the daemon only reads it.
+/// (pid → child start time). Filled here, emptied by exec/exit; the daemon adds the ones it
+/// finds at start. Changed only through [`insert_member`] and [`remove_member`] here (and the
+/// daemon's counterpart), which keep `TRACKED_SLOTS`.
 #[map]
 pub static TRACKED: HashMap<u32, u64> = HashMap::with_max_entries(TRACKED_MAX_ENTRIES, 0);
+
+/// The member filters: per slot (a pid's low bits, `MEMBER_SLOTS` of them), how many keys of
+/// `TRACKED` (`FAMILY`) fall in it. The hooks that run for every task on the host (every
+/// context switch while something is tracked, every socket send and receive) read the slot of
+/// the current pid first, array reads the verifier inlines, and hash the pid into the map only
+/// when the slot is taken: nearly every task on the host is in neither map, and finds its slot
+/// empty.
+///
+/// Two counts per slot, so that no update can lose another: element 2 × slot counts the entries
+/// these programs inserted (atomic adds), 2 × slot + 1 those the daemon seeded at start (its only
+/// writer); side by side, so a check reads one cache line. Whoever inserts an entry counts it in
+/// its own element first, and whoever removes one uncounts it in its own element after (so the
+/// programs' count may go below zero: an entry the daemon seeded that exec or exit removed). The
+/// wrapping sum of a slot's two counts is never below the number of keys in it; above it only
+/// for a moment, or after two inserts of one key raced, which costs the slot's pids a lookup,
+/// never a miss.
+#[map]
+pub static TRACKED_SLOTS: Array<u64> = Array::with_max_entries(2 * MEMBER_SLOTS, 0);
+
+/// The member filter of `FAMILY` (see `TRACKED_SLOTS`).
+#[map]
+pub static FAMILY_SLOTS: Array<u64> = Array::with_max_entries(2 * MEMBER_SLOTS, 0);
 
 /// Threads of tracked processes asleep in a futex wait (tid → the wait), for the daemon to scan.
 /// Changed only through [`block`] and [`unblock`], which keep `BLOCKED_COUNT`.
@@ -29,9 +54,11 @@ pub static TRACKED: HashMap<u32, u64> = HashMap::with_max_entries(TRACKED_MAX_EN
 static BLOCKED: HashMap<u32, BlockedWait> = HashMap::with_max_entries(BLOCKED_MAX_ENTRIES, 0);
 
 /// Fork families (tgid → the family's root pid): a process that forked without exec, and its
-/// children until they exec. Every member's socket I/O is watched; everyone else's costs one
-/// lookup. A plain hash map, not LRU: exec and exit remove entries in the kernel, so none is
-/// ever orphaned, and LRU inserts and deletes cost a third more on every fork and exec
+/// children until they exec. Every member's socket I/O is watched; everyone else's costs a read
+/// of `FAMILY_SLOTS` (and a lookup when its slot is taken). Changed only through
+/// [`insert_member`] and [`remove_member`] (and the daemon's seeding). A plain hash map, not
+/// LRU: exec and exit remove entries in the kernel, so none is ever orphaned, and LRU inserts
+/// and deletes cost a third more on every fork and exec
 /// (measured: 4.0 → 2.9 µs per fork, 3.8 → 2.6 µs per exec in a fork+exec storm).
 #[map]
 pub static FAMILY: HashMap<u32, u32> = HashMap::with_max_entries(FAMILY_MAX_ENTRIES, 0);
@@ -168,12 +195,14 @@ pub fn blocked_count() -> u64 {
     BLOCKED_COUNT.get(0).copied().unwrap_or(u64::MAX)
 }
 
-/// Adds `delta` (two's complement for a decrement) to `BLOCKED_COUNT`, atomically: sleeps and
-/// wakeups run on every CPU at once.
-fn blocked_count_add(delta: u64) {
-    if let Some(slot) = BLOCKED_COUNT.get_ptr_mut(0) {
+/// Adds `delta` (two's complement for a decrement) to slot `index` of `counts`, atomically:
+/// the programs run on every CPU at once.
+#[inline(always)]
+fn atomic_add(counts: &Array<u64>, index: u32, delta: u64) {
+    if let Some(slot) = counts.get_ptr_mut(index) {
         // SAFETY: the map's value is a valid, aligned u64 for the program's lifetime, and every
-        // writer changes it with this atomic add.
+        // writer in the kernel changes it with this atomic add (the daemon writes only elements
+        // no program writes: see TRACKED_SLOTS).
         unsafe {
             core::intrinsics::atomic_xadd::<u64, u64, { core::intrinsics::AtomicOrdering::Relaxed }>(
                 slot, delta,
@@ -181,6 +210,78 @@ fn blocked_count_add(delta: u64) {
         };
     }
 }
+
+/// Adds `delta` to `BLOCKED_COUNT`.
+fn blocked_count_add(delta: u64) {
+    atomic_add(&BLOCKED_COUNT, 0, delta);
+}
+
+/// Whether `pid` may be a key of the map `slots` filters (`TRACKED_SLOTS`, `FAMILY_SLOTS`);
+/// false means it certainly is not. Two array reads the verifier inlines, no hashing.
+#[inline(always)]
+pub fn may_hold(slots: &Array<u64>, pid: u32) -> bool {
+    let ours = member_slot(pid);
+    match (slots.get(ours), slots.get(ours + 1)) {
+        (Some(ours), Some(daemons)) => ours.wrapping_add(*daemons) != 0,
+        _ => true,
+    }
+}
+
+/// Inserts (or overwrites) `pid` in `map`, which `slots` filters, keeping the count: a new key
+/// is counted before the insert, uncounted again if the insert is refused (a refusal because
+/// the map is full is counted under `index` of `MAP_FULL`).
+#[inline(always)]
+pub fn insert_member<V>(
+    map: &HashMap<u32, V>,
+    slots: &Array<u64>,
+    pid: u32,
+    value: &V,
+    index: u32,
+) -> Result<(), i32> {
+    // Already there, and counted: overwrite only while it is (BPF_EXIST), so that a removal in
+    // between cannot leave an entry nobody counted.
+    if contains(map, &pid) && map.insert(&pid, value, BPF_EXIST as u64).is_ok() {
+        return Ok(());
+    }
+    let slot = member_slot(pid);
+    atomic_add(slots, slot, 1);
+    let inserted = map.insert(&pid, value, BPF_NOEXIST as u64);
+    if let Err(err) = inserted {
+        atomic_add(slots, slot, u64::MAX);
+        if err == -EEXIST {
+            // Inserted (and counted) by someone else meanwhile: this value wins, as above.
+            return map.insert(&pid, value, BPF_EXIST as u64);
+        }
+        count(&MAP_FULL, index);
+    }
+    inserted
+}
+
+/// Removes `pid` from `map`, which `slots` filters, uncounting it if it was there.
+#[inline(always)]
+pub fn remove_member<V>(map: &HashMap<u32, V>, slots: &Array<u64>, pid: u32) {
+    if map.remove(&pid).is_ok() {
+        atomic_add(slots, member_slot(pid), u64::MAX);
+    }
+}
+
+/// Whether process `pid` is tracked: its filter slot first, the map only when that is taken.
+#[inline(always)]
+pub fn is_tracked(pid: u32) -> bool {
+    may_hold(&TRACKED_SLOTS, pid) && contains(&TRACKED, &pid)
+}
+
+/// The fork family of process `pid`, if it is in one: its filter slot first, as `is_tracked`.
+#[inline(always)]
+pub fn family_of(pid: u32) -> Option<u32> {
+    if !may_hold(&FAMILY_SLOTS, pid) {
+        return None;
+    }
+    copied(&FAMILY, &pid)
+}
+
+/// The errno of an insert that found the key (BPF_NOEXIST).
+const EEXIST: i32 = 17;
 
 /// Records that `tid` sleeps in `wait`, keeping the count.
 #[inline(always)]

@@ -20,8 +20,8 @@ use crate::{
     FORKWATCH_OFFSETS,
     kread::{self, read},
     maps::{
-        EVENTS, FAMILY, Holder, LOST_EVENTS, SOCK_REPORTED, SOCK_USERS, URGENT, contains, copied,
-        count, holder,
+        EVENTS, Holder, LOST_EVENTS, SOCK_REPORTED, SOCK_USERS, URGENT, contains, count, family_of,
+        holder,
     },
 };
 
@@ -64,26 +64,35 @@ fn on_socket_call(ctx: &FEntryContext, direction: u8) -> Result<(), i32> {
     // The family check first, as in on_socket_io: nearly every caller is not in one, and
     // finding the sock costs a read.
     let pid = (bpf_get_current_pid_tgid() >> 32) as u32;
-    if !contains(&FAMILY, &pid) {
+    let Some(family) = family_of(pid) else {
+        return Ok(());
+    };
+    let size: i64 = ctx.arg(2);
+    if size <= 0 {
         return Ok(());
     }
     let sock: *const u8 = ctx.arg(0);
-    let size: i64 = ctx.arg(2);
     let sk: *const u8 = read(sock, FORKWATCH_OFFSETS.load().socket_sk)?;
-    on_socket_io(sk, size as i32, direction)
+    on_member_io(sk, pid, family, direction)
 }
 
-/// A family member moved (or asked to move) `moved` bytes through socket `sk`.
+/// Socket I/O of any task: `moved` bytes through socket `sk`. Only a fork family member's
+/// matters; for anyone else (nearly every call) the cost is the pid and its filter slot.
 #[inline(always)]
 fn on_socket_io(sk: *const u8, moved: i32, direction: u8) -> Result<(), i32> {
-    let pid_tgid = bpf_get_current_pid_tgid();
-    let pid = (pid_tgid >> 32) as u32;
-    let Some(family) = copied(&FAMILY, &pid) else {
-        return Ok(()); // not in a fork family: the whole cost for almost every process
+    let pid = (bpf_get_current_pid_tgid() >> 32) as u32;
+    let Some(family) = family_of(pid) else {
+        return Ok(());
     };
     if moved <= 0 {
         return Ok(()); // nothing moved (error, EOF, EAGAIN)
     }
+    on_member_io(sk, pid, family, direction)
+}
+
+/// Member `pid` of `family` moved (or asked to move) data through socket `sk`.
+#[inline(always)]
+fn on_member_io(sk: *const u8, pid: u32, family: u32, direction: u8) -> Result<(), i32> {
     let offsets = FORKWATCH_OFFSETS.load();
     // The inode, not the struct sock address: the slab hands a freed sock's address to the next
     // socket (a prefork server's next accepted connection), inode numbers are not reused.

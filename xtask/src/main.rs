@@ -66,6 +66,10 @@ enum Command {
         /// the targets are judged over; 2 with --smoke).
         #[arg(long, value_parser = clap::value_parser!(u64).range(1..=100))]
         repetitions: Option<u64>,
+        /// Only the per-call cost of the hooks every task pays, against empty programs on the
+        /// same hooks (a minute; target/bench/hooks.json and hooks.md).
+        #[arg(long)]
+        hooks_only: bool,
     },
     /// Install QEMU and busybox, build the static daemon and fixtures, then boot Debian's LTS
     /// cloud kernels (fetched with `apt-get download`, cached in target/vmtest/) in QEMU and
@@ -87,9 +91,19 @@ fn main() -> ExitCode {
         Command::Test { no_lint, args } => setup::setup().and_then(|()| test::test(no_lint, &args)),
         Command::Dist => setup::build_deps().and_then(|()| dist::dist().map(drop)),
         Command::Image => setup::build_deps().and_then(|()| dist::image()),
-        Command::Bench { smoke, repetitions } => setup::build_deps()
+        Command::Bench {
+            smoke,
+            repetitions,
+            hooks_only,
+        } => setup::build_deps()
             .and_then(|()| daemon::build())
-            .and_then(|()| bench::bench_repeated(smoke, repetitions.map(|r| r as usize))),
+            .and_then(|()| {
+                if hooks_only {
+                    bench::hooks_only(smoke)
+                } else {
+                    bench::bench_repeated(smoke, repetitions.map(|r| r as usize))
+                }
+            }),
         Command::Vmtest { kernel } => setup::build_deps().and_then(|()| vmtest::vmtest(&kernel)),
     };
     match result {

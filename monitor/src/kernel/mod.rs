@@ -11,13 +11,16 @@ pub(crate) mod capabilities;
 mod counters;
 pub mod detectors;
 mod error;
+mod members;
 mod on_demand;
 
 use self::detectors::{AttachPoint, KernelFeatures, Program};
+pub(crate) use self::members::NO_EXIST;
 pub use self::{
     counters::{KernelCounters, KernelCounts},
     detectors::{Detector, DetectorStatus},
     error::ProbeError,
+    members::Members,
 };
 use self::{
     error::{describe, permission_hint, program_error},
@@ -284,9 +287,13 @@ impl Probes {
         self.take_map(names::CHILDREN)
     }
 
-    /// Fork families (pid → the family's root pid), for seeding at start. Can be taken once.
-    pub fn take_family(&mut self) -> Result<BpfHashMap<MapData, u32, u32>, ProbeError> {
-        self.take_map(names::FAMILY)
+    /// Fork families (pid → the family's root pid) with their filter, for seeding at start.
+    /// Can be taken once.
+    pub fn take_family(&mut self) -> Result<Members<u32>, ProbeError> {
+        Ok(Members::new(
+            self.take_map(names::FAMILY)?,
+            self.take_map(names::FAMILY_SLOTS)?,
+        ))
     }
 
     /// A map of the object as its typed view. Each can be taken once.
@@ -306,9 +313,13 @@ impl Probes {
         self.take_map(names::EVENTS)
     }
 
-    /// The map of tracked children (pid → start time), for seeding at start. Can be taken once.
-    pub fn take_tracked(&mut self) -> Result<BpfHashMap<MapData, u32, u64>, ProbeError> {
-        self.take_map(names::TRACKED)
+    /// The map of tracked children (pid → start time) with its filter, for seeding at start.
+    /// Can be taken once.
+    pub fn take_tracked(&mut self) -> Result<Members<u64>, ProbeError> {
+        Ok(Members::new(
+            self.take_map(names::TRACKED)?,
+            self.take_map(names::TRACKED_SLOTS)?,
+        ))
     }
 
     /// The map of tracked threads asleep in a futex wait. Can be taken once.

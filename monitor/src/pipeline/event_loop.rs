@@ -22,7 +22,7 @@ use crate::{
     correlate::{self, Correlator},
     enrich::procfs::{ForkContext, ProcFs},
     enrich::{self, EnrichOptions},
-    kernel::Probes,
+    kernel::{Members, Probes},
     pipeline::{fork_context::ForkContexts, lost::LostReports, probe_switch::WriteGate, seed},
     report::finding::Finding,
     telemetry::{self, Telemetry},
@@ -65,11 +65,11 @@ pub struct Pipeline {
     pub(super) blocked: BlockedMap,
     pub(super) children: BpfHashMap<MapData, u32, u64>,
     /// The kernel's fork families (member → family root), for the write probe's attach rule.
-    pub(super) family_map: BpfHashMap<MapData, u32, u32>,
+    pub(super) family_map: Members<u32>,
     /// What the write probe's attach rule found last (probe_switch.rs).
     pub(super) write_gate: WriteGate,
     /// The kernel's tracked-children map: seeded children are added to it at start.
-    pub(super) tracked_map: BpfHashMap<MapData, u32, u64>,
+    pub(super) tracked_map: Members<u64>,
     /// Futex waits of seeded children found in /proc at start, fed to the correlator while
     /// they last (see seed.rs).
     pub(super) seeded_waits: Vec<seed::SeededWait>,

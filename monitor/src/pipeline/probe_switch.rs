@@ -40,7 +40,8 @@ impl Pipeline {
             let since = *self
                 .scheduler_idle_since
                 .get_or_insert_with(std::time::Instant::now);
-            if since.elapsed() >= SCHEDULER_LINGER && self.tracked_map.keys().next().is_none() {
+            if since.elapsed() >= SCHEDULER_LINGER && self.tracked_map.map().keys().next().is_none()
+            {
                 if let Err(err) = self.probes.set_scheduler_probes(false) {
                     tracing::warn!(%err, "detaching the scheduler probes failed");
                 }
@@ -57,7 +58,12 @@ impl Pipeline {
     /// The futex waits of every process the kernel tracks, from /proc, for the scan.
     fn waits_from_proc(&mut self) {
         let now = clock::boot_ns();
-        let tracked: Vec<(u32, u64)> = self.tracked_map.iter().filter_map(Result::ok).collect();
+        let tracked: Vec<(u32, u64)> = self
+            .tracked_map
+            .map()
+            .iter()
+            .filter_map(Result::ok)
+            .collect();
         for (pid, start_ns) in tracked {
             for wait in seed::waits(&self.proc, pid, start_ns, now) {
                 if !self
@@ -137,13 +143,14 @@ impl Pipeline {
             .iter()
             .filter_map(Result::ok)
             .filter(|&(_, joined)| now.saturating_sub(joined) >= self.exec_grace_ns)
-            .filter_map(|(pid, _)| self.family_map.get(&pid, 0).ok())
+            .filter_map(|(pid, _)| self.family_map.map().get(&pid, 0).ok())
             .collect();
         if families.is_empty() {
             return Vec::new();
         }
         let mut members: Vec<(u32, u32)> = self
             .family_map
+            .map()
             .iter()
             .filter_map(Result::ok)
             .filter(|(_, family)| families.contains(family))

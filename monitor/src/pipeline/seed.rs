@@ -25,6 +25,7 @@ use aya::maps::{HashMap as BpfHashMap, MapData};
 use crate::{
     clock,
     enrich::procfs::{ForkContext, ProcFs, parse_futex_wait},
+    kernel::{Members, NO_EXIST},
     pipeline::event_loop::Pipeline,
     wire::event::{BlockedWait, Fork},
 };
@@ -234,16 +235,13 @@ impl Pipeline {
         let count = seeded.len();
         for s in seeded {
             let pid = s.fork.child_pid;
-            if let Err(err) = self
-                .tracked_map
-                .insert(&pid, &s.fork.child_start_ns, NO_EXIST)
-            {
+            if let Err(err) = self.tracked_map.insert_new(pid, &s.fork.child_start_ns) {
                 tracing::debug!(%err, pid, "cannot track a seeded child in the kernel");
             }
             // Checked after the insert: exited before it, the kernel would never remove the
             // entry, and the next process to get the pid would be tracked in its place.
             if !self.proc.is_same_process(pid, s.fork.child_start_ns) {
-                let _ = self.tracked_map.remove(&pid);
+                let _ = self.tracked_map.remove(pid);
                 continue;
             }
             self.seeded_waits.extend(s.waits);
@@ -259,21 +257,18 @@ impl Pipeline {
     }
 }
 
-/// BPF_NOEXIST: an entry the kernel programs made since attaching is newer than /proc's.
-const NO_EXIST: u64 = 1;
-
 /// Restart recovery for sharing: makes the members of fork families that share a socket (see
 /// `families`) members in the kernel again, so that their next uses of a shared connection are
 /// seen. Each is re-checked after the insert, like the tracked children.
 pub(super) fn seed_families(
     proc: &ProcFs,
-    family: &mut BpfHashMap<MapData, u32, u32>,
+    family: &mut Members<u32>,
     children: &mut BpfHashMap<MapData, u32, u64>,
 ) {
     let now = clock::boot_ns();
     let mut seeded = 0;
     for m in families(proc) {
-        if let Err(err) = family.insert(&m.pid, &m.family, NO_EXIST) {
+        if let Err(err) = family.insert_new(m.pid, &m.family) {
             tracing::debug!(%err, pid = m.pid, "cannot seed a fork-family member");
             continue;
         }
@@ -283,7 +278,7 @@ pub(super) fn seed_families(
         if proc.is_same_process(m.pid, m.start_ns) {
             seeded += 1;
         } else {
-            let _ = family.remove(&m.pid);
+            let _ = family.remove(m.pid);
             let _ = children.remove(&m.pid);
         }
     }

@@ -14,8 +14,9 @@
 //! is recorded at the start and end of every sample of (b) and shown per host. During (b) the
 //! bench also measures the daemon's CPU time and peak RSS, and events received and lost (from
 //! /metrics). Then, with separate daemons so that neither perturbs (b): the in-kernel cost per
-//! program call (`--bpf-stats`, on both hosts), idle CPU, finding latency (latency.rs) and a
-//! sustained fork storm.
+//! program call (`--bpf-stats`, on both hosts), the per-call cost of the hooks every task pays against empty
+//! programs on the same hooks (hooks.rs), idle CPU, finding latency (latency.rs) and a sustained
+//! fork storm.
 //!
 //! Targets are reported, never enforced: a miss is marked in the table and in
 //! target/bench/report.json. `--smoke` runs tiny sizes and fewer repetitions and only checks
@@ -37,6 +38,7 @@ use serde_json::Value;
 
 use crate::{cmd, setup};
 
+mod hooks;
 mod latency;
 mod processes;
 mod report;
@@ -48,6 +50,8 @@ mod table;
 const BENCH_DIR: &str = "target/bench";
 const WORKLOADS_SOURCE: &str = "xtask/src/bench/workloads.c";
 const DAEMON: &str = "target/release/forkwatch";
+/// Environment variable naming another daemon binary to measure.
+const DAEMON_ENV: &str = "FORKWATCH_BENCH_DAEMON";
 /// Full runs: repetitions of each (workload, host, condition), unless `--repetitions` says
 /// otherwise. The targets are judged over at least this many.
 pub const REPETITIONS: usize = 6;
@@ -234,6 +238,8 @@ struct Results {
     /// Workload name → program → (runs, seconds), deltas with --bpf-stats.
     bpf_stats: BTreeMap<String, BTreeMap<String, (f64, f64)>>,
     idle: Option<Value>,
+    /// The per-call cost of the hooks every task pays, against empty programs (hooks.rs).
+    hook_cost: Option<Value>,
     latency: Option<Value>,
     sustained: Option<Value>,
 }
@@ -243,21 +249,14 @@ pub fn bench(smoke: bool) -> anyhow::Result<()> {
     bench_repeated(smoke, None)
 }
 
-/// The bench, `repetitions` times (default: REPETITIONS, or SMOKE_REPETITIONS with `smoke`).
-pub fn bench_repeated(smoke: bool, repetitions: Option<usize>) -> anyhow::Result<()> {
-    let reps = repetitions.unwrap_or(if smoke {
-        SMOKE_REPETITIONS
-    } else {
-        REPETITIONS
-    });
-    if reps == 0 {
-        bail!("--repetitions 0 measures nothing: give at least 1 ({REPETITIONS} to judge targets)");
-    }
-    let started = Instant::now();
+/// Builds the workloads and checks the host: the bench to run, and the other monitors running.
+fn prepare(smoke: bool) -> anyhow::Result<(Bench, Vec<String>)> {
     let root = cmd::workspace_root();
     let dir = root.join(BENCH_DIR);
     std::fs::create_dir_all(&dir).with_context(|| dir.display().to_string())?;
-    let daemon = root.join(DAEMON);
+    // Another build of the daemon to measure (e.g. the commit before a change, for the hooks
+    // table), instead of the one just built.
+    let daemon = std::env::var_os(DAEMON_ENV).map_or_else(|| root.join(DAEMON), PathBuf::from);
     if !daemon.exists() {
         bail!("{} is missing: build it first", daemon.display());
     }
@@ -278,8 +277,6 @@ pub fn bench_repeated(smoke: bool, repetitions: Option<usize>) -> anyhow::Result
     // The sustained storm forks from a static copy: fewer mappings to copy per fork, so this
     // machine gets closer to the 20,000 forks/s the target asks for.
     let storm_workloads = build("workloads-static", &["-static"])?;
-    // bpftrace attaches tracepoints through tracefs; the daemon does not need it.
-    let _tracefs = Tracefs::ensure()?;
     let foreign = foreign_monitors(&[]);
     if !foreign.is_empty() {
         eprintln!(
@@ -287,14 +284,44 @@ pub fn bench_repeated(smoke: bool, repetitions: Option<usize>) -> anyhow::Result
             foreign.join(", ")
         );
     }
-
     let bench = Bench {
         smoke,
-        dir: dir.clone(),
+        dir,
         daemon,
         workloads,
         storm_workloads,
     };
+    Ok((bench, foreign))
+}
+
+/// `--hooks-only`: the hooks table alone (hooks.json and hooks.md in target/bench).
+pub fn hooks_only(smoke: bool) -> anyhow::Result<()> {
+    let (bench, _) = prepare(smoke)?;
+    let report = serde_json::json!({ "hook_cost": hooks::measure(&bench)? });
+    let path = bench.dir.join("hooks.json");
+    std::fs::write(&path, serde_json::to_string_pretty(&report)? + "\n")
+        .with_context(|| path.display().to_string())?;
+    let table = hooks::table(&report);
+    println!("{table}");
+    std::fs::write(bench.dir.join("hooks.md"), &table)?;
+    Ok(())
+}
+
+/// The bench, `repetitions` times (default: REPETITIONS, or SMOKE_REPETITIONS with `smoke`).
+pub fn bench_repeated(smoke: bool, repetitions: Option<usize>) -> anyhow::Result<()> {
+    let reps = repetitions.unwrap_or(if smoke {
+        SMOKE_REPETITIONS
+    } else {
+        REPETITIONS
+    });
+    if reps == 0 {
+        bail!("--repetitions 0 measures nothing: give at least 1 ({REPETITIONS} to judge targets)");
+    }
+    let started = Instant::now();
+    let (bench, foreign) = prepare(smoke)?;
+    let dir = bench.dir.clone();
+    // bpftrace attaches tracepoints through tracefs; the daemon does not need it.
+    let _tracefs = Tracefs::ensure()?;
     // One cluster for the whole run (initdb once); each server-host block starts its server.
     let cluster = server::Cluster::create(&bench)?;
     let mut results = Results::default();
@@ -333,6 +360,7 @@ pub fn bench_repeated(smoke: bool, repetitions: Option<usize>) -> anyhow::Result
         server.stop()?;
     }
     drop(cluster);
+    results.hook_cost = Some(hooks::measure(&bench)?);
     bench.idle_and_sustained(&mut results)?;
 
     let report = report::report(&bench, &results, reps, &foreign, started.elapsed());
@@ -417,6 +445,7 @@ fn validate(path: &Path) -> anyhow::Result<()> {
         "finding_latency",
         "sustained_fork_storm",
         "bpf_stats",
+        "hook_cost",
         "targets",
     ] {
         if report[key].is_null() {

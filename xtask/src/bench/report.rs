@@ -7,7 +7,7 @@ use serde_json::{Value, json};
 
 use super::{
     Bench, Condition, Host, IDLE_CPU_TARGET_PCT, REPETITIONS, RSS_TARGET_KIB, Results, Sample,
-    WORKLOADS, Workload, latency, processes::bpftrace_script,
+    WORKLOADS, Workload, hooks, latency, processes::bpftrace_script,
 };
 
 /// (min, median, max); NaN for no samples.
@@ -109,6 +109,7 @@ pub(super) fn report(
         }));
     }
     targets.extend(daemon_targets(results));
+    targets.extend(hooks::targets(results.hook_cost.as_ref()));
     let bpf_stats = bpf_stats_json(results);
     let in_kernel = in_kernel_json(results, &workloads);
     let during_b: serde_json::Map<String, Value> = Host::ALL
@@ -155,6 +156,7 @@ pub(super) fn report(
         "sustained_fork_storm": results.sustained,
         "bpf_stats": bpf_stats,
         "bpf_in_kernel_totals": in_kernel,
+        "hook_cost": results.hook_cost,
         "targets": targets,
     })
 }

@@ -28,7 +28,7 @@ impl Bench {
 
     /// Runs one workload; the seconds of its timed part (as the program measured it) and the
     /// wall time of the whole process.
-    fn run(&self, mode: &str, args: &[String]) -> anyhow::Result<(f64, f64)> {
+    pub(super) fn run(&self, mode: &str, args: &[String]) -> anyhow::Result<(f64, f64)> {
         self.run_program(&self.workloads, mode, args)
     }
 

@@ -45,6 +45,7 @@ pub(super) fn table(report: &Value) -> String {
     out.push_str(&targets_table(report));
     out.push_str(&daemon_paragraphs(report));
     out.push_str(&bpf_stats_table(report));
+    out.push_str(&super::hooks::table(report));
     out
 }
 

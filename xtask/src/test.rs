@@ -1,5 +1,5 @@
 //! `cargo xtask test`: lint, the whole suite (privileged end-to-end tests included), bounded
-//! fuzzing, the bench at smoke size, and the kernel matrix (`vmtest`: Debian's 6.1 and 6.12 in
+//! fuzzing, the bench at smoke size, and the kernel matrix (`vmtest`: Debian's 5.10, 6.1 and 6.12 in
 //! QEMU; the host's own kernel is the rest of the suite's).
 //!
 //! Every phase runs whatever the phases before it did (a failing test must not hide a fuzzer's

@@ -28,6 +28,16 @@ pub(super) struct Daemon {
 
 impl Daemon {
     pub(super) fn start(bench: &Bench, bpf_stats: bool, tag: &str) -> anyhow::Result<Daemon> {
+        Daemon::start_with(bench, bpf_stats, tag, &[])
+    }
+
+    /// As `start`, with `extra` flags after the defaults.
+    pub(super) fn start_with(
+        bench: &Bench,
+        bpf_stats: bool,
+        tag: &str,
+        extra: &[&str],
+    ) -> anyhow::Result<Daemon> {
         let stdout = bench.dir.join(format!("forkwatch-{tag}.jsonl"));
         let stderr = bench.dir.join(format!("forkwatch-{tag}.log"));
         let mut command = Command::new(&bench.daemon);
@@ -35,6 +45,7 @@ impl Daemon {
         if bpf_stats {
             command.arg("--bpf-stats");
         }
+        command.args(extra);
         command
             .stdin(Stdio::null())
             .stdout(File::create(&stdout)?)

@@ -217,7 +217,10 @@ impl Bench {
     /// Idle CPU of a fresh daemon, finding latency, then the sustained fork-without-exec storm.
     pub(super) fn idle_and_sustained(&self, results: &mut Results) -> anyhow::Result<()> {
         eprintln!("xtask: bench: idle CPU, finding latency and sustained fork storm");
-        let daemon = Daemon::start(self, false, "sustained")?;
+        // Folding off: finding latency times every finding, and with the default
+        // --repeat-window the latency fixture's second child (same parent executable, same
+        // kind) would be printed only as a count at the window's end.
+        let daemon = Daemon::start_with(self, false, "sustained", &["--repeat-window", "0s"])?;
         sleep(Duration::from_millis(500));
         let idle = if self.smoke { IDLE_SMOKE } else { IDLE_FULL };
         let ticks_before = daemon.cpu_seconds()?;

@@ -18,7 +18,6 @@ use std::{
     collections::{BTreeMap, BTreeSet},
     os::fd::OwnedFd,
     path::PathBuf,
-    process::Command,
     thread::sleep,
 };
 
@@ -31,7 +30,7 @@ use monitor_common::names;
 use serde_json::{Value, json};
 
 use super::{Bench, STATS_SETTLE, WORKLOADS, processes::Daemon};
-use crate::{cmd, setup};
+use crate::{cmd, lint};
 
 /// Most forkwatch may cost per call, in multiples of the floor.
 const TARGET_RATIO: f64 = 2.0;
@@ -105,20 +104,7 @@ const HOOKS: [Hook; 6] = [
 
 /// Builds the floor object with the eBPF toolchain (a few seconds once the daemon is built).
 fn build_floor() -> anyhow::Result<PathBuf> {
-    let channel = setup::ebpf_channel()?;
-    cmd::run_with(
-        Command::new("rustup")
-            .args([
-                "run",
-                &channel,
-                "cargo",
-                "build",
-                "--package",
-                "monitor-ebpf",
-            ])
-            .args(["--bin", FLOOR_BIN, "--target", "bpfel-unknown-none"])
-            .args(["-Z", "build-std=core", "--release"]),
-    )?;
+    cmd::run_with(lint::ebpf_cargo("build")?.args(["--bin", FLOOR_BIN]))?;
     Ok(cmd::workspace_root().join(FLOOR_OBJECT))
 }
 

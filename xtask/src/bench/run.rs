@@ -21,6 +21,13 @@ use super::{
     server::ServerHost,
 };
 
+/// One workload run: its own timing of the measured part, the wall time around it, operations.
+struct Ran {
+    elapsed: f64,
+    wall: f64,
+    ops: f64,
+}
+
 impl Bench {
     pub(super) fn size(&self, w: &Workload) -> u64 {
         if self.smoke { w.smoke } else { w.full }
@@ -29,16 +36,12 @@ impl Bench {
     /// Runs one workload; the seconds of its timed part (as the program measured it) and the
     /// wall time of the whole process.
     pub(super) fn run(&self, mode: &str, args: &[String]) -> anyhow::Result<(f64, f64)> {
-        self.run_program(&self.workloads, mode, args)
+        let ran = self.run_program(&self.workloads, mode, args)?;
+        Ok((ran.elapsed, ran.wall))
     }
 
     /// `run`, of the given build of the workloads program.
-    fn run_program(
-        &self,
-        program: &Path,
-        mode: &str,
-        args: &[String],
-    ) -> anyhow::Result<(f64, f64)> {
+    fn run_program(&self, program: &Path, mode: &str, args: &[String]) -> anyhow::Result<Ran> {
         let begin = Instant::now();
         let out = Command::new(program)
             .arg(mode)
@@ -63,9 +66,11 @@ impl Bench {
                 .and_then(|v| v.parse::<f64>().ok())
                 .with_context(|| format!("workload {mode}: no {name} in {stdout:?}"))
         };
-        let elapsed = field("elapsed_ns")? / 1e9;
-        let _ops = field("ops")?;
-        Ok((elapsed, wall))
+        Ok(Ran {
+            elapsed: field("elapsed_ns")? / 1e9,
+            wall,
+            ops: field("ops")?,
+        })
     }
 
     fn run_workload(&self, w: &Workload) -> anyhow::Result<(f64, f64)> {
@@ -217,6 +222,10 @@ impl Bench {
     /// Idle CPU of a fresh daemon, finding latency, then the sustained fork-without-exec storm.
     pub(super) fn idle_and_sustained(&self, results: &mut Results) -> anyhow::Result<()> {
         eprintln!("xtask: bench: idle CPU, finding latency and sustained fork storm");
+        // What this machine can do without a monitor, measured in the same run around the
+        // monitored attempts: the forks/s reached varies between days on the development VM by
+        // more than the monitor costs, so the monitored rate alone says little.
+        let bare_before = self.storm_bare()?;
         // Folding off: finding latency times every finding, and with the default
         // --repeat-window the latency fixture's second child (same parent executable, same
         // kind) would be printed only as a count at the window's end.
@@ -246,11 +255,7 @@ impl Bench {
         let runs = if self.smoke { 1 } else { LATENCY_RUNS };
         results.latency = Some(latency::measure(&self.workloads, &daemon.findings, runs)?);
 
-        let seconds = if self.smoke {
-            SUSTAIN_SMOKE_SECONDS
-        } else {
-            SUSTAIN_FULL_SECONDS
-        };
+        let seconds = self.storm_seconds();
         // How fast this machine can fork varies from run to run (nested virtualization): the
         // storm is tried up to SUSTAIN_ATTEMPTS times until one reaches the target rate. Every
         // attempt is in the report, and a loss in any of them fails the target.
@@ -278,20 +283,47 @@ impl Bench {
         sustained["attempts"] = Value::from(runs);
         sustained["events_lost_all_attempts"] = Value::from(lost_in_all);
         sustained["met"] = Value::from(sustained["rate_reached"] == true && lost_in_all == 0.0);
-        results.sustained = Some(sustained);
         results.note_rss("sustained fork storm", daemon.peak_rss_kib()?);
-        daemon.stop()
+        daemon.stop()?;
+        let bare = bare_before.max(self.storm_bare()?);
+        sustained["bare_forks_per_s"] = Value::from(bare);
+        sustained["ratio_to_bare"] = Value::from(rate(&sustained) / bare);
+        results.sustained = Some(sustained);
+        Ok(())
+    }
+
+    /// The sustained storm's forks/s with no monitor loaded (see idle_and_sustained).
+    fn storm_bare(&self) -> anyhow::Result<f64> {
+        let ran = self.run_program(
+            &self.storm_workloads,
+            "fork-noexec-for",
+            &[
+                self.storm_seconds().to_string(),
+                SUSTAIN_FORKERS.to_string(),
+            ],
+        )?;
+        Ok(ran.ops / ran.elapsed)
+    }
+
+    fn storm_seconds(&self) -> u32 {
+        if self.smoke {
+            SUSTAIN_SMOKE_SECONDS
+        } else {
+            SUSTAIN_FULL_SECONDS
+        }
     }
 
     /// One sustained fork-without-exec storm of `seconds` against `daemon`, from its /metrics.
     fn storm_once(&self, daemon: &Daemon, seconds: u32) -> anyhow::Result<Value> {
         let before = daemon.scrape()?;
         let cpu_before = daemon.cpu_seconds()?;
-        let (elapsed, _) = self.run_program(
-            &self.storm_workloads,
-            "fork-noexec-for",
-            &[seconds.to_string(), SUSTAIN_FORKERS.to_string()],
-        )?;
+        let elapsed = self
+            .run_program(
+                &self.storm_workloads,
+                "fork-noexec-for",
+                &[seconds.to_string(), SUSTAIN_FORKERS.to_string()],
+            )?
+            .elapsed;
         sleep(Duration::from_secs(1));
         let after = daemon.scrape()?;
         let forks = after.get("forkwatch_forks_total", "kind", "process")

@@ -258,7 +258,8 @@ fn daemon_paragraphs(report: &Value) -> String {
     out.push_str(&format!(
         "Sustained fork-without-exec storm ({} multithreaded processes forking; the fastest of {} \
          attempts, {:.0} events lost in all of them): {:.0} forks in {:.1} s = {:.0} forks/s \
-         (target ≥ {:.0}), {:.0} events received, {:.0} lost; daemon CPU {:.1} % of one core.\n",
+         (target ≥ {:.0}; this machine without a monitor, in the same run: {:.0} forks/s, ratio \
+         {:.3}), {:.0} events received, {:.0} lost; daemon CPU {:.1} % of one core.\n",
         s["forker_processes"],
         s["attempts"].as_array().map_or(0, Vec::len),
         num(&s["events_lost_all_attempts"]),
@@ -266,6 +267,8 @@ fn daemon_paragraphs(report: &Value) -> String {
         num(&s["seconds"]),
         num(&s["forks_per_s"]),
         num(&s["target_forks_per_s"]),
+        num(&s["bare_forks_per_s"]),
+        num(&s["ratio_to_bare"]),
         num(&s["events_received"]),
         num(&s["events_lost"]),
         num(&s["daemon_cpu_pct_of_one_core"]),

@@ -30,7 +30,14 @@ pub const WRITE_PROGRAM: (&str, &str) = ("sys_enter_write", "sys_enter");
 /// attaches them only while something is tracked (`forkwatch check` verifies them).
 /// In attach order: sched_wakeup first, so that no entry sched_switch adds can miss the
 /// wakeup that removes it; detached in reverse.
-pub const SCHEDULER_PROGRAMS: [&str; 2] = ["sched_wakeup", "sched_switch"];
+pub const SCHEDULER_PROGRAMS: [&str; 2] = ["sched_wakeup", SWITCH_PROGRAM];
+/// The same, on kernels whose sched_switch does not pass `prev_state` (before 5.18): the
+/// switch program reads the task's state instead.
+pub const SCHEDULER_PROGRAMS_TASK_STATE: [&str; 2] = ["sched_wakeup", SWITCH_PROGRAM_TASK_STATE];
+/// The tp_btf tracepoint of the switch programs, one per prototype (as for exit below).
+pub const SWITCH_TRACEPOINT: &str = "sched_switch";
+pub const SWITCH_PROGRAM: &str = "sched_switch";
+pub const SWITCH_PROGRAM_TASK_STATE: &str = "sched_switch_task_state";
 /// (program name in the object, tp_btf tracepoint it attaches to) of fork and exec.
 pub const LIFECYCLE_PROGRAMS: [(&str, &str); 2] = [
     ("sched_process_fork", "sched_process_fork"),

@@ -251,6 +251,9 @@ pub struct KernelOffsets {
     /// signal_struct.live (an atomic_t: its counter at +0), for group-dead where
     /// sched_process_exit does not pass it.
     pub signal_live: u32,
+    /// task_struct.__state (5.14+; `state` before, a long whose low half is read): whether a
+    /// task switched out is going to sleep, where sched_switch does not pass `prev_state`.
+    pub task_state: u32,
     /// `struct pt_regs` members holding the syscall number and arguments 1, 2, 4 and 5 (on
     /// x86_64: orig_ax, di, si, r10, r8).
     pub regs_syscall_nr: u32,
@@ -433,7 +436,7 @@ mod tests {
         assert_eq!(size_of::<ForkEvent>(), 6 * 4 + 4 * 8 + COMM_LEN);
         assert_eq!(size_of::<ExecEvent>(), 2 * 4 + 8 + COMM_LEN);
         assert_eq!(size_of::<ExitEvent>(), 2 * 4 + 8 + 2 * 4);
-        assert_eq!(size_of::<KernelOffsets>(), 40 * 4);
+        assert_eq!(size_of::<KernelOffsets>(), 41 * 4);
         assert_eq!(
             size_of::<SharedSocketEvent>(),
             4 * 4 + 5 * 8 + 2 * 4 + 3 * 2 + 4 + 3 * 2 + 2 * 16 + 2 * UNIX_PATH_LEN + COMM_LEN

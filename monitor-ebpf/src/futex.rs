@@ -29,20 +29,43 @@ pub fn sched_switch(ctx: BtfTracePointContext) -> u32 {
     //          unsigned int prev_state); prev is current.
     let preempt: u64 = ctx.arg(0);
     let prev_state: u64 = ctx.arg(3);
+    on_switch(preempt & 0xff != 0, prev_state as u32);
+    0
+}
+
+/// The same on kernels whose tracepoint has no `prev_state` (before 5.18):
+/// TP_PROTO(bool preempt, struct task_struct *prev, struct task_struct *next). The task's own
+/// state is read instead, as those kernels' own sched_switch event does. A wakeup racing with
+/// the switch can already have set it to running: that wait then ended at once, and is missed
+/// rather than recorded.
+#[btf_tracepoint(function = "sched_switch")]
+pub fn sched_switch_task_state(ctx: BtfTracePointContext) -> u32 {
+    let preempt: u64 = ctx.arg(0);
+    let prev: *const u8 = ctx.arg(1);
+    let offsets = FORKWATCH_OFFSETS.load();
+    // Before 5.14 `state` is a long: its low half (little-endian) holds the same bits.
+    let Ok(state) = read::<u32>(prev, offsets.task_state) else {
+        return 0;
+    };
+    on_switch(preempt & 0xff != 0, state);
+    0
+}
+
+#[inline(always)]
+fn on_switch(preempt: bool, prev_state: u32) {
     // Only a sleep (TASK_INTERRUPTIBLE, or TASK_UNINTERRUPTIBLE as in killable waits): not a
     // preemption, not still runnable, and not a dying thread's last switch (TASK_DEAD), whose
     // saved registers still show the futex wait it was killed in but whose exit hook has run,
     // so its entry would never be removed.
-    if preempt & 0xff != 0 || prev_state as u32 & TASK_SLEEPING == 0 {
-        return 0;
+    if preempt || prev_state & TASK_SLEEPING == 0 {
+        return;
     }
     let pid_tgid = bpf_get_current_pid_tgid();
     let pid = (pid_tgid >> 32) as u32;
     if !is_tracked(pid) {
-        return 0;
+        return;
     }
     let _ = record_futex_wait(pid, pid_tgid as u32);
-    0
 }
 
 fn record_futex_wait(pid: u32, tid: u32) -> Result<(), i32> {

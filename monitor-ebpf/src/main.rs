@@ -6,7 +6,7 @@
 //!   bump a per-CPU counter; exec and exit cost one hash lookup for every process that is not
 //!   tracked. Forks of multithreaded processes are sent, and the children they create are
 //!   tracked: their exec, exit and thread creations and exits are sent too.
-//! - [`futex`]: `sched_switch`, `sched_wakeup`: futex waits of tracked processes' threads, kept
+//! - [`futex`]: `sched_switch` (or `sched_switch_task_state`), `sched_wakeup`: futex waits of tracked processes' threads, kept
 //!   in a map the daemon scans (never sent).
 //! - [`sharing`]: `sock_send_length`, `sock_recv_length`: a socket used by two members of a fork
 //!   family is sent, once per (socket, process).
@@ -53,6 +53,7 @@ static FORKWATCH_OFFSETS: Global<KernelOffsets> = Global::new(KernelOffsets {
     task_exit_code: 0,
     signal_nr_threads: 0,
     signal_live: 0,
+    task_state: 0,
     regs_syscall_nr: 0,
     regs_arg1: 0,
     regs_arg2: 0,

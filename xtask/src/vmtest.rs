@@ -63,8 +63,8 @@ struct Series {
 const SERIES: [Series; 3] = [
     // Debian 11's kernel: older than every fleet the issue names (5.15+), kept in the matrix as
     // the kernel where detectors really are unavailable, so that degrading by detector is proven
-    // end to end. It lacks sched_switch's prev_state argument (5.18), bpf_get_current_task_btf
-    // (5.11) and bpf_task_pt_regs (5.15).
+    // end to end. It lacks bpf_get_current_task_btf (5.11) and bpf_task_pt_regs (5.15); its
+    // sched_switch has no prev_state (5.18), which the task-state switch program stands in for.
     Series {
         name: "5.10",
         suite: "bullseye",

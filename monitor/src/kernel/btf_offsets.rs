@@ -86,6 +86,10 @@ fn offsets_in(btf: &RawBtf) -> Result<KernelOffsets, OffsetError> {
         task_exit_code: finder.offset("task_struct", "exit_code")?,
         signal_nr_threads: finder.offset("signal_struct", "nr_threads")?,
         signal_live: finder.offset("signal_struct", "live")?,
+        // Renamed in 5.14 (and made unsigned int) so that every access is a READ_ONCE.
+        task_state: finder
+            .offset("task_struct", "__state")
+            .or_else(|_| finder.offset("task_struct", "state"))?,
         regs_syscall_nr: finder.offset("pt_regs", SYSCALL_REGS[0])?,
         regs_arg1: finder.offset("pt_regs", SYSCALL_REGS[1])?,
         regs_arg2: finder.offset("pt_regs", SYSCALL_REGS[2])?,

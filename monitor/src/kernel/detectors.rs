@@ -81,6 +81,8 @@ pub struct KernelFeatures {
     /// Arguments of the sched_process_exit tracepoint: 2 (the task and group_dead) on kernels
     /// that pass group_dead, 1 before.
     pub exit_args: Option<usize>,
+    /// Arguments of the sched_switch tracepoint: 4 (with `prev_state`) since 5.18, 3 before.
+    pub switch_args: Option<usize>,
     /// The sock:sock_send_length and sock:sock_recv_length tracepoints.
     pub sock_length_tracepoints: bool,
     /// The LSM socket hooks the fentry fallback attaches to.
@@ -114,7 +116,8 @@ pub const SOCKET_HOOKS: [Program; 2] = [
 impl KernelFeatures {
     pub fn from_btf(btf: &RawBtf) -> Self {
         Self {
-            exit_args: btf.tracepoint_args("sched_process_exit"),
+            exit_args: btf.tracepoint_args(names::EXIT_TRACEPOINT),
+            switch_args: btf.tracepoint_args(names::SWITCH_TRACEPOINT),
             sock_length_tracepoints: SOCKET_TRACEPOINTS.iter().all(|(_, at)| at.exists(btf)),
             socket_hooks: SOCKET_HOOKS.iter().all(|(_, at)| at.exists(btf)),
         }
@@ -131,6 +134,31 @@ impl KernelFeatures {
                 "sched_process_exit passes {args} arguments; forkwatch needs the task"
             )),
             None => Err("this kernel has no sched_process_exit tracepoint in its BTF".into()),
+        }
+    }
+
+    /// The programs for the older prototypes (sched_process_exit without group_dead,
+    /// sched_switch without prev_state) even where this kernel passes the newer ones: to test
+    /// those programs on newer kernels (`FORKWATCH_TEST_OLDER_TRACEPOINTS`).
+    pub fn with_older_tracepoints(self) -> Self {
+        Self {
+            exit_args: self.exit_args.map(|args| args.min(1)),
+            switch_args: self.switch_args.map(|args| args.min(3)),
+            ..self
+        }
+    }
+
+    /// The scheduler probes this kernel's sched_switch fits, in attach order: the switch
+    /// program that reads `prev_state` where the tracepoint passes it, else the one that reads
+    /// the task's own state.
+    pub fn scheduler_programs(&self) -> Result<&'static [&'static str; 2], String> {
+        match self.switch_args {
+            Some(args) if args >= 4 => Ok(&names::SCHEDULER_PROGRAMS),
+            Some(3) => Ok(&names::SCHEDULER_PROGRAMS_TASK_STATE),
+            Some(args) => Err(format!(
+                "sched_switch passes {args} arguments; forkwatch needs preempt, prev and next"
+            )),
+            None => Err("this kernel has no sched_switch tracepoint in its BTF".into()),
         }
     }
 
@@ -198,6 +226,47 @@ mod tests {
         );
         assert!(with(None).exit_program().is_err());
         assert!(with(Some(0)).exit_program().is_err());
+    }
+
+    #[test]
+    fn scheduler_programs_by_argument_count() {
+        let with = |args| KernelFeatures {
+            switch_args: args,
+            ..Default::default()
+        };
+        assert_eq!(
+            with(Some(4)).scheduler_programs().unwrap()[1],
+            "sched_switch"
+        );
+        assert_eq!(
+            with(Some(3)).scheduler_programs().unwrap()[1],
+            "sched_switch_task_state"
+        );
+        // sched_wakeup first in both: see names::SCHEDULER_PROGRAMS.
+        assert_eq!(
+            with(Some(3)).scheduler_programs().unwrap()[0],
+            "sched_wakeup"
+        );
+        assert!(with(None).scheduler_programs().is_err());
+        assert!(with(Some(2)).scheduler_programs().is_err());
+    }
+
+    #[test]
+    fn older_tracepoints_only_lower_what_the_kernel_passes() {
+        let newest = KernelFeatures {
+            exit_args: Some(2),
+            switch_args: Some(4),
+            ..Default::default()
+        }
+        .with_older_tracepoints();
+        assert_eq!(newest.exit_program().unwrap().0, "sched_process_exit_live");
+        assert_eq!(
+            newest.scheduler_programs().unwrap()[1],
+            "sched_switch_task_state"
+        );
+        let missing = KernelFeatures::default().with_older_tracepoints();
+        assert_eq!(missing.switch_args, None);
+        assert_eq!(missing.exit_args, None);
     }
 
     #[test]

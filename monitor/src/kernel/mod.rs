@@ -68,7 +68,14 @@ impl Probes {
         // Read the file once: the offsets and aya's parse both come from these bytes, and they
         // are freed before the maps are created (the peak RSS is set here).
         let raw = btf_offsets::read_btf(&opts.btf_path)?;
-        let (offsets, features) = btf_offsets::inspect(&raw)?;
+        let (offsets, mut features) = btf_offsets::inspect(&raw)?;
+        if std::env::var_os(OLDER_TRACEPOINTS_VAR).is_some_and(|v| v == "1") {
+            tracing::warn!(
+                "{OLDER_TRACEPOINTS_VAR}=1: using the programs for older tracepoint prototypes \
+                 (a test of them on this kernel; unset it in production)"
+            );
+            features = features.with_older_tracepoints();
+        }
         tracing::debug!(
             ?offsets,
             ?features,
@@ -94,7 +101,12 @@ impl Probes {
             ebpf,
             btf: Some(btf),
             write: OnDemand::new(&WRITE_PROGRAMS),
-            scheduler: OnDemand::new(&names::SCHEDULER_PROGRAMS),
+            // Never attached when this kernel has no usable sched_switch (see attach_all).
+            scheduler: OnDemand::new(
+                features
+                    .scheduler_programs()
+                    .unwrap_or(&names::SCHEDULER_PROGRAMS),
+            ),
             features,
             detectors: Vec::new(),
         })
@@ -135,16 +147,7 @@ impl Probes {
             detector: Detector::Lifecycle,
             state: Ok(lifecycle),
         }];
-        let scheduler = names::SCHEDULER_PROGRAMS.map(|p| (p, AttachPoint::TpBtf(p)));
-        let inherited_lock = scheduler
-            .iter()
-            .try_for_each(|&program| self.load_program(program))
-            .map(|()| {
-                format!(
-                    "{} (attached while something is tracked)",
-                    detectors::describe(&scheduler)
-                )
-            });
+        let inherited_lock = self.verify_scheduler_probes();
         if inherited_lock.is_err() {
             self.scheduler.disable();
         }
@@ -172,6 +175,22 @@ impl Probes {
         self.detectors = statuses;
         self.btf = None;
         Ok(())
+    }
+
+    /// Verifies the scheduler probes that fit this kernel's sched_switch, for the status line.
+    fn verify_scheduler_probes(&mut self) -> Result<String, String> {
+        let [wakeup, switch] = *self.features.scheduler_programs()?;
+        let scheduler = [
+            (wakeup, AttachPoint::TpBtf(wakeup)),
+            (switch, AttachPoint::TpBtf(names::SWITCH_TRACEPOINT)),
+        ];
+        for program in scheduler {
+            self.load_program(program).map_err(|e| e.to_string())?;
+        }
+        Ok(format!(
+            "{} (via {switch}; attached while something is tracked)",
+            detectors::describe(&scheduler)
+        ))
     }
 
     /// Fork, exec and the exit program that fits this kernel's tracepoint: without them there
@@ -345,6 +364,11 @@ impl Probes {
 fn wakeup_bytes(ring_buffer_bytes: u32) -> u64 {
     u64::from(ring_buffer_bytes) / 8
 }
+
+/// Set to 1, the daemon uses the programs for older tracepoint prototypes on any kernel (see
+/// `KernelFeatures::with_older_tracepoints`): how the tests prove them where no older kernel is
+/// at hand.
+pub const OLDER_TRACEPOINTS_VAR: &str = "FORKWATCH_TEST_OLDER_TRACEPOINTS";
 
 /// The write probe as an on-demand group of one.
 const WRITE_PROGRAMS: [&str; 1] = [names::WRITE_PROGRAM.0];

@@ -5,7 +5,9 @@
 
 use std::time::{Duration, Instant};
 
-use crate::harness::{self, Daemon, KillOnDrop, run_forker, run_locker, run_python, spawn_locker};
+use crate::harness::{
+    self, Daemon, KillOnDrop, run_forker, run_locker, run_python, spawn_forker, spawn_locker,
+};
 
 const DEADLOCK_AFTER_MS: u64 = 500;
 const TIMEOUT: Duration = Duration::from_secs(10);
@@ -104,6 +106,40 @@ fn c_child_locking_an_inherited_mutex_is_a_certain_deadlock() {
                 "forkwatch_findings_total{kind=\"inherited_lock_deadlock\",severity=\"critical\"}"
             ) >= 1.0
         );
+    });
+}
+
+/// Kernels before 5.18 pass sched_switch no `prev_state`: there the switch program reads the
+/// task's own state (`sched_switch_task_state`). No such kernel is in the VM matrix with
+/// everything else it needs (5.15–5.17 are not packaged by Debian; 5.10 lacks bpf_task_pt_regs),
+/// so the daemon is told to use that program here. The wait must be seen by it: the scheduler
+/// probes are attached first (held by another tracked child), so the daemon's /proc read at
+/// attach cannot be what finds it.
+#[test]
+fn deadlock_found_by_the_switch_program_for_kernels_without_prev_state() {
+    harness::root().run(|| {
+        let daemon = Daemon::start_under(
+            &["env", "FORKWATCH_TEST_OLDER_TRACEPOINTS=1"],
+            &["--deadlock-after", &format!("{DEADLOCK_AFTER_MS}ms")],
+        );
+        assert!(
+            daemon.log().contains("older tracepoint prototypes"),
+            "the daemon did not take the older programs: {}",
+            daemon.log()
+        );
+        // A tracked child that lives until the test ends keeps the scheduler probes attached.
+        let _holder = spawn_forker("mt-fork-no-exec", &["3", "600000"]);
+        daemon.wait_metric(
+            "forkwatch_scheduler_probes_attached",
+            |v| v == 1.0,
+            TIMEOUT,
+            "scheduler probes not attached",
+        );
+        let fixture = spawn_locker("deadlock", &["600000"]);
+        let child = fixture.run.child();
+        let f = daemon.expect_kind(child, "inherited_lock_deadlock", TIMEOUT);
+        assert_eq!(f["severity"], "critical");
+        assert_eq!(f["futex_addr"], fixture.run.text("lock"), "{f}");
     });
 }
 

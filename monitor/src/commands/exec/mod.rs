@@ -210,16 +210,37 @@ fn missing_capabilities(caps: u64) -> Option<String> {
 }
 
 /// Creates (or empties) the JUnit file now, so that a path that cannot be written fails before
-/// CMD runs, not after.
+/// CMD runs, not after. Mode 0644: the job's later steps (an upload, a test reporter) run as the
+/// CI user while forkwatch ran under sudo. The workspace may hold what others put there, so as
+/// with `--output` a symlink is not followed and only a regular file is written.
 fn create_junit(path: &Path) -> anyhow::Result<std::fs::File> {
-    std::fs::File::create(path).map_err(|e| {
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let refuse = |why: String| -> anyhow::Error {
         UsageError(format!(
-            "--junit {}: cannot create the file: {e}; name a file in a directory that exists \
-             and that forkwatch may write",
+            "--junit {}: {why}; name a regular file in a directory that exists and that \
+             forkwatch may write (it is created if missing)",
             path.display()
         ))
         .into()
-    })
+    };
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .mode(0o644)
+        // O_NONBLOCK: opening a FIFO would otherwise wait for a reader.
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC)
+        .open(path)
+        .map_err(|e| match e.raw_os_error() {
+            Some(libc::ELOOP) => refuse("a symbolic link, which forkwatch does not follow".into()),
+            _ => refuse(format!("cannot create the file: {e}")),
+        })?;
+    let regular = file.metadata().is_ok_and(|m| m.file_type().is_file());
+    if !regular {
+        return Err(refuse("not a regular file".into()));
+    }
+    file.set_len(0)
+        .map_err(|e| refuse(format!("cannot empty the file: {e}")))?;
+    Ok(file)
 }
 
 /// CMD as it was typed, for the report's name.

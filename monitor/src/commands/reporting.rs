@@ -129,3 +129,70 @@ pub async fn sleep_until(at: Option<Instant>) {
         None => std::future::pending().await,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::{
+        sync::{Arc, Mutex},
+        time::Duration,
+    };
+
+    use super::*;
+    use crate::report::{
+        Sink,
+        finding::{Kind, Repeated},
+        suppress::Glob,
+    };
+
+    /// A sink that keeps what it was given, for the test to look at.
+    #[derive(Clone, Default)]
+    struct Kept(Arc<Mutex<Vec<String>>>);
+
+    impl Sink for Kept {
+        fn emit(&mut self, f: &Finding) -> std::io::Result<()> {
+            self.0
+                .lock()
+                .unwrap()
+                .push(format!("{} {}", f.kind.as_str(), f.pid));
+            Ok(())
+        }
+        fn emit_repeated(&mut self, r: &Repeated) -> std::io::Result<()> {
+            self.0.lock().unwrap().push(format!("repeated {}", r.count));
+            Ok(())
+        }
+    }
+
+    /// What `exec` counts is what `report` hands back: every finding that was printed or folded
+    /// (folding only shortens the output), none that an `[[ignore]]` rule suppressed.
+    #[test]
+    fn folded_findings_come_back_and_suppressed_ones_do_not() {
+        let kept = Kept::default();
+        let mut sinks = Sinks::default();
+        sinks.push(Box::new(kept.clone()));
+        let ignore = vec![IgnoreRule {
+            kind: Some(Kind::MtForkNoExec),
+            exe: Some(Glob::new("/ignored/*")),
+            comm: None,
+            parent_comm: None,
+            container_id: None,
+            pod_namespace: None,
+            reason: "test".into(),
+            line: 1,
+        }];
+        let telemetry = Telemetry::shared(None);
+        let mut reporter = Reporter::new(sinks, ignore, Duration::from_secs(60), telemetry, None);
+        let mut counted = 0;
+        for pid in 1..=3 {
+            let mut f = Finding::example("w");
+            f.pid = pid;
+            counted += usize::from(reporter.report(f).is_some());
+        }
+        let mut ignored = Finding::example("w");
+        ignored.exe = Some("/ignored/app".into());
+        assert!(reporter.report(ignored).is_none());
+        assert_eq!(counted, 3, "folded findings count");
+        assert_eq!(*kept.0.lock().unwrap(), ["mt_fork_no_exec 1"]);
+        reporter.flush();
+        assert_eq!(*kept.0.lock().unwrap(), ["mt_fork_no_exec 1", "repeated 2"]);
+    }
+}

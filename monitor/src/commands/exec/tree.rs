@@ -53,10 +53,15 @@ impl Tree {
         remove_stale(&parent);
         let dir = parent.join(format!("{PREFIX}{}", std::process::id()));
         std::fs::create_dir(&dir).map_err(|e| {
+            let fix = if e.raw_os_error() == Some(libc::EROFS) {
+                "the cgroup filesystem is mounted read-only, as in a container by default: run \
+                 forkwatch on the host, or in a container given a writable cgroup2"
+            } else {
+                "run it as root (`sudo forkwatch exec ...`), or from a cgroup delegated to you \
+                 (`systemd-run --user --scope -p Delegate=yes forkwatch exec ...`)"
+            };
             UsageError(format!(
-                "forkwatch exec runs CMD in a cgroup of its own and cannot create {}: {e}; run \
-                 it as root (`sudo forkwatch exec ...`), or from a cgroup delegated to you \
-                 (`systemd-run --user --scope -p Delegate=yes forkwatch exec ...`)",
+                "forkwatch exec runs CMD in a cgroup of its own and cannot create {}: {e}; {fix}",
                 dir.display()
             ))
         })?;

@@ -115,9 +115,9 @@ pub enum ConfigError {
 }
 
 /// The config file named on the command line (`--config FILE`, `--config=FILE`) or in
-/// FORKWATCH_CONFIG.
+/// FORKWATCH_CONFIG. Not after `--`: that is `exec`'s CMD and its own flags.
 pub fn config_path(args: &[OsString]) -> Option<PathBuf> {
-    let mut args = args.iter();
+    let mut args = args.iter().take_while(|arg| *arg != "--");
     while let Some(arg) = args.next() {
         if arg == "--config" {
             return args.next().map(PathBuf::from);
@@ -307,6 +307,12 @@ mod tests {
         assert_eq!(path, Some(PathBuf::from("/etc/fw.toml")));
         let path = config_path(&args(&["forkwatch", "--config=/x.toml"]));
         assert_eq!(path, Some(PathBuf::from("/x.toml")));
+        // exec's CMD may take a --config of its own.
+        let cmd = args(&["forkwatch", "exec", "--", "eslint", "--config", "e.json"]);
+        assert_eq!(
+            config_path(&cmd),
+            std::env::var_os("FORKWATCH_CONFIG").map(PathBuf::from)
+        );
     }
 
     #[test]

@@ -318,6 +318,10 @@ fn cmd_failing_is_the_exit_status() {
         // Killed by a signal: as a shell says it.
         let (code, log) = Exec::start(&[], &["sh", "-c", "kill -TERM $$"]).finish();
         assert_eq!(code, 128 + libc::SIGTERM, "{log}");
+        // CMD's own flags are CMD's, a --config among them too.
+        let cmd = ["sh", "-c", "exit 0", "--config", "/nonexistent/cmd.toml"];
+        let (code, log) = Exec::start(&[], &cmd).finish();
+        assert_eq!(code, 0, "{log}");
         let (code, log) = Exec::start(&[], &["no-such-command-forkwatch"]).finish();
         assert_eq!(code, 127, "{log}");
         assert!(

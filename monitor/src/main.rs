@@ -8,7 +8,7 @@ use tracing_subscriber::{EnvFilter, fmt};
 
 use forkwatch::{
     cli::{Cli, Command, LogFormat, UsageError, config},
-    commands::{check, fixture, run, selftest},
+    commands::{check, exec, fixture, run, selftest},
 };
 
 fn main() -> ExitCode {
@@ -31,14 +31,23 @@ fn main() -> ExitCode {
     let cli = Cli::parse_from(args);
     let command = cli.command.unwrap_or(Command::Run(cli.run));
     let log_format = match &command {
-        Command::Run(args) => args.common.log_format,
+        Command::Run(args) => args.watch.common.log_format,
+        Command::Exec(args) => args.watch.common.log_format,
         Command::Check(args) | Command::Selftest(args) => args.log_format,
         Command::Fixture { .. } => LogFormat::Text,
     };
     let result = match command {
         Command::Run(args) => {
-            init_logging(args.common.log_format);
+            init_logging(args.watch.common.log_format);
             runtime().and_then(|rt| rt.block_on(run::run(args, ignore)))
+        }
+        Command::Exec(args) => {
+            init_logging(args.watch.common.log_format);
+            // CMD's status, or 3 for a finding in its tree: see commands/exec.
+            match runtime().and_then(|rt| rt.block_on(exec::run(args, ignore))) {
+                Ok(status) => return ExitCode::from(status),
+                Err(err) => Err(err),
+            }
         }
         Command::Check(args) => {
             init_logging(args.log_format);

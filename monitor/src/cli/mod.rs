@@ -12,7 +12,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 pub use self::k8s::K8sArgs;
 #[cfg(test)]
 use self::k8s::TOKEN_FILE;
-use crate::kernel::btf_offsets::VMLINUX_BTF;
+use crate::{kernel::btf_offsets::VMLINUX_BTF, report::finding::Severity};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -44,6 +44,9 @@ pub enum Command {
     /// Start the probes and prove each detector on this kernel with helper processes (the
     /// binary re-executing itself): each hazard reported once, the safe patterns quiet.
     Selftest(CommonArgs),
+    /// Run CMD and watch only its process tree; exit with CMD's status if it failed, else 3 if
+    /// a finding in its tree is at or above --fail-on, else 0 (for CI).
+    Exec(ExecArgs),
     /// Helper processes for `selftest` (internal).
     #[command(hide = true)]
     Fixture { name: String },
@@ -64,9 +67,11 @@ pub struct CommonArgs {
     pub log_format: LogFormat,
 }
 
+/// The flags of every command that watches: `run` (the host) and `exec` (one command's tree).
 #[derive(Debug, Clone, Args)]
-pub struct RunArgs {
-    /// Findings format on stdout [default: text on a terminal, json otherwise].
+pub struct WatchArgs {
+    /// Findings format on stdout (`exec`: stderr) [default: text on a terminal, json
+    /// otherwise].
     #[arg(long, env = "FORKWATCH_FORMAT", value_enum)]
     pub format: Option<Format>,
     /// Also append findings as JSON lines to this file (created 0640).
@@ -84,9 +89,6 @@ pub struct RunArgs {
     /// printed at once, the rest as one `repeated` record when the window ends (0s: off).
     #[arg(long, env = "FORKWATCH_REPEAT_WINDOW", default_value = "60s", value_parser = parse_repeat_window)]
     pub repeat_window: Duration,
-    /// Address for /metrics, /healthz and /readyz (port 0 picks a free port).
-    #[arg(long, env = "FORKWATCH_METRICS_ADDR", default_value = "127.0.0.1:9571")]
-    pub metrics_addr: SocketAddr,
     /// Put the full command line in findings; off by default because it may hold secrets.
     #[arg(long, env = "FORKWATCH_FULL_CMDLINE")]
     pub full_cmdline: bool,
@@ -96,14 +98,41 @@ pub struct RunArgs {
     /// Most children of multithreaded forks tracked at once.
     #[arg(long, env = "FORKWATCH_MAX_TRACKED", default_value_t = monitor_common::TRACKED_MAX_ENTRIES, value_parser = clap::value_parser!(u32).range(16..=4_194_304))]
     pub max_tracked: u32,
+    #[command(flatten)]
+    pub common: CommonArgs,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct RunArgs {
+    #[command(flatten)]
+    pub watch: WatchArgs,
+    /// Address for /metrics, /healthz and /readyz (port 0 picks a free port).
+    #[arg(long, env = "FORKWATCH_METRICS_ADDR", default_value = "127.0.0.1:9571")]
+    pub metrics_addr: SocketAddr,
     /// Turn on the kernel's BPF run-time statistics while running, for the
     /// forkwatch_bpf_program_* metrics (costs a little on every program run).
     #[arg(long, env = "FORKWATCH_BPF_STATS")]
     pub bpf_stats: bool,
     #[command(flatten)]
     pub k8s: K8sArgs,
+}
+
+/// `forkwatch exec`: the watch flags (no metrics server, no Kubernetes: it watches one
+/// command's tree, not a node), what fails the run, and the command.
+#[derive(Debug, Clone, Args)]
+pub struct ExecArgs {
+    /// The least severity of a finding in the command's tree that fails the run (exit 3).
+    #[arg(long, env = "FORKWATCH_FAIL_ON", value_enum, default_value_t = Severity::Warning)]
+    pub fail_on: Severity,
+    /// Write a JUnit XML report here: a test case per finding kind seen, a failure per finding
+    /// at or above --fail-on.
+    #[arg(long, env = "FORKWATCH_JUNIT")]
+    pub junit: Option<PathBuf>,
     #[command(flatten)]
-    pub common: CommonArgs,
+    pub watch: WatchArgs,
+    /// The command to run and watch, after `--`.
+    #[arg(last = true, required = true, value_name = "CMD")]
+    pub command: Vec<std::ffi::OsString>,
 }
 
 /// A configuration the daemon cannot run with, found after parsing (e.g. `--k8s-pod-names`
@@ -191,10 +220,10 @@ mod tests {
     fn defaults() {
         let cli = parse(&[]).unwrap();
         assert!(cli.command.is_none());
-        assert_eq!(cli.run.exec_grace, Duration::from_secs(1));
-        assert_eq!(cli.run.repeat_window, Duration::from_secs(60));
+        assert_eq!(cli.run.watch.exec_grace, Duration::from_secs(1));
+        assert_eq!(cli.run.watch.repeat_window, Duration::from_secs(60));
         assert_eq!(cli.run.metrics_addr.to_string(), "127.0.0.1:9571");
-        assert!(!cli.run.full_cmdline);
+        assert!(!cli.run.watch.full_cmdline);
         assert!(!cli.run.k8s.k8s_pod_names, "pod names are opt-in");
         assert_eq!(cli.run.k8s.k8s_token_file, PathBuf::from(TOKEN_FILE));
     }
@@ -205,8 +234,8 @@ mod tests {
         let Some(Command::Run(run)) = cli.command else {
             panic!("not run");
         };
-        assert_eq!(run.exec_grace, Duration::from_millis(250));
-        assert_eq!(run.format, Some(Format::Json));
+        assert_eq!(run.watch.exec_grace, Duration::from_millis(250));
+        assert_eq!(run.watch.format, Some(Format::Json));
     }
 
     #[test]

@@ -1,7 +1,6 @@
 //! `forkwatch run`: the long-lived daemon.
 
 use std::{
-    io::IsTerminal,
     sync::{Arc, atomic::AtomicBool, atomic::Ordering},
     time::Duration,
 };
@@ -10,15 +9,13 @@ use anyhow::Context as _;
 use tokio::signal::unix::{SignalKind, signal};
 
 use crate::{
-    cli::{Format, RunArgs, UsageError},
+    cli::{RunArgs, UsageError, WatchArgs},
+    commands::reporting::{self, Reporter, sleep_until},
     k8s::client::K8sClient,
     k8s::pod_names::PodNames,
     k8s::settings,
     pipeline::{Monitor, MonitorOptions},
-    report::finding::Finding,
-    report::fold::Folder,
-    report::suppress::{IgnoreRule, Suppressor},
-    report::{JsonSink, Sinks, TextSink, output_file},
+    report::suppress::IgnoreRule,
     telemetry,
     telemetry::http::{self, HttpState},
 };
@@ -29,7 +26,8 @@ const COUNTER_REFRESH: Duration = Duration::from_secs(5);
 /// Runs the daemon; `ignore` are the config file's `[[ignore]]` rules.
 pub async fn run(args: RunArgs, ignore: Vec<IgnoreRule>) -> anyhow::Result<()> {
     // Everything that can be wrong with the configuration fails before the probes load.
-    let mut sinks = sinks(&args)?;
+    let watch = &args.watch;
+    let sinks = reporting::sinks(std::io::stdout(), watch.format, watch.output.as_deref())?;
     let k8s = k8s_client(&args)?;
     let listener = http::bind(args.metrics_addr).await?;
     let metrics_addr = listener.local_addr()?;
@@ -45,14 +43,7 @@ pub async fn run(args: RunArgs, ignore: Vec<IgnoreRule>) -> anyhow::Result<()> {
     } else {
         None
     };
-    let mut monitor = Monitor::start(&MonitorOptions {
-        btf_path: args.common.btf.clone(),
-        ring_buffer_bytes: args.ring_buffer_size,
-        max_tracked: args.max_tracked,
-        exec_grace: args.exec_grace,
-        deadlock_after: args.deadlock_after,
-        full_cmdline: args.full_cmdline,
-    })?;
+    let mut monitor = Monitor::start(&MonitorOptions::of(watch))?;
     let telemetry = monitor.telemetry();
     // The refresher runs beside the pipeline; findings only ever read its cache.
     let (pod_names, refresher) = match k8s {
@@ -68,33 +59,13 @@ pub async fn run(args: RunArgs, ignore: Vec<IgnoreRule>) -> anyhow::Result<()> {
         }
         None => (None, None),
     };
-    let suppressor = Suppressor::new(ignore);
-    let mut folder = Folder::new(args.repeat_window);
-    // Suppressed findings are counted apart and go no further; the rest are all counted, then
-    // folded (report/fold.rs) on their way to the sinks.
-    let report = |mut finding: Finding, sinks: &mut Sinks, folder: &mut Folder| {
-        if let Some(names) = &pod_names {
-            names.annotate(&mut finding.attribution);
-        }
-        if let Some(rule) = suppressor.rule_for(&finding) {
-            telemetry::lock(&telemetry).metrics.suppressed(finding.kind);
-            tracing::debug!(
-                kind = finding.kind.as_str(),
-                pid = finding.pid,
-                rule_line = rule.line,
-                "finding suppressed by an [[ignore]] rule"
-            );
-            return;
-        }
-        telemetry::lock(&telemetry).metrics.finding(&finding);
-        let now = std::time::Instant::now();
-        for repeated in folder.due(now) {
-            sinks.emit_repeated(&repeated);
-        }
-        if folder.offer(&finding, now) {
-            sinks.emit(&finding);
-        }
-    };
+    let mut reporter = Reporter::new(
+        sinks,
+        ignore,
+        watch.repeat_window,
+        telemetry.clone(),
+        pod_names,
+    );
     let ready = Arc::new(AtomicBool::new(false));
     let (http_stop, http_stopped) = tokio::sync::oneshot::channel::<()>();
     let server = tokio::spawn(http::serve(
@@ -110,11 +81,11 @@ pub async fn run(args: RunArgs, ignore: Vec<IgnoreRule>) -> anyhow::Result<()> {
     ready.store(true, Ordering::Release);
     tracing::info!(
         %metrics_addr,
-        exec_grace_ms = args.exec_grace.as_millis() as u64,
-        deadlock_after_ms = args.deadlock_after.as_millis() as u64,
-        repeat_window_ms = args.repeat_window.as_millis() as u64,
-        ignore_rules = suppressor.count(),
-        config = ?args.common.config,
+        exec_grace_ms = watch.exec_grace.as_millis() as u64,
+        deadlock_after_ms = watch.deadlock_after.as_millis() as u64,
+        repeat_window_ms = watch.repeat_window.as_millis() as u64,
+        ignore_rules = reporter.ignore_rules(),
+        config = ?watch.common.config,
         "ready"
     );
 
@@ -122,7 +93,9 @@ pub async fn run(args: RunArgs, ignore: Vec<IgnoreRule>) -> anyhow::Result<()> {
     loop {
         tokio::select! {
             finding = monitor.next_finding() => match finding {
-                Some(finding) => report(finding, &mut sinks, &mut folder),
+                Some(finding) => {
+                    reporter.report(finding);
+                }
                 // The pipeline ended on its own: say why (its error comes back from stop).
                 None => {
                     monitor.stop().await?;
@@ -132,22 +105,15 @@ pub async fn run(args: RunArgs, ignore: Vec<IgnoreRule>) -> anyhow::Result<()> {
             _ = sigterm.recv() => break,
             _ = sigint.recv() => break,
             _ = refresh.tick() => telemetry::lock(&telemetry).refresh(),
-            () = sleep_until(folder.next_due()) => {
-                for repeated in folder.due(std::time::Instant::now()) {
-                    sinks.emit_repeated(&repeated);
-                }
-            }
+            () = sleep_until(reporter.next_due()) => reporter.due(std::time::Instant::now()),
         }
     }
     tracing::info!("stopping: detaching probes");
     ready.store(false, Ordering::Release);
     for finding in monitor.stop().await? {
-        report(finding, &mut sinks, &mut folder);
+        reporter.report(finding);
     }
-    // What was folded and not yet said goes out now, not with the process.
-    for repeated in folder.flush() {
-        sinks.emit_repeated(&repeated);
-    }
+    reporter.flush();
     if let Some(task) = refresher {
         task.abort();
     }
@@ -155,14 +121,6 @@ pub async fn run(args: RunArgs, ignore: Vec<IgnoreRule>) -> anyhow::Result<()> {
     let _ = server.await;
     tracing::info!("stopped");
     Ok(())
-}
-
-/// Sleeps until `at`; forever without one.
-async fn sleep_until(at: Option<std::time::Instant>) {
-    match at {
-        Some(at) => tokio::time::sleep_until(tokio::time::Instant::from_std(at)).await,
-        None => std::future::pending().await,
-    }
 }
 
 /// With `--k8s-pod-names`, the API client; a missing or wrong setting is a usage error (exit
@@ -176,18 +134,16 @@ fn k8s_client(args: &RunArgs) -> anyhow::Result<Option<K8sClient>> {
     Ok(Some(K8sClient::new(settings).map_err(UsageError)?))
 }
 
-fn sinks(args: &RunArgs) -> anyhow::Result<Sinks> {
-    let mut sinks = Sinks::default();
-    let stdout = std::io::stdout();
-    let terminal = stdout.is_terminal();
-    match args.format {
-        Some(Format::Json) => sinks.push(Box::new(JsonSink::new(stdout))),
-        Some(Format::Text) => sinks.push(Box::new(TextSink::new(stdout, terminal))),
-        None if terminal => sinks.push(Box::new(TextSink::new(stdout, true))),
-        None => sinks.push(Box::new(JsonSink::new(stdout))),
+impl MonitorOptions {
+    /// The monitor the watch flags ask for.
+    pub fn of(watch: &WatchArgs) -> Self {
+        Self {
+            btf_path: watch.common.btf.clone(),
+            ring_buffer_bytes: watch.ring_buffer_size,
+            max_tracked: watch.max_tracked,
+            exec_grace: watch.exec_grace,
+            deadlock_after: watch.deadlock_after,
+            full_cmdline: watch.full_cmdline,
+        }
     }
-    if let Some(path) = &args.output {
-        sinks.push(Box::new(JsonSink::new(output_file::open(path)?)));
-    }
-    Ok(sinks)
 }

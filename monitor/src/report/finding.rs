@@ -7,7 +7,8 @@ use serde::Serialize;
 
 pub const SCHEMA_VERSION: u32 = 1;
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+// ValueEnum: `forkwatch exec --fail-on` takes a severity by the same names.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 #[allow(
     dead_code,

@@ -12,6 +12,7 @@ mod actionable;
 mod cli;
 mod deadlock;
 mod deploy;
+mod exec;
 mod hostile;
 mod image;
 mod k8s;

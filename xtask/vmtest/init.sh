@@ -32,6 +32,8 @@ else
     mount -t bpf bpf /sys/fs/bpf
     mount -t debugfs debugfs /sys/kernel/debug
     mount -t tracefs tracefs /sys/kernel/tracing
+    # forkwatch exec runs its command in a cgroup of its own.
+    mount -t cgroup2 cgroup2 /sys/fs/cgroup
     ip link set lo up
     work=/tmp
     for arg in $(cat /proc/cmdline); do
@@ -189,6 +191,20 @@ step selftest 180 forkwatch selftest
 if ! lacks inherited_lock; then
     step selftest-older-tracepoints 180 busybox env FORKWATCH_TEST_OLDER_TRACEPOINTS=1 forkwatch selftest
 fi
+
+# exits STATUS NAME CMD...: NAME passes if CMD exits with STATUS (within 120 s, scaled).
+exits() {
+    want=$1 name=$2 secs=$((120 * slow))
+    shift 2
+    echo "VMTEST-BEGIN $name"
+    busybox timeout "$secs" "$@" </dev/null 2>&1
+    rc=$?
+    if [ "$rc" = "$want" ]; then result "$name" pass; else result "$name" fail "exit $rc, not $want"; fi
+}
+# forkwatch exec, the CI mode: its own daemon, only its command's tree, the exit status says it.
+exits 3 exec-mt-fork-no-exec forkwatch exec --format json -- forker mt-fork-no-exec 3 50
+exits 0 exec-mt-fork-exec forkwatch exec --format json -- forker mt-fork-exec 3
+exits 7 exec-status forkwatch exec -- sh -c 'exit 7'
 
 # Attach points a per-kernel adaptation may need (docs/kernels-survey.md).
 for func in sock_sendmsg sock_recvmsg tcp_sendmsg unix_stream_sendmsg vfs_write; do

@@ -14,7 +14,7 @@ use aya_ebpf::helpers::{
     bpf_probe_read_kernel, bpf_probe_read_user, bpf_task_pt_regs,
     generated::{self, bpf_probe_read_kernel_str},
 };
-use monitor_common::{KernelOffsets, UNIX_PATH_LEN};
+use monitor_common::{FORK_STACK_PAGE_BYTES, KernelOffsets, UNIX_PATH_LEN};
 
 /// Types for which every bit pattern is a valid value: integers, byte arrays, raw pointers.
 ///
@@ -89,6 +89,25 @@ pub fn current_syscall(offsets: &KernelOffsets) -> u32 {
         return u32::MAX;
     }
     read::<u64>(regs, offsets.regs_syscall_nr).map_or(u32::MAX, |nr| nr as u32)
+}
+
+/// Copies one page of the current process's user memory at `src` to `dst`, all or nothing (a
+/// failed copy zeroes `dst`).
+///
+/// # Safety
+/// `dst` must be valid for writes of `FORK_STACK_PAGE_BYTES` bytes.
+#[inline(always)]
+pub unsafe fn read_user_page(dst: *mut u8, src: u64) -> Result<(), i32> {
+    // SAFETY: the caller promises `dst` holds a page; the helper writes at most that many bytes
+    // and reads `src` with fault handling.
+    let ret = unsafe {
+        generated::bpf_probe_read_user(
+            dst.cast(),
+            FORK_STACK_PAGE_BYTES as u32,
+            (src as *const u8).cast(),
+        )
+    };
+    if ret < 0 { Err(ret as i32) } else { Ok(()) }
 }
 
 /// `task->group_leader->start_boottime`: when the task's process started (its identity with the

@@ -2,13 +2,15 @@
 //! `TRACKED` (children of multithreaded forks) and the fork families (`FAMILY`, `CHILDREN`) that
 //! the sharing and write probes watch.
 
+use aya_ebpf::bindings::BPF_RB_NO_WAKEUP;
 use aya_ebpf::{
     helpers::{bpf_get_current_comm, bpf_get_current_pid_tgid},
     macros::btf_tracepoint,
     programs::BtfTracePointContext,
 };
 use monitor_common::{
-    EventKind, ExecEvent, ExitEvent, FORK_WAKEUP_EVERY_NS, ForkEvent, ThreadEvent, fork_counter,
+    EventKind, ExecEvent, ExitEvent, FORK_FLAG_STACK, FORK_STACK_EVERY_NS, FORK_STACK_PAGE_BYTES,
+    FORK_STACK_PAGES, FORK_WAKEUP_EVERY_NS, ForkEvent, ForkStackEvent, ThreadEvent, fork_counter,
     lost_category, map_full,
 };
 
@@ -16,20 +18,31 @@ use crate::{
     FORKWATCH_OFFSETS,
     kread::{self, read},
     maps::{
-        CHILDREN, EVENTS, FAMILY, FAMILY_SLOTS, FORK_COUNTERS, FORK_WAKEUPS, LOST_EVENTS, TRACKED,
-        TRACKED_SLOTS, URGENT, blocked_count, contains, copied, count, family_of, insert,
-        insert_member, is_tracked, remove_member, unblock, wakeup_flags,
+        CHILDREN, EVENTS, FAMILY, FAMILY_SLOTS, FORK_COUNTERS, FORK_STACKS, FORK_WAKEUPS,
+        LOST_EVENTS, TRACKED, TRACKED_SLOTS, URGENT, blocked_count, contains, copied, count,
+        family_of, insert, insert_member, is_tracked, remove_member, unblock, wakeup_flags,
     },
 };
 
 #[btf_tracepoint(function = "sched_process_fork")]
 pub fn sched_process_fork(ctx: BtfTracePointContext) -> u32 {
     // Errors only mean a kernel read failed; there is nothing better to do than to drop the event.
-    let _ = on_fork(&ctx);
+    let _ = on_fork(&ctx, false);
     0
 }
 
-fn on_fork(ctx: &BtfTracePointContext) -> Result<(), i32> {
+/// The same, and for a multithreaded parent also the forking thread's user registers and stack
+/// (a `ForkStackEvent` before the fork's record). A program of its own because
+/// `bpf_task_pt_regs` is Linux 5.15: where the verifier refuses it, the daemon attaches the
+/// one above instead and fork stacks are unavailable.
+#[btf_tracepoint(function = "sched_process_fork")]
+pub fn sched_process_fork_stack(ctx: BtfTracePointContext) -> u32 {
+    let _ = on_fork(&ctx, true);
+    0
+}
+
+#[inline(always)]
+fn on_fork(ctx: &BtfTracePointContext, capture_stack: bool) -> Result<(), i32> {
     let offsets = FORKWATCH_OFFSETS.load();
     // TP_PROTO(struct task_struct *parent, struct task_struct *child); parent is current.
     let parent: *const u8 = ctx.arg(0);
@@ -68,6 +81,14 @@ fn on_fork(ctx: &BtfTracePointContext) -> Result<(), i32> {
         return Ok(());
     }
     count(&FORK_COUNTERS, fork_counter::MULTI_THREADED);
+    let parent_start_ns = kread::process_start_ns(parent, &offsets).unwrap_or(0);
+    // Before the fork's record, so that the daemon has the stack when the fork arrives.
+    let (flags, stack_ip, stack_sp) = if capture_stack {
+        let (ip, sp) = send_fork_stack(pid_tgid, parent_start_ns);
+        (FORK_FLAG_STACK, ip, sp)
+    } else {
+        (0, 0, 0)
+    };
 
     let Some(mut entry) = EVENTS.reserve::<ForkEvent>(0) else {
         // Not tracked either: exec/exit events for a child the daemon never saw are useless.
@@ -75,7 +96,6 @@ fn on_fork(ctx: &BtfTracePointContext) -> Result<(), i32> {
         return Ok(());
     };
     let child_start_ns: u64 = read(child, offsets.task_start_boottime).unwrap_or(0);
-    let parent_start_ns = kread::process_start_ns(parent, &offsets).unwrap_or(0);
     let pid = child_pid as u32;
     // Full: the fork is still reported, but the child's futex waits go unseen (counted).
     let _ = insert_member(
@@ -92,15 +112,82 @@ fn on_fork(ctx: &BtfTracePointContext) -> Result<(), i32> {
         parent_tid: pid_tgid as u32,
         child_pid: pid,
         parent_threads: parent_threads as u32,
-        flags: 0,
+        flags,
         timestamp_ns: now_ns,
         child_start_ns,
         parent_start_ns,
         cgroup_id: kread::current_cgroup_id(),
         comm: bpf_get_current_comm().unwrap_or([0; 16]),
+        stack_ip,
+        stack_sp,
     });
     entry.submit(fork_wakeup_flags(pid_tgid, parent_start_ns, now_ns));
     Ok(())
+}
+
+/// Sends the forking thread's user registers and the pages of its stack from sp up (a
+/// `ForkStackEvent`), unless the same thread's stack at the same call site (sp and ip) went out
+/// less than FORK_STACK_EVERY_NS ago: in a fork storm from one loop the daemon reuses what it
+/// unwound then. Returns (ip, sp), the key the fork's record repeats; (0, 0) without registers.
+#[inline(always)]
+fn send_fork_stack(pid_tgid: u64, parent_start_ns: u64) -> (u64, u64) {
+    let offsets = FORKWATCH_OFFSETS.load();
+    let regs = kread::current_regs();
+    if regs.is_null() {
+        return (0, 0);
+    }
+    let (Ok(ip), Ok(sp), Ok(bp)) = (
+        read::<u64>(regs, offsets.regs_ip),
+        read::<u64>(regs, offsets.regs_sp),
+        read::<u64>(regs, offsets.regs_bp),
+    ) else {
+        return (0, 0);
+    };
+    let now_ns = kread::now_ns();
+    let key = [pid_tgid, parent_start_ns, sp, ip];
+    if let Some(last) = copied(&FORK_STACKS, &key)
+        && now_ns.saturating_sub(last) < FORK_STACK_EVERY_NS
+    {
+        return (ip, sp);
+    }
+    let Some(mut entry) = EVENTS.reserve::<ForkStackEvent>(0) else {
+        // Not noted as sent: the next fork from here tries again.
+        count(&LOST_EVENTS, lost_category::FORK_STACK);
+        return (ip, sp);
+    };
+    let event = entry.as_mut_ptr();
+    let base = sp & !(FORK_STACK_PAGE_BYTES as u64 - 1);
+    let mut pages = 0u32;
+    // SAFETY: `event` is the reservation, valid and exclusively ours until submitted, and sized
+    // for a ForkStackEvent: the header fields are written through it in place (the record is
+    // far larger than the program's stack), and each page copy writes one of its FORK_STACK_PAGES
+    // pages, at a constant offset inside `stack`.
+    unsafe {
+        let stack = core::ptr::addr_of_mut!((*event).stack).cast::<u8>();
+        for page in 0..FORK_STACK_PAGES {
+            let offset = page * FORK_STACK_PAGE_BYTES;
+            // The stack's mapping ends somewhere above sp: the first page that cannot be read
+            // ends the copy.
+            if kread::read_user_page(stack.add(offset), base + offset as u64).is_err() {
+                break;
+            }
+            pages += 1;
+        }
+        core::ptr::addr_of_mut!((*event).kind).write(EventKind::ForkStack as u32);
+        core::ptr::addr_of_mut!((*event).tgid).write((pid_tgid >> 32) as u32);
+        core::ptr::addr_of_mut!((*event).tid).write(pid_tgid as u32);
+        core::ptr::addr_of_mut!((*event).pages).write(pages);
+        core::ptr::addr_of_mut!((*event).parent_start_ns).write(parent_start_ns);
+        core::ptr::addr_of_mut!((*event).timestamp_ns).write(now_ns);
+        core::ptr::addr_of_mut!((*event).ip).write(ip);
+        core::ptr::addr_of_mut!((*event).sp).write(sp);
+        core::ptr::addr_of_mut!((*event).bp).write(bp);
+        core::ptr::addr_of_mut!((*event).base).write(base);
+    }
+    // No wakeup of its own: the fork's record, submitted next, decides that.
+    entry.submit(BPF_RB_NO_WAKEUP as u64);
+    let _ = FORK_STACKS.insert(&key, &now_ns, 0);
+    (ip, sp)
 }
 
 /// Submit flags of a fork event: urgent for the first fork of a thread in each

@@ -106,6 +106,7 @@ fn seeded(proc: &ProcFs, pid: u32, now_ns: u64) -> Option<Seeded> {
             parent_start_ns,
             cgroup_id: 0,
             comm,
+            stack: None,
         },
         context,
         waits,

@@ -1,11 +1,15 @@
-//! User-space call stacks of threads blocked in a syscall.
+//! User-space call stacks, from two sources that share one unwinder.
 //!
-//! A thread sleeping in a syscall (say, a futex wait on a lock inherited across `fork`) holds
-//! still, so its user registers and stack can be read from the outside without ptrace: the kernel
-//! exposes the user sp and pc in `/proc/<pid>/task/<tid>/syscall`, and the stack words are
-//! readable through `/proc/<pid>/mem`. Debian's glibc is built without frame pointers, so the
-//! stack is walked with the modules' `.eh_frame` CFI (framehop), then every frame is symbolized
-//! (blazesym).
+//! - A thread blocked in a syscall (say, a futex wait on a lock inherited across `fork`) holds
+//!   still, so its user registers and stack can be read from the outside without ptrace: the
+//!   kernel exposes the user sp and pc in `/proc/<pid>/task/<tid>/syscall`, and the stack words
+//!   are readable through `/proc/<pid>/mem` ([`blocked_thread_stack`]).
+//! - A forking thread has moved on by the time the daemon looks, so the kernel copies its
+//!   registers and the top of its stack at the fork ([`CapturedStack`], from a
+//!   `ForkStackEvent`); the walk reads that copy and nothing beyond it ([`captured_stack`]).
+//!
+//! Debian's glibc is built without frame pointers, so the stack is walked with the modules'
+//! `.eh_frame` CFI (framehop), then every frame is symbolized (blazesym).
 
 // Only the x86_64 path uses the parsing helpers; elsewhere the API just reports the arch.
 #![cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
@@ -29,6 +33,31 @@ pub struct Frame {
     pub module: Option<String>,
     /// Offset of the address into the function when `function` is known, else into the module (file offset-based / module-relative).
     pub offset: u64,
+    /// Source file and line of the address, where the module has debug info (only asked for
+    /// fork stacks: reading DWARF costs, and a blocked thread's frames are named well enough).
+    pub file: Option<String>,
+    pub line: Option<u32>,
+}
+
+/// A thread's registers and a copy of the top of its stack, taken by the kernel at a fork
+/// (`ForkStackEvent`): what [`captured_stack`] unwinds.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CapturedStack {
+    pub ip: u64,
+    pub sp: u64,
+    pub bp: u64,
+    /// The user address of `bytes[0]`.
+    pub base: u64,
+    pub bytes: Vec<u8>,
+}
+
+impl CapturedStack {
+    /// The 8-byte word at user address `addr`, if the copy holds all of it.
+    pub(crate) fn word(&self, addr: u64) -> Option<u64> {
+        let start = usize::try_from(addr.checked_sub(self.base)?).ok()?;
+        let bytes = self.bytes.get(start..start.checked_add(8)?)?;
+        Some(u64::from_le_bytes(bytes.try_into().ok()?))
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -59,6 +88,8 @@ pub enum StackError {
     Busy,
     #[error("the daemon is stopping")]
     Cancelled,
+    #[error("no frame could be unwound")]
+    Empty,
 }
 
 /// How long one stack may take to unwind and symbolize. Cold symbolization of a large binary
@@ -150,6 +181,29 @@ pub fn blocked_thread_stack(
     }
 }
 
+/// Unwinds a stack the kernel captured in process `pid` (its registers and a copy of the top of
+/// its stack, see [`CapturedStack`]), with the modules of `maps` (the text of /proc/<pid>/maps,
+/// read while the process had not moved on), then symbolizes every frame with file and line
+/// where debug info exists. Stack words outside the copy are not read: the thread has moved on
+/// since. Needs the process alive for its mapped files and symbols; at most `max_frames`
+/// frames, innermost first.
+pub fn captured_stack(
+    pid: u32,
+    maps: &str,
+    stack: &CapturedStack,
+    max_frames: usize,
+) -> Result<Vec<Frame>, StackError> {
+    #[cfg(target_arch = "x86_64")]
+    {
+        imp::captured_stack(pid, maps, stack, max_frames)
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = (pid, maps, stack, max_frames);
+        Err(StackError::UnsupportedArchitecture)
+    }
+}
+
 /// "a ← b ← c" using function names (or "module+0xoffset" / "0xaddress" when unknown).
 pub fn format_stack(frames: &[Frame]) -> String {
     let names: Vec<String> = frames
@@ -168,6 +222,15 @@ pub fn format_stack(frames: &[Frame]) -> String {
 pub(crate) struct UserRegs {
     sp: u64,
     pc: u64,
+}
+
+/// Where the walk starts: the registers the unwinder needs (bp 0 when unknown: any
+/// frame-pointer fallback then fails fast instead of following garbage).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct StartRegs {
+    pub(crate) pc: u64,
+    pub(crate) sp: u64,
+    pub(crate) bp: u64,
 }
 
 /// Why a syscall line yielded no registers; the caller turns this into a `StackError`.
@@ -228,6 +291,11 @@ impl Mapping {
     fn contains(&self, address: u64) -> bool {
         (self.start..self.end).contains(&address)
     }
+}
+
+/// The lines of a /proc/<pid>/maps text that parse; the others are skipped.
+pub(crate) fn parse_maps(text: &str) -> Vec<Mapping> {
+    text.lines().filter_map(parse_maps_line).collect()
 }
 
 /// Parses `start-end perms offset dev inode [path]`; None for anything else.
@@ -318,12 +386,56 @@ mod imp {
             SyscallLine::NotBlocked => StackError::NotBlocked { tid, path, line },
             SyscallLine::Malformed => StackError::MalformedSyscall { path, line },
         })?;
-        let maps: Vec<Mapping> = read_proc(format!("/proc/{pid}/maps"))?
-            .lines()
-            .filter_map(parse_maps_line)
-            .collect();
+        let maps = parse_maps(&read_proc(format!("/proc/{pid}/maps"))?);
         let mem = open_proc(format!("/proc/{pid}/mem"))?;
+        let (unwinder, modules) = unwinder_for(pid, &maps);
+        let read_stack = |addr: u64| {
+            let mut word = [0u8; 8];
+            mem.read_exact_at(&mut word, addr).map_err(|_| ())?;
+            Ok(u64::from_le_bytes(word))
+        };
+        // bp is not in /proc/.../syscall. Code with CFI does not need it unless its CFA is
+        // rbp-based.
+        let start = StartRegs {
+            pc: regs.pc,
+            sp: regs.sp,
+            bp: 0,
+        };
+        let addresses = unwind(&unwinder, start, read_stack, max_frames);
+        Ok(symbolize(pid, &addresses, &maps, &modules, false))
+    }
 
+    pub(super) fn captured_stack(
+        pid: u32,
+        maps: &str,
+        stack: &CapturedStack,
+        max_frames: usize,
+    ) -> Result<Vec<Frame>, StackError> {
+        if pid == 0 {
+            return Err(StackError::InvalidId);
+        }
+        let maps = parse_maps(maps);
+        let (unwinder, modules) = unwinder_for(pid, &maps);
+        let start = StartRegs {
+            pc: stack.ip,
+            sp: stack.sp,
+            bp: stack.bp,
+        };
+        let addresses = unwind(
+            &unwinder,
+            start,
+            |addr| stack.word(addr).ok_or(()),
+            max_frames,
+        );
+        if addresses.is_empty() {
+            return Err(StackError::Empty);
+        }
+        Ok(symbolize(pid, &addresses, &maps, &modules, true))
+    }
+
+    /// The framehop unwinder over every executable mapping of `maps` whose file and CFI could
+    /// be read, with what symbolization needs to know about each.
+    fn unwinder_for(pid: u32, maps: &[Mapping]) -> (UnwinderX86_64<Vec<u8>>, Vec<ModuleInfo>) {
         let mut unwinder = UnwinderX86_64::<Vec<u8>>::new();
         let mut modules = Vec::new();
         for mapping in maps.iter().filter(|m| m.executable) {
@@ -332,26 +444,22 @@ mod imp {
                 modules.push(info);
             }
         }
-        let addresses = unwind(&unwinder, regs, &mem, max_frames);
-        Ok(symbolize(pid, &addresses, &maps, &modules))
+        (unwinder, modules)
     }
 
-    /// Walks the stack with CFI; returns the pc followed by return addresses.
-    fn unwind(
+    /// Walks the stack with CFI from `regs`, reading stack words through `read_stack`; returns
+    /// the pc followed by return addresses (empty for a pc of 0).
+    pub(crate) fn unwind(
         unwinder: &UnwinderX86_64<Vec<u8>>,
-        regs: UserRegs,
-        mem: &File,
+        regs: StartRegs,
+        mut read_stack: impl FnMut(u64) -> Result<u64, ()>,
         max: usize,
     ) -> Vec<u64> {
+        if regs.pc == 0 || max == 0 {
+            return Vec::new();
+        }
         let mut cache = CacheX86_64::new();
-        let mut read_stack = |addr: u64| {
-            let mut word = [0u8; 8];
-            mem.read_exact_at(&mut word, addr).map_err(|_| ())?;
-            Ok(u64::from_le_bytes(word))
-        };
-        // bp is not in /proc/.../syscall; 0 makes any frame-pointer fallback fail fast instead
-        // of following garbage. Code with CFI does not need it unless its CFA is rbp-based.
-        let mut uregs = UnwindRegsX86_64::new(regs.pc, regs.sp, 0);
+        let mut uregs = UnwindRegsX86_64::new(regs.pc, regs.sp, regs.bp);
         let mut frame = FrameAddress::InstructionPointer(regs.pc);
         let mut addresses = vec![regs.pc];
         while addresses.len() < max {
@@ -472,6 +580,7 @@ mod imp {
         addresses: &[u64],
         maps: &[Mapping],
         modules: &[ModuleInfo],
+        code_info: bool,
     ) -> Vec<Frame> {
         if addresses.is_empty() {
             return Vec::new();
@@ -484,7 +593,7 @@ mod imp {
             .map(|(i, &a)| if i == 0 { a } else { a.saturating_sub(1) })
             .collect();
         let symbolizer = Symbolizer::builder()
-            .enable_code_info(false)
+            .enable_code_info(code_info)
             .enable_inlined_fns(false)
             .build();
         let process = |debug_syms: bool| {
@@ -517,8 +626,23 @@ mod imp {
         // Stripped libraries keep only exported symbols (glibc's __lll_lock_wait is not one).
         // The separate debug file named by the build id still has the full .symtab, readable
         // even when its DWARF is not.
+        // A module whose DWARF blazesym reads but cannot place the address in (seen with a
+        // DWARF 5 libpython built by pyenv) still names it from its own .symtab.
+        // A symbolizer of its own: blazesym caches a module's resolver, and the one above
+        // resolved through the DWARF.
+        let symtab_only = Symbolizer::builder()
+            .enable_code_info(false)
+            .enable_inlined_fns(false)
+            .build();
+        let without_dwarf = process(false);
         for (symbol, &lookup) in symbols.iter_mut().zip(&lookups) {
             if matches!(symbol, Symbolized::Sym(_)) {
+                continue;
+            }
+            if let Ok(found @ Symbolized::Sym(_)) =
+                symtab_only.symbolize_single(&without_dwarf, Input::AbsAddr(lookup))
+            {
+                *symbol = found;
                 continue;
             }
             let Some(module) = modules.iter().find(|m| m.avma.contains(&lookup)) else {
@@ -545,17 +669,24 @@ mod imp {
                 let mapping = maps.iter().find(|m| m.contains(lookup));
                 let module = mapping.and_then(Mapping::module_name);
                 match symbol {
-                    Symbolized::Sym(sym) => Frame {
-                        address,
-                        function: Some(sym.name.to_string()),
-                        module,
-                        offset: sym.offset as u64 + (address - lookup),
-                    },
+                    Symbolized::Sym(sym) => {
+                        let code = sym.code_info.as_deref();
+                        Frame {
+                            address,
+                            function: Some(sym.name.to_string()),
+                            module,
+                            offset: sym.offset as u64 + (address - lookup),
+                            file: code.map(|c| c.to_path().display().to_string()),
+                            line: code.and_then(|c| c.line),
+                        }
+                    }
                     Symbolized::Unknown(_) => Frame {
                         address,
                         function: None,
                         offset: mapping.map_or(0, |m| (address - m.start).saturating_add(m.offset)),
                         module,
+                        file: None,
+                        line: None,
                     },
                 }
             })

@@ -56,6 +56,9 @@ pub const FORK_FLAG_SHARES_VM: u32 = 1 << 0;
 /// stack went out as a [`ForkStackEvent`] with the same key, now or within the last
 /// [`FORK_STACK_EVERY_NS`].
 pub const FORK_FLAG_STACK: u32 = 1 << 1;
+/// `ForkEvent::flags`: with [`FORK_FLAG_STACK`], no copy of this fork's stack was sent: its
+/// thread sent [`FORK_STACK_BURST`] copies within the last [`FORK_STACK_BURST_NS`] already.
+pub const FORK_FLAG_STACK_SKIPPED: u32 = 1 << 2;
 
 /// A new process (not a thread) created by a parent that had at least two live threads.
 #[repr(C)]
@@ -81,9 +84,11 @@ pub struct ForkEvent {
     /// The forking thread's comm; the child starts with the same one.
     pub comm: [u8; COMM_LEN],
     /// With [`FORK_FLAG_STACK`]: the forking thread's user instruction and stack pointers at the
-    /// fork (0 when its registers could not be read), the key of its [`ForkStackEvent`].
+    /// fork (0 when its registers could not be read) and its call site's fingerprint, the key of
+    /// its [`ForkStackEvent`].
     pub stack_ip: u64,
     pub stack_sp: u64,
+    pub stack_site: u64,
 }
 
 /// Pages of user stack a [`ForkStackEvent`] carries: from the page holding the forking thread's
@@ -94,15 +99,27 @@ pub struct ForkEvent {
 pub const FORK_STACK_PAGES: usize = 4;
 /// Bytes of one page of a [`ForkStackEvent`]'s copy.
 pub const FORK_STACK_PAGE_BYTES: usize = 4096;
-/// One forking thread's stack at one call site (same sp and ip) is sent at most once per this
-/// long; its later forks in between refer to it by key, and the daemon reuses what it unwound.
+/// One forking thread's stack at one call site (same sp, ip and site fingerprint) is sent at
+/// most once per this long; its later forks in between refer to it by key, and the daemon reuses
+/// what it unwound.
 pub const FORK_STACK_EVERY_NS: u64 = 1_000_000_000;
+/// Words above sp that make a call site's fingerprint: a hash of those among them that point
+/// into the executable's code (return addresses, above all the one into fork's caller). sp and
+/// ip alone are the same for two call sites at the same depth (the syscall in the C library's
+/// fork, on the same stack): 1 KiB reaches past the C library's fork frames to the caller's
+/// return address.
+pub const FORK_SITE_WORDS: usize = 128;
+/// At most this many copies per forking thread per [`FORK_STACK_BURST_NS`], whatever the keys:
+/// a fingerprint that changed at every fork (a code pointer among the locals) must not turn a
+/// fork storm into a 16 KiB copy per fork.
+pub const FORK_STACK_BURST: u64 = 8;
+pub const FORK_STACK_BURST_NS: u64 = 100_000_000;
 /// Capacity of the kernel's map of stacks recently sent (LRU): forking threads × call sites.
 pub const FORK_STACK_MAX_ENTRIES: u32 = 4096;
 
 /// The forking thread's user registers and stack at a fork of a multithreaded parent: what the
 /// daemon unwinds (with the modules' CFI) into the fork's call stack. Keyed by (tgid, tid,
-/// parent_start_ns, ip, sp), which the [`ForkEvent`] repeats.
+/// parent_start_ns, ip, sp, site), which the [`ForkEvent`] repeats.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ForkStackEvent {
@@ -120,6 +137,8 @@ pub struct ForkStackEvent {
     pub bp: u64,
     /// User address of `stack[0]`: sp rounded down to its page.
     pub base: u64,
+    /// The call site's fingerprint (see [`FORK_SITE_WORDS`]).
+    pub site: u64,
     pub stack: [u8; FORK_STACK_PAGES * FORK_STACK_PAGE_BYTES],
 }
 
@@ -313,6 +332,10 @@ pub struct KernelOffsets {
     pub regs_ip: u32,
     pub regs_sp: u32,
     pub regs_bp: u32,
+    /// task_struct.mm's start_code and end_code: the executable's code, for a fork site's
+    /// fingerprint.
+    pub mm_start_code: u32,
+    pub mm_end_code: u32,
     /// task_struct.files, files_struct.fdt, fdtable.fd: to tell a socket on fds 0-2 (stdio).
     pub task_files: u32,
     pub files_fdt: u32,
@@ -489,14 +512,14 @@ mod tests {
     fn records_have_no_implicit_padding() {
         // Explicit padding keeps every byte the kernel writes initialized and the layout equal
         // on both sides; the sizes below are the sums of the fields.
-        assert_eq!(size_of::<ForkEvent>(), 6 * 4 + 4 * 8 + COMM_LEN + 2 * 8);
+        assert_eq!(size_of::<ForkEvent>(), 6 * 4 + 4 * 8 + COMM_LEN + 3 * 8);
         assert_eq!(
             size_of::<ForkStackEvent>(),
-            4 * 4 + 6 * 8 + FORK_STACK_PAGES * FORK_STACK_PAGE_BYTES
+            4 * 4 + 7 * 8 + FORK_STACK_PAGES * FORK_STACK_PAGE_BYTES
         );
         assert_eq!(size_of::<ExecEvent>(), 2 * 4 + 8 + COMM_LEN);
         assert_eq!(size_of::<ExitEvent>(), 2 * 4 + 8 + 2 * 4);
-        assert_eq!(size_of::<KernelOffsets>(), 43 * 4);
+        assert_eq!(size_of::<KernelOffsets>(), 45 * 4);
         assert_eq!(
             size_of::<SharedSocketEvent>(),
             4 * 4 + 5 * 8 + 2 * 4 + 3 * 2 + 4 + 3 * 2 + 2 * 16 + 2 * UNIX_PATH_LEN + COMM_LEN

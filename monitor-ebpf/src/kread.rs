@@ -14,7 +14,7 @@ use aya_ebpf::helpers::{
     bpf_probe_read_kernel, bpf_probe_read_user, bpf_task_pt_regs,
     generated::{self, bpf_probe_read_kernel_str},
 };
-use monitor_common::{FORK_STACK_PAGE_BYTES, KernelOffsets, UNIX_PATH_LEN};
+use monitor_common::{KernelOffsets, UNIX_PATH_LEN};
 
 /// Types for which every bit pattern is a valid value: integers, byte arrays, raw pointers.
 ///
@@ -33,6 +33,8 @@ macro_rules! plain {
 plain!(u8, u16, u32, u64, i32, *const u8);
 // SAFETY: an array of `u8` is valid for any bytes, like `u8` itself.
 unsafe impl<const N: usize> Plain for [u8; N] {}
+// SAFETY: an array of `u64` is valid for any bytes, like `u64` itself.
+unsafe impl<const N: usize> Plain for [u64; N] {}
 
 /// Reads a `T` at `base + offset` in kernel memory (a struct member at a BTF offset).
 #[inline(always)]
@@ -91,22 +93,16 @@ pub fn current_syscall(offsets: &KernelOffsets) -> u32 {
     read::<u64>(regs, offsets.regs_syscall_nr).map_or(u32::MAX, |nr| nr as u32)
 }
 
-/// Copies one page of the current process's user memory at `src` to `dst`, all or nothing (a
-/// failed copy zeroes `dst`).
+/// Copies `len` bytes of the current process's user memory at `src` to `dst`, all or nothing
+/// (a failed copy zeroes `dst`).
 ///
 /// # Safety
-/// `dst` must be valid for writes of `FORK_STACK_PAGE_BYTES` bytes.
+/// `dst` must be valid for writes of `len` bytes; `len` a constant, for the verifier.
 #[inline(always)]
-pub unsafe fn read_user_page(dst: *mut u8, src: u64) -> Result<(), i32> {
-    // SAFETY: the caller promises `dst` holds a page; the helper writes at most that many bytes
+pub unsafe fn read_user_bytes(dst: *mut u8, len: u32, src: u64) -> Result<(), i32> {
+    // SAFETY: the caller promises `dst` holds `len` bytes; the helper writes at most that many
     // and reads `src` with fault handling.
-    let ret = unsafe {
-        generated::bpf_probe_read_user(
-            dst.cast(),
-            FORK_STACK_PAGE_BYTES as u32,
-            (src as *const u8).cast(),
-        )
-    };
+    let ret = unsafe { generated::bpf_probe_read_user(dst.cast(), len, (src as *const u8).cast()) };
     if ret < 0 { Err(ret as i32) } else { Ok(()) }
 }
 

@@ -61,6 +61,8 @@ static FORKWATCH_OFFSETS: Global<KernelOffsets> = Global::new(KernelOffsets {
     regs_ip: 0,
     regs_sp: 0,
     regs_bp: 0,
+    mm_start_code: 0,
+    mm_end_code: 0,
     task_files: 0,
     files_fdt: 0,
     fdtable_fd: 0,

@@ -64,13 +64,19 @@ const SERIES: [Series; 3] = [
     // Debian 11's kernel: older than every fleet the issue names (5.15+), kept in the matrix as
     // the kernel where detectors really are unavailable, so that degrading by detector is proven
     // end to end. It lacks sched_switch's prev_state argument (5.18), bpf_get_current_task_btf
-    // (5.11) and bpf_task_pt_regs (5.15).
+    // (5.11) and bpf_task_pt_regs (5.15), which fork stacks need too (`fork_stack`: not a
+    // detector, the mt_fork_no_exec scenario's stack).
     Series {
         name: "5.10",
         suite: "bullseye",
         pattern: r"^linux-image-5\.10\.0-[0-9]+-cloud-amd64-unsigned$",
         prefix: "linux-image-5.10.0-",
-        unavailable: &["inherited_lock", "shared_socket", "shared_file_offset"],
+        unavailable: &[
+            "inherited_lock",
+            "shared_socket",
+            "shared_file_offset",
+            "fork_stack",
+        ],
     },
     Series {
         name: "6.1",

@@ -51,6 +51,7 @@ fn fork(child: u32, at: u64, threads: u32) -> Event {
         cgroup_id: 1,
         comm: "worker".into(),
         stack: None,
+        stack_skipped: false,
     })
 }
 

@@ -1,13 +1,14 @@
 //! `fork_stack`: the forking thread's call stack at the fork, on the findings about that fork's
 //! child. The kernel copies the thread's registers and the top of its stack at the fork (once per
-//! thread and call site per second); pipeline/fork_stacks.rs unwinds each copy once, on a thread
-//! of its own, and hands every fork a [`ForkStackRef`] to the result. This file holds what a
-//! finding makes of it: the frames, the fork site (what findings are folded by and what the text
-//! view shows), or why there are none.
+//! thread and call site per second); pipeline/fork_stacks.rs keeps each copy in a [`Slot`] and
+//! hands every fork a [`ForkStackRef`] to it, and unwinds a copy (once, on a thread of its own)
+//! only when a finding needs it: most forks of multithreaded programs exec at once, and their
+//! stacks are never unwound. This file holds what a finding makes of it: the frames, the fork
+//! site (what findings are folded by and what the text view shows), or why there are none.
 
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 
-use crate::enrich::stack::{self, Frame};
+use crate::enrich::stack::{self, CapturedStack, Frame};
 
 /// Why a finding has no `fork_stack` (`fork_stack_unavailable_reason`; docs/findings.md).
 pub mod reason {
@@ -20,6 +21,9 @@ pub mod reason {
     pub const NO_REGISTERS: &str = "registers_unreadable";
     /// The copy of the stack never reached the daemon (the ring buffer was full).
     pub const RECORD_LOST: &str = "stack_record_lost";
+    /// The kernel sent no copy: the forking thread had sent FORK_STACK_BURST copies (from as
+    /// many call sites) within FORK_STACK_BURST_NS already.
+    pub const SKIPPED: &str = "stack_rate_limited";
     /// The parent had exited (or its pid was reused) before its mappings were read.
     pub const PARENT_EXITED: &str = "parent_exited";
     /// Too many stacks were waiting to be unwound.
@@ -34,11 +38,59 @@ pub mod reason {
 /// unwinder thread (or at once, for a stack that cannot be unwound).
 pub type Unwound = Result<Arc<Vec<Frame>>, &'static str>;
 
-/// A fork's stack: none (and why), or the slot its unwinding fills.
+/// A copy of a stack to unwind: the process it is in, its mappings as read when the copy
+/// arrived, and the copy.
+#[derive(Debug)]
+pub struct Captured {
+    pub pid: u32,
+    pub maps: String,
+    pub stack: CapturedStack,
+}
+
+/// One captured stack: what became of it, and, until a finding needs it, the copy to unwind.
+#[derive(Debug, Default)]
+pub struct Slot {
+    outcome: OnceLock<Unwound>,
+    pending: Mutex<Option<Captured>>,
+}
+
+impl Slot {
+    /// A copy waiting for a finding to need it.
+    pub fn waiting(captured: Captured) -> Self {
+        Self {
+            outcome: OnceLock::new(),
+            pending: Mutex::new(Some(captured)),
+        }
+    }
+
+    /// A stack whose outcome is known already (e.g. its parent had gone).
+    pub fn settled(outcome: Unwound) -> Self {
+        let slot = Self::default();
+        slot.set(outcome);
+        slot
+    }
+
+    /// Records the outcome (the first one set stays).
+    pub fn set(&self, outcome: Unwound) {
+        let _ = self.outcome.set(outcome);
+    }
+
+    /// The outcome, or None while the stack is not unwound yet.
+    pub fn outcome(&self) -> Option<Unwound> {
+        self.outcome.get().cloned()
+    }
+
+    /// The copy, for whoever unwinds it: once (later callers get None).
+    pub fn take_pending(&self) -> Option<Captured> {
+        self.pending.lock().ok()?.take()
+    }
+}
+
+/// A fork's stack: none (and why), or the slot of its copy.
 #[derive(Clone, Debug)]
 pub enum ForkStackRef {
     Unavailable(&'static str),
-    Unwinding(Arc<OnceLock<Unwound>>),
+    Unwinding(Arc<Slot>),
 }
 
 impl Default for ForkStackRef {
@@ -64,7 +116,7 @@ impl ForkStackRef {
     pub fn outcome(&self) -> Option<Unwound> {
         match self {
             Self::Unavailable(why) => Some(Err(why)),
-            Self::Unwinding(slot) => slot.get().cloned(),
+            Self::Unwinding(slot) => slot.outcome(),
         }
     }
 
@@ -96,18 +148,31 @@ pub fn details(outcome: Unwound) -> crate::report::finding::ForkStackDetails {
 /// a line of text.
 const SITE_FRAMES: usize = 2;
 
-/// Where the fork was called: the first [`SITE_FRAMES`] frames outside the C library (its
-/// `fork`, `_Fork` and `__libc_fork` wrappers, whatever they are called in this glibc), e.g.
-/// "start_worker_process ← main", or CPython's "os_fork_impl ← os_fork". None when no frame
-/// outside the C library was unwound.
+/// Where the fork was called: the first [`SITE_FRAMES`] frames outside the C library's fork
+/// wrappers (any frame of a shared C library, and in a static executable the wrappers by
+/// name), e.g. "start_worker_process ← main", or CPython's "os_fork ← cfunction_vectorcall_NOARGS".
+/// None when no frame outside them was unwound.
 pub fn fork_site(frames: &[Frame]) -> Option<String> {
     let outside: Vec<Frame> = frames
         .iter()
-        .skip_while(|f| f.module.as_deref().is_some_and(is_c_library))
+        .skip_while(|f| {
+            f.module.as_deref().is_some_and(is_c_library)
+                || f.function.as_deref().is_some_and(is_fork_wrapper)
+        })
         .take(SITE_FRAMES)
         .cloned()
         .collect();
     (!outside.is_empty()).then(|| stack::format_stack(&outside))
+}
+
+/// The C libraries' fork entry points (glibc's `fork` is `__libc_fork` and calls `_Fork`,
+/// which calls `arch_fork`; musl's `fork` calls `_Fork`), as a static executable names them.
+fn is_fork_wrapper(function: &str) -> bool {
+    let name = function.trim_start_matches("__GI_");
+    matches!(
+        name,
+        "fork" | "__fork" | "__libc_fork" | "_Fork" | "arch_fork" | "__fork_impl"
+    )
 }
 
 /// The C library's modules (glibc, musl), whose frames at the top of a fork stack are its fork
@@ -156,6 +221,13 @@ mod tests {
             fork_site(&python).as_deref(),
             Some("os_fork_impl ← os_fork")
         );
+        // A static executable: the wrappers are told by name.
+        let static_exe = [
+            frame("_Fork", "forker"),
+            frame("__libc_fork", "forker"),
+            frame("main", "forker"),
+        ];
+        assert_eq!(fork_site(&static_exe).as_deref(), Some("main"));
         // Only the C library was unwound: no site to tell.
         assert_eq!(fork_site(&frames[..2]), None);
         assert_eq!(fork_site(&[]), None);
@@ -163,14 +235,14 @@ mod tests {
 
     #[test]
     fn a_stack_still_unwinding_reads_as_timed_out_until_it_is_done() {
-        let slot = Arc::new(OnceLock::new());
+        let slot = Arc::new(Slot::default());
         let stack = ForkStackRef::Unwinding(slot.clone());
         assert_eq!(stack.outcome(), None);
         assert_eq!(
             stack.details().fork_stack_unavailable_reason,
             Some(reason::TIMED_OUT)
         );
-        let _ = slot.set(Ok(Arc::new(vec![
+        slot.set(Ok(Arc::new(vec![
             frame("fork", "libc.so.6"),
             frame("spawn", "app"),
         ])));

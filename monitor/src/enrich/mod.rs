@@ -507,6 +507,7 @@ mod tests {
             cgroup_id: 9,
             comm: "gai-async".into(),
             stack: None,
+            stack_skipped: false,
         }
     }
 

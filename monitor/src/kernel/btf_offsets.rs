@@ -94,6 +94,8 @@ fn offsets_in(btf: &RawBtf) -> Result<KernelOffsets, OffsetError> {
         regs_ip: finder.offset("pt_regs", USER_REGS[0])?,
         regs_sp: finder.offset("pt_regs", USER_REGS[1])?,
         regs_bp: finder.offset("pt_regs", USER_REGS[2])?,
+        mm_start_code: finder.offset("mm_struct", "start_code")?,
+        mm_end_code: finder.offset("mm_struct", "end_code")?,
         task_files: finder.offset("task_struct", "files")?,
         files_fdt: finder.offset("files_struct", "fdt")?,
         fdtable_fd: finder.offset("fdtable", "fd")?,

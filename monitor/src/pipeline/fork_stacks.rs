@@ -1,8 +1,11 @@
-//! The fork stacks the kernel captured: each copy is unwound once, on a thread of its own (cold
-//! symbolization of a large binary takes a few hundred milliseconds, which the event loop must
-//! not spend while a fork storm fills the ring buffer), and every fork from the same thread and
-//! call site reuses the result. A finding whose fork's stack is still being unwound is held
-//! back until it is done, or until its budget is spent (then it goes out saying so).
+//! The fork stacks the kernel captured. A copy is kept until a finding needs it, then unwound
+//! once, on a thread of its own (cold symbolization of a large binary with debug info takes
+//! from a hundred milliseconds to a second and more, which the event loop must not spend while
+//! a fork storm fills the ring buffer), and every fork from the same thread and call site
+//! reuses the result. Most forks of multithreaded programs exec at once (a Rust or Java
+//! program spawning a command): their copies are never unwound. A finding whose fork's stack is
+//! still being unwound is held back until it is done, or until its budget is spent (then it
+//! goes out saying so).
 //!
 //! The parent's mappings are read at once when the copy arrives, while the parent has most
 //! likely not moved on; the unwinder reads the mapped files through the parent's /proc entry,
@@ -12,7 +15,7 @@ use std::{
     collections::{HashMap, VecDeque},
     io::Read as _,
     sync::{
-        Arc, OnceLock,
+        Arc,
         mpsc::{Receiver, SyncSender, TrySendError},
     },
     time::{Duration, Instant},
@@ -22,9 +25,9 @@ use monitor_common::FORK_STACK_EVERY_NS;
 
 use crate::{
     enrich::{
-        fork_stack::{self, ForkStackRef, Unwound, reason},
+        fork_stack::{self, Captured, ForkStackRef, Slot, Unwound, reason},
         procfs::ProcFs,
-        stack::{self, CapturedStack},
+        stack,
     },
     report::finding::Finding,
     wire::event::{Fork, ForkStack, StackKey},
@@ -43,19 +46,17 @@ const MAPS_READ_BYTES: u64 = 4 << 20;
 /// at most every FORK_STACK_EVERY_NS per key, and a fork refers to the latest.
 const KEEP_NS: u64 = 3 * FORK_STACK_EVERY_NS;
 
-/// One copy for the unwinder thread.
+/// One copy for the unwinder thread, and the slot it fills.
 struct Job {
-    pid: u32,
-    maps: String,
-    stack: CapturedStack,
-    slot: Arc<OnceLock<Unwound>>,
+    captured: Captured,
+    slot: Arc<Slot>,
 }
 
 pub struct ForkStacks {
     /// None: the kernel does not capture fork stacks, with why.
     kernel: Result<(), String>,
-    /// Key → (boot ns its copy last arrived, the slot its unwinding fills).
-    slots: HashMap<StackKey, (u64, Arc<OnceLock<Unwound>>)>,
+    /// Key → (boot ns its copy last arrived, its slot).
+    slots: HashMap<StackKey, (u64, Arc<Slot>)>,
     /// The unwinder thread's queue, started with the first copy.
     jobs: Option<SyncSender<Job>>,
     /// Woken when the unwinder finishes a stack, so held findings go out at once.
@@ -81,32 +82,39 @@ impl ForkStacks {
         self.unwound.clone()
     }
 
-    /// A copy arrived: unwind it, unless this key's stack is already unwound or on its way.
+    /// A copy arrived: keep it for the forks that refer to it, unless this key's copy is kept
+    /// already (and not given up for want of room in the unwinder's queue).
     pub fn captured(&mut self, proc: &ProcFs, captured: ForkStack) {
         let key = captured.key;
-        if let Some((seen_ns, slot)) = self.slots.get_mut(&key) {
-            // Retried only if it failed for want of room: anything else would fail again.
-            if slot
-                .get()
-                .is_none_or(|unwound| unwound != &Err(reason::BUSY))
-            {
-                *seen_ns = captured.timestamp_ns;
-                return;
-            }
-        }
-        let slot = Arc::new(OnceLock::new());
-        self.slots
-            .insert(key, (captured.timestamp_ns, slot.clone()));
-        // Read, then checked: a parent still itself after the read was itself during it.
-        let maps = read_maps(proc, key.pid);
-        if !proc.is_same_process(key.pid, key.parent_start_ns) || maps.is_none() {
-            let _ = slot.set(Err(reason::PARENT_EXITED));
+        if let Some((seen_ns, slot)) = self.slots.get_mut(&key)
+            && slot.outcome() != Some(Err(reason::BUSY))
+        {
+            *seen_ns = captured.timestamp_ns;
             return;
         }
+        // Read, then checked: a parent still itself after the read was itself during it.
+        let maps = read_maps(proc, key.pid);
+        let slot = match maps {
+            Some(maps) if proc.is_same_process(key.pid, key.parent_start_ns) => {
+                Slot::waiting(Captured {
+                    pid: key.pid,
+                    maps,
+                    stack: captured.stack,
+                })
+            }
+            _ => Slot::settled(Err(reason::PARENT_EXITED)),
+        };
+        self.slots
+            .insert(key, (captured.timestamp_ns, Arc::new(slot)));
+    }
+
+    /// Hands the copy of `slot` to the unwinder thread, if it has not been already.
+    fn unwind(&mut self, slot: &Arc<Slot>) {
+        let Some(captured) = slot.take_pending() else {
+            return;
+        };
         let job = Job {
-            pid: key.pid,
-            maps: maps.unwrap_or_default(),
-            stack: captured.stack,
+            captured,
             slot: slot.clone(),
         };
         let jobs = self
@@ -114,13 +122,9 @@ impl ForkStacks {
             .get_or_insert_with(|| spawn_unwinder(self.unwound.clone()));
         match jobs.try_send(job) {
             Ok(()) => {}
-            Err(TrySendError::Full(_)) => {
-                let _ = slot.set(Err(reason::BUSY));
-            }
-            Err(TrySendError::Disconnected(_)) => {
-                // The thread could not be started: say so once, and stop trying.
-                let _ = slot.set(Err(reason::FAILED));
-            }
+            Err(TrySendError::Full(_)) => slot.set(Err(reason::BUSY)),
+            // The thread could not be started (logged then).
+            Err(TrySendError::Disconnected(_)) => slot.set(Err(reason::FAILED)),
         }
     }
 
@@ -138,6 +142,7 @@ impl ForkStacks {
         }
         match self.slots.get(&key) {
             Some((_, slot)) => ForkStackRef::Unwinding(slot.clone()),
+            None if fork.stack_skipped => ForkStackRef::Unavailable(reason::SKIPPED),
             None => ForkStackRef::Unavailable(reason::RECORD_LOST),
         }
     }
@@ -148,6 +153,9 @@ impl ForkStacks {
         let Some(stack) = stack else {
             return Some(finding);
         };
+        if let ForkStackRef::Unwinding(slot) = &stack {
+            self.unwind(slot);
+        }
         match stack.outcome() {
             Some(outcome) => Some(with_stack(finding, outcome)),
             None => {
@@ -213,14 +221,22 @@ fn spawn_unwinder(unwound: Arc<tokio::sync::Notify>) -> SyncSender<Job> {
 /// (a mapped file on a server that never answers) holds up the stacks queued behind it, never
 /// the event loop: their findings go out when their budget is spent.
 fn unwinder(jobs: &Receiver<Job>, unwound: &tokio::sync::Notify) {
-    while let Ok(job) = jobs.recv() {
-        let result = stack::captured_stack(job.pid, &job.maps, &job.stack, MAX_FRAMES)
+    while let Ok(Job { captured, slot }) = jobs.recv() {
+        let started = Instant::now();
+        let pid = captured.pid;
+        let result = stack::captured_stack(pid, &captured.maps, &captured.stack, MAX_FRAMES)
             .map(Arc::new)
             .map_err(|err| {
-                tracing::debug!(%err, pid = job.pid, "fork stack not unwound");
+                tracing::debug!(%err, pid, "fork stack not unwound");
                 reason::FAILED
             });
-        let _ = job.slot.set(result);
+        tracing::debug!(
+            pid,
+            ms = started.elapsed().as_millis() as u64,
+            frames = result.as_ref().map_or(0, |f| f.len()),
+            "fork stack unwound"
+        );
+        slot.set(result);
         unwound.notify_one();
     }
 }
@@ -236,6 +252,7 @@ mod tests {
             parent_start_ns: 1,
             ip,
             sp: 0x1000,
+            site: 0,
         }
     }
 
@@ -252,6 +269,7 @@ mod tests {
             cgroup_id: 0,
             comm: "x".into(),
             stack,
+            stack_skipped: false,
         }
     }
 
@@ -282,7 +300,7 @@ mod tests {
             ForkStack {
                 key: key(5),
                 timestamp_ns: 1,
-                stack: CapturedStack {
+                stack: crate::enrich::stack::CapturedStack {
                     ip: 5,
                     sp: 0x1000,
                     bp: 0,
@@ -303,12 +321,75 @@ mod tests {
     }
 
     #[test]
+    fn a_copy_is_unwound_only_when_a_finding_needs_it() {
+        // This test process plays the parent: alive, with its start time.
+        let proc = ProcFs::default();
+        let me = std::process::id();
+        // SAFETY: sysconf reads a configuration value.
+        let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as u64;
+        let start_ns = proc.start_ticks(me).unwrap() * (1_000_000_000 / hz);
+        let key = StackKey {
+            pid: me,
+            tid: me,
+            parent_start_ns: start_ns,
+            ip: a_copy_is_unwound_only_when_a_finding_needs_it as *const () as u64,
+            sp: 0x1000,
+            site: 7,
+        };
+        let mut stacks = ForkStacks::new(Ok(()));
+        let copy = crate::enrich::stack::CapturedStack {
+            ip: key.ip,
+            sp: key.sp,
+            bp: 0,
+            base: 0x1000,
+            bytes: vec![0; 64],
+        };
+        stacks.captured(
+            &proc,
+            ForkStack {
+                key,
+                timestamp_ns: 1,
+                stack: copy,
+            },
+        );
+        let fork = Fork {
+            parent_pid: me,
+            parent_tid: me,
+            parent_start_ns: start_ns,
+            ..fork(Some(key))
+        };
+        let stack = stacks.of(&fork);
+        assert_eq!(stack.outcome(), None, "kept, not unwound");
+        assert!(stacks.jobs.is_none(), "no unwinder started for it");
+        assert_eq!(
+            stacks.settle(Finding::example("w"), Some(stack.clone())),
+            None,
+            "held while it is unwound"
+        );
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let released = loop {
+            let out = stacks.release(Instant::now(), false);
+            if let Some(finding) = out.into_iter().next() {
+                break finding;
+            }
+            assert!(Instant::now() < deadline, "never unwound");
+            std::thread::sleep(Duration::from_millis(10));
+        };
+        let details = released.fork.unwrap();
+        assert_ne!(
+            details.fork_stack_unavailable_reason,
+            Some(reason::TIMED_OUT)
+        );
+        assert!(stack.outcome().is_some());
+    }
+
+    #[test]
     fn findings_are_held_until_their_stack_is_done_or_their_budget_spent() {
         let mut stacks = ForkStacks::new(Ok(()));
         let finding = Finding::example("worker");
         // Not about a fork: out at once, untouched.
         assert_eq!(stacks.settle(finding.clone(), None), Some(finding.clone()));
-        let (done, late) = (Arc::new(OnceLock::new()), Arc::new(OnceLock::new()));
+        let (done, late) = (Arc::new(Slot::default()), Arc::new(Slot::default()));
         assert_eq!(
             stacks.settle(finding.clone(), Some(ForkStackRef::Unwinding(done.clone()))),
             None
@@ -319,7 +400,7 @@ mod tests {
         );
         let now = Instant::now();
         assert!(stacks.release(now, false).is_empty());
-        let _ = done.set(Err(reason::FAILED));
+        done.set(Err(reason::FAILED));
         let out = stacks.release(now, false);
         assert_eq!(out.len(), 1);
         assert_eq!(

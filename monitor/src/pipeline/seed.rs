@@ -107,6 +107,7 @@ fn seeded(proc: &ProcFs, pid: u32, now_ns: u64) -> Option<Seeded> {
             cgroup_id: 0,
             comm,
             stack: None,
+            stack_skipped: false,
         },
         context,
         waits,

@@ -26,10 +26,13 @@ pub struct Fork {
     /// The key of the forking thread's stack at the fork, when the kernel captures fork stacks
     /// (its [`ForkStack`] came just before, or within the last second from the same call site).
     pub stack: Option<StackKey>,
+    /// The kernel skipped this fork's copy: its thread had sent its quota of copies already.
+    pub stack_skipped: bool,
 }
 
 /// Which captured stack a fork refers to: one forking thread of one process (pid and start
-/// time) at one call site (sp and ip). ip 0: the kernel could not read the registers.
+/// time) at one call site (sp, ip and the fingerprint of the return addresses above them). ip
+/// 0: the kernel could not read the registers.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct StackKey {
     pub pid: u32,
@@ -37,6 +40,7 @@ pub struct StackKey {
     pub parent_start_ns: u64,
     pub ip: u64,
     pub sp: u64,
+    pub site: u64,
 }
 
 /// The forking thread's registers and the top of its stack at a fork (the kernel sends one per

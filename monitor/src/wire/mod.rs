@@ -9,8 +9,8 @@ use std::net::{Ipv4Addr, Ipv6Addr};
 
 use monitor_common::{
     COMM_LEN, DIRECTION_SEND, EventKind, ExecEvent, ExitEvent, FORK_FLAG_SHARES_VM,
-    FORK_FLAG_STACK, FORK_STACK_PAGE_BYTES, FORK_STACK_PAGES, ForkEvent, ForkStackEvent,
-    SharedFileEvent, SharedSocketEvent, ThreadEvent,
+    FORK_FLAG_STACK, FORK_FLAG_STACK_SKIPPED, FORK_STACK_PAGE_BYTES, FORK_STACK_PAGES, ForkEvent,
+    ForkStackEvent, SharedFileEvent, SharedSocketEvent, ThreadEvent,
     linux::{AF_INET, AF_INET6, AF_UNIX},
 };
 
@@ -63,7 +63,9 @@ pub fn decode(record: &[u8]) -> Result<Event, DecodeError> {
                     parent_start_ns: e.parent_start_ns,
                     ip: e.stack_ip,
                     sp: e.stack_sp,
+                    site: e.stack_site,
                 }),
+                stack_skipped: e.flags & FORK_FLAG_STACK_SKIPPED != 0,
             })
         }
         EventKind::ForkStack => {
@@ -88,6 +90,7 @@ pub fn decode(record: &[u8]) -> Result<Event, DecodeError> {
                 parent_start_ns: word(std::mem::offset_of!(ForkStackEvent, parent_start_ns)),
                 ip: word(std::mem::offset_of!(ForkStackEvent, ip)),
                 sp: word(std::mem::offset_of!(ForkStackEvent, sp)),
+                site: word(std::mem::offset_of!(ForkStackEvent, site)),
             };
             Event::ForkStack(ForkStack {
                 key,
@@ -259,6 +262,7 @@ mod tests {
             comm,
             stack_ip: 0,
             stack_sp: 0,
+            stack_site: 0,
         }
     }
 
@@ -298,6 +302,10 @@ mod tests {
             std::mem::offset_of!(ForkStackEvent, base),
             &0x7ffd_0000u64.to_ne_bytes(),
         );
+        put(
+            std::mem::offset_of!(ForkStackEvent, site),
+            &0x5173u64.to_ne_bytes(),
+        );
         put(std::mem::offset_of!(ForkStackEvent, stack), &[0xaa; 8]);
         bytes
     }
@@ -313,6 +321,7 @@ mod tests {
             parent_start_ns: 1_000,
             ip: 0x40_1000,
             sp: 0x7ffd_0010,
+            site: 0x5173,
         };
         assert_eq!(stack.key, key);
         assert_eq!(
@@ -335,11 +344,19 @@ mod tests {
             panic!("not a fork");
         };
         assert_eq!(plain.stack, None, "no capture program, no key");
+        assert!(!plain.stack_skipped);
         (fork.flags, fork.stack_ip, fork.stack_sp) = (FORK_FLAG_STACK, 0x40_1000, 0x7ffd_0010);
+        fork.stack_site = 0x5173;
         let Event::Fork(with) = decode(&as_bytes(&fork)).unwrap() else {
             panic!("not a fork");
         };
         assert_eq!(with.stack, Some(key));
+        assert!(!with.stack_skipped);
+        fork.flags |= FORK_FLAG_STACK_SKIPPED;
+        let Event::Fork(skipped) = decode(&as_bytes(&fork)).unwrap() else {
+            panic!("not a fork");
+        };
+        assert!(skipped.stack_skipped);
     }
 
     #[test]

@@ -216,7 +216,15 @@ impl Probes {
             }
             self.attach(program)?;
         }
-        Ok(format!("{} (via {via})", detectors::describe(&programs)))
+        let stacks = if self.fork_stacks.is_ok() {
+            ""
+        } else {
+            "; no fork stacks: the kernel refused bpf_task_pt_regs (Linux 5.15)"
+        };
+        Ok(format!(
+            "{} (via {via}){stacks}",
+            detectors::describe(&programs)
+        ))
     }
 
     /// Whether forks of multithreaded processes come with the forking thread's stack; if not,

@@ -368,6 +368,8 @@ mod imp {
         bias: u64,
         /// GNU build id, which names the separate debug file.
         build_id: Option<Vec<u8>>,
+        /// The mapped file, open: symbols are read from it when the process is gone.
+        file: File,
     }
 
     pub(super) fn blocked_thread_stack(
@@ -491,7 +493,7 @@ mod imp {
         let file = open_mapped_file(pid, mapping)?;
         // ReadCache reads only the headers and the sections asked for, not the whole (possibly
         // huge) file, and bounds-checks every read against the file size.
-        let data = ReadCache::new(file);
+        let data = ReadCache::new(file.try_clone().ok()?);
         let elf = ElfFile64::<object::Endianness, _>::parse(&data).ok()?;
 
         // The executable PT_LOAD segment that this mapping was created from gives the load
@@ -547,6 +549,7 @@ mod imp {
                 avma,
                 bias,
                 build_id,
+                file,
             },
         ))
     }
@@ -554,7 +557,8 @@ mod imp {
     /// Opens the file behind a mapping, or None: its path and contents are the traced process's
     /// to choose, so nothing is trusted. /proc/<pid>/map_files/ is the mapped file itself (it
     /// needs CAP_SYS_ADMIN or CAP_CHECKPOINT_RESTORE); without it, the path is resolved inside
-    /// the process's root (containers) with no symlink leading out of it and none at the end.
+    /// the process's root (containers) with no symlink leading out of it and none at the end;
+    /// for a process already gone (a fork's parent that exited), on the host.
     /// Either way the file must be a regular file with the mapped inode, and it is opened
     /// without blocking: a FIFO named like the mapped file must not stall the daemon.
     fn open_mapped_file(pid: u32, mapping: &Mapping) -> Option<File> {
@@ -570,7 +574,9 @@ mod imp {
             return Some(file);
         }
         let path = mapping.path.as_deref().filter(|p| p.starts_with('/'))?;
-        open_in_root(pid, path).filter(is_mapped_file)
+        open_in_root(pid, path)
+            .or_else(|| open_on_host(path, mapping.inode))
+            .filter(is_mapped_file)
     }
 
     /// Names every address; symbolization failures leave `function` empty rather than
@@ -623,31 +629,44 @@ mod imp {
                     })
                     .collect()
             });
-        // Stripped libraries keep only exported symbols (glibc's __lll_lock_wait is not one).
-        // The separate debug file named by the build id still has the full .symtab, readable
-        // even when its DWARF is not.
-        // A module whose DWARF blazesym reads but cannot place the address in (seen with a
-        // DWARF 5 libpython built by pyenv) still names it from its own .symtab.
-        // A symbolizer of its own: blazesym caches a module's resolver, and the one above
-        // resolved through the DWARF.
+        // What the process source left unnamed is looked up in the module's file itself, which
+        // is open: a process gone by now (a fork's parent that exited) has no /proc entry left
+        // to symbolize through. First with its DWARF (if asked for), then its .symtab alone, in
+        // a symbolizer of its own (blazesym caches a module's resolver, and a DWARF one does
+        // not fall back to the symbol table: seen with a DWARF 5 libpython built by pyenv).
         let symtab_only = Symbolizer::builder()
             .enable_code_info(false)
             .enable_inlined_fns(false)
             .build();
-        let without_dwarf = process(false);
         for (symbol, &lookup) in symbols.iter_mut().zip(&lookups) {
             if matches!(symbol, Symbolized::Sym(_)) {
-                continue;
-            }
-            if let Ok(found @ Symbolized::Sym(_)) =
-                symtab_only.symbolize_single(&without_dwarf, Input::AbsAddr(lookup))
-            {
-                *symbol = found;
                 continue;
             }
             let Some(module) = modules.iter().find(|m| m.avma.contains(&lookup)) else {
                 continue;
             };
+            let Some(svma) = lookup.checked_sub(module.bias) else {
+                continue;
+            };
+            let path = format!("/proc/self/fd/{}", module.file.as_raw_fd());
+            let elf = |debug_syms: bool| {
+                let mut elf = Elf::new(&path);
+                elf.debug_syms = debug_syms;
+                Source::Elf(elf)
+            };
+            let attempts = [(&symbolizer, true), (&symtab_only, false)];
+            if let Some(found) = attempts.iter().find_map(|(by, debug_syms)| {
+                match by.symbolize_single(&elf(*debug_syms), Input::VirtOffset(svma)) {
+                    Ok(found @ Symbolized::Sym(_)) => Some(found),
+                    _ => None,
+                }
+            }) {
+                *symbol = found;
+                continue;
+            }
+            // Stripped libraries keep only exported symbols (glibc's __lll_lock_wait is not
+            // one). The separate debug file named by the build id still has the full .symtab,
+            // readable even when its DWARF is not.
             if let Some(path) = module
                 .build_id
                 .as_deref()
@@ -655,9 +674,7 @@ mod imp {
             {
                 let mut elf = Elf::new(&path.path);
                 elf.debug_syms = false;
-                if let Some(svma) = lookup.checked_sub(module.bias) {
-                    *symbol = single(&Source::Elf(elf), Input::VirtOffset(svma));
-                }
+                *symbol = single(&Source::Elf(elf), Input::VirtOffset(svma));
             }
         }
 
@@ -748,17 +765,44 @@ struct OpenHow {
 /// an absolute symlink would otherwise resolve against the daemon's own root. openat2 with
 /// RESOLVE_IN_ROOT keeps every step inside (Linux 5.6+); where it is missing, None.
 fn open_in_root(pid: u32, path: &str) -> Option<File> {
+    open_resolved(
+        &format!("/proc/{pid}/root"),
+        path,
+        libc::RESOLVE_IN_ROOT | libc::RESOLVE_NO_MAGICLINKS,
+    )
+}
+
+/// Opens the absolute `path` in the daemon's own root, but only if it is a regular file with
+/// inode `inode` (checked before opening, so that no device is ever opened, and after), through
+/// no symlink at all: for a process that has exited, whose /proc root is gone, its mapped files
+/// are where a host process's are.
+fn open_on_host(path: &str, inode: u64) -> Option<File> {
+    use std::os::unix::fs::MetadataExt as _;
+    let meta = std::fs::symlink_metadata(path).ok()?;
+    if !meta.file_type().is_file() || meta.ino() != inode {
+        return None;
+    }
+    open_resolved(
+        "/",
+        path,
+        libc::RESOLVE_NO_SYMLINKS | libc::RESOLVE_NO_MAGICLINKS,
+    )
+}
+
+/// Opens `path` (absolute, taken as relative to `root`) read-only and without blocking, with
+/// openat2's `resolve` rules.
+fn open_resolved(root: &str, path: &str, resolve: u64) -> Option<File> {
     use std::os::fd::{AsRawFd as _, FromRawFd as _};
     let root = std::fs::OpenOptions::new()
         .read(true)
         .custom_flags(libc::O_PATH | libc::O_DIRECTORY | libc::O_CLOEXEC)
-        .open(format!("/proc/{pid}/root"))
+        .open(root)
         .ok()?;
     let relative = std::ffi::CString::new(path.trim_start_matches('/')).ok()?;
     let how = OpenHow {
         flags: (libc::O_RDONLY | libc::O_NONBLOCK | libc::O_NOFOLLOW | libc::O_CLOEXEC) as u64,
         mode: 0,
-        resolve: libc::RESOLVE_IN_ROOT | libc::RESOLVE_NO_MAGICLINKS,
+        resolve,
     };
     // SAFETY: openat2 reads `relative` (NUL-terminated, alive for the call) and `how` (a valid
     // open_how of the size passed); the fd it returns is ours alone and wrapped at once.

@@ -178,8 +178,11 @@ fn send_fork_stack(pid_tgid: u64, parent_start_ns: u64, mm: *const u8) -> (Stack
     if burst[1] >= FORK_STACK_BURST {
         return (stack, false);
     }
+    // Noted as sent before the reservation: a full ring buffer is not tried again for this
+    // key within FORK_STACK_EVERY_NS (every fork of a storm would try, and count a loss).
+    let _ = FORK_STACKS.insert(&key, &now_ns, 0);
+    let _ = FORK_STACK_BURSTS.insert(&thread, &[burst[0], burst[1] + 1], 0);
     let Some(mut entry) = EVENTS.reserve::<ForkStackEvent>(0) else {
-        // Not noted as sent: the next fork from here tries again.
         count(&LOST_EVENTS, lost_category::FORK_STACK);
         return (stack, true);
     };
@@ -218,8 +221,6 @@ fn send_fork_stack(pid_tgid: u64, parent_start_ns: u64, mm: *const u8) -> (Stack
     }
     // No wakeup of its own: the fork's record, submitted next, decides that.
     entry.submit(BPF_RB_NO_WAKEUP as u64);
-    let _ = FORK_STACKS.insert(&key, &now_ns, 0);
-    let _ = FORK_STACK_BURSTS.insert(&thread, &[burst[0], burst[1] + 1], 0);
     (stack, true)
 }
 

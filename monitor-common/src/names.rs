@@ -43,6 +43,10 @@ pub const LIFECYCLE_PROGRAMS: [(&str, &str); 2] = [
     ("sched_process_fork", "sched_process_fork"),
     ("sched_process_exec", "sched_process_exec"),
 ];
+/// The fork program that also captures the forking thread's user stack (needs
+/// `bpf_task_pt_regs`, Linux 5.15): attached instead of `sched_process_fork` where the kernel
+/// accepts it.
+pub const FORK_STACK_PROGRAM: &str = "sched_process_fork_stack";
 /// The tp_btf tracepoint of the exit programs, one per prototype: `EXIT_PROGRAM` reads the
 /// `group_dead` argument (passed by newer kernels), `EXIT_PROGRAM_LIVE` the task's signal->live.
 pub const EXIT_TRACEPOINT: &str = "sched_process_exit";
@@ -72,5 +76,7 @@ pub mod category {
     pub const SOCKET: &str = "socket";
     /// A file offset shared within a fork family.
     pub const FILE: &str = "file";
-    pub const ALL: [&str; 6] = [FORK, EXEC, EXIT, THREAD, SOCKET, FILE];
+    /// A fork's user stack (sent once per forking thread and call site per second).
+    pub const FORK_STACK: &str = "fork_stack";
+    pub const ALL: [&str; 7] = [FORK, EXEC, EXIT, THREAD, SOCKET, FILE, FORK_STACK];
 }

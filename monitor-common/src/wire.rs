@@ -26,6 +26,9 @@ pub enum EventKind {
     /// A second process of one fork family wrote through a regular-file open description
     /// (without O_APPEND) another member wrote through since the fork.
     SharedFile = 7,
+    /// The forking thread's registers and a copy of its user stack at a fork of a multithreaded
+    /// parent ([`ForkStackEvent`]), sent just before the [`ForkEvent`] it belongs to.
+    ForkStack = 8,
 }
 
 impl EventKind {
@@ -38,6 +41,7 @@ impl EventKind {
             5 => Some(Self::ThreadExited),
             6 => Some(Self::SharedSocket),
             7 => Some(Self::SharedFile),
+            8 => Some(Self::ForkStack),
             _ => None,
         }
     }
@@ -47,6 +51,14 @@ impl EventKind {
 /// posix_spawn). The kernel filters these out already; the flag stays on the wire so the
 /// correlator can refuse them too.
 pub const FORK_FLAG_SHARES_VM: u32 = 1 << 0;
+/// `ForkEvent::flags`: the program that captures fork stacks ran (this kernel has
+/// `bpf_task_pt_regs`), and `stack_ip`/`stack_sp` are the forking thread's user registers; its
+/// stack went out as a [`ForkStackEvent`] with the same key, now or within the last
+/// [`FORK_STACK_EVERY_NS`].
+pub const FORK_FLAG_STACK: u32 = 1 << 1;
+/// `ForkEvent::flags`: with [`FORK_FLAG_STACK`], no copy of this fork's stack was sent: its
+/// thread sent [`FORK_STACK_BURST`] copies within the last [`FORK_STACK_BURST_NS`] already.
+pub const FORK_FLAG_STACK_SKIPPED: u32 = 1 << 2;
 
 /// A new process (not a thread) created by a parent that had at least two live threads.
 #[repr(C)]
@@ -71,6 +83,63 @@ pub struct ForkEvent {
     pub cgroup_id: u64,
     /// The forking thread's comm; the child starts with the same one.
     pub comm: [u8; COMM_LEN],
+    /// With [`FORK_FLAG_STACK`]: the forking thread's user instruction and stack pointers at the
+    /// fork (0 when its registers could not be read) and its call site's fingerprint, the key of
+    /// its [`ForkStackEvent`].
+    pub stack_ip: u64,
+    pub stack_sp: u64,
+    pub stack_site: u64,
+}
+
+/// Pages of user stack a [`ForkStackEvent`] carries: from the page holding the forking thread's
+/// sp upwards, so at least (FORK_STACK_PAGES - 1) × 4 KiB of its callers' frames. 16 KiB: a
+/// C program's or an interpreter's native frames from the fork up to its main loop fit (deep
+/// recursion does not, and its outer frames are left out). Whole pages, read one by one at fixed
+/// offsets of the record, so the verifier checks each copy's bounds as constants.
+pub const FORK_STACK_PAGES: usize = 4;
+/// Bytes of one page of a [`ForkStackEvent`]'s copy.
+pub const FORK_STACK_PAGE_BYTES: usize = 4096;
+/// One forking thread's stack at one call site (same sp, ip and site fingerprint) is sent at
+/// most once per this long; its later forks in between refer to it by key, and the daemon reuses
+/// what it unwound.
+pub const FORK_STACK_EVERY_NS: u64 = 1_000_000_000;
+/// Words above sp that make a call site's fingerprint: a hash of those among them that point
+/// into the executable's code (return addresses, above all the one into fork's caller). sp and
+/// ip alone are the same for two call sites at the same depth (the syscall in the C library's
+/// fork, on the same stack): 1 KiB reaches past the C library's fork frames to the caller's
+/// return address.
+pub const FORK_SITE_WORDS: usize = 128;
+/// At most this many copies per forking thread per [`FORK_STACK_BURST_NS`], whatever the keys:
+/// a fingerprint that changed at every fork (a code pointer among the locals) must not turn a
+/// fork storm into a 16 KiB copy per fork.
+pub const FORK_STACK_BURST: u64 = 8;
+pub const FORK_STACK_BURST_NS: u64 = 100_000_000;
+/// Capacity of the kernel's map of stacks recently sent (LRU): forking threads × call sites.
+pub const FORK_STACK_MAX_ENTRIES: u32 = 4096;
+
+/// The forking thread's user registers and stack at a fork of a multithreaded parent: what the
+/// daemon unwinds (with the modules' CFI) into the fork's call stack. Keyed by (tgid, tid,
+/// parent_start_ns, ip, sp, site), which the [`ForkEvent`] repeats.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ForkStackEvent {
+    pub kind: u32,
+    pub tgid: u32,
+    pub tid: u32,
+    /// How many pages of `stack` were read (the copy stops at the first unreadable page: the
+    /// top of the stack's mapping).
+    pub pages: u32,
+    pub parent_start_ns: u64,
+    pub timestamp_ns: u64,
+    /// User registers at the fork: instruction, stack and frame pointer (rbp on x86_64).
+    pub ip: u64,
+    pub sp: u64,
+    pub bp: u64,
+    /// User address of `stack[0]`: sp rounded down to its page.
+    pub base: u64,
+    /// The call site's fingerprint (see [`FORK_SITE_WORDS`]).
+    pub site: u64,
+    pub stack: [u8; FORK_STACK_PAGES * FORK_STACK_PAGE_BYTES],
 }
 
 /// A tracked process called execve successfully.
@@ -261,6 +330,15 @@ pub struct KernelOffsets {
     pub regs_arg2: u32,
     pub regs_arg4: u32,
     pub regs_arg5: u32,
+    /// `struct pt_regs` members with the user instruction, stack and frame pointers (x86_64:
+    /// ip, sp, bp), for the fork stack.
+    pub regs_ip: u32,
+    pub regs_sp: u32,
+    pub regs_bp: u32,
+    /// task_struct.mm's start_code and end_code: the executable's code, for a fork site's
+    /// fingerprint.
+    pub mm_start_code: u32,
+    pub mm_end_code: u32,
     /// task_struct.files, files_struct.fdt, fdtable.fd: to tell a socket on fds 0-2 (stdio).
     pub task_files: u32,
     pub files_fdt: u32,
@@ -334,7 +412,8 @@ pub mod lost_category {
     pub const THREAD: u32 = 3;
     pub const SOCKET: u32 = 4;
     pub const FILE: u32 = 5;
-    pub const COUNT: u32 = 6;
+    pub const FORK_STACK: u32 = 6;
+    pub const COUNT: u32 = 7;
     /// Metric label of each category, by index.
     pub const NAMES: [&str; COUNT as usize] = crate::names::category::ALL;
 }
@@ -389,6 +468,7 @@ mod pod {
     unsafe impl aya::Pod for super::SockUser {}
     unsafe impl aya::Pod for super::SockPid {}
     unsafe impl aya::Pod for super::SharedFileEvent {}
+    unsafe impl aya::Pod for super::ForkStackEvent {}
 }
 
 #[cfg(test)]
@@ -415,6 +495,7 @@ mod tests {
         assert_eq!(offset_of!(ExitEvent, kind), 0);
         assert_eq!(offset_of!(ThreadEvent, kind), 0);
         assert_eq!(offset_of!(SharedSocketEvent, kind), 0);
+        assert_eq!(offset_of!(ForkStackEvent, kind), 0);
         for kind in [
             EventKind::Fork,
             EventKind::Exec,
@@ -423,6 +504,7 @@ mod tests {
             EventKind::ThreadExited,
             EventKind::SharedSocket,
             EventKind::SharedFile,
+            EventKind::ForkStack,
         ] {
             assert_eq!(EventKind::from_u32(kind as u32), Some(kind));
         }
@@ -433,10 +515,14 @@ mod tests {
     fn records_have_no_implicit_padding() {
         // Explicit padding keeps every byte the kernel writes initialized and the layout equal
         // on both sides; the sizes below are the sums of the fields.
-        assert_eq!(size_of::<ForkEvent>(), 6 * 4 + 4 * 8 + COMM_LEN);
+        assert_eq!(size_of::<ForkEvent>(), 6 * 4 + 4 * 8 + COMM_LEN + 3 * 8);
+        assert_eq!(
+            size_of::<ForkStackEvent>(),
+            4 * 4 + 7 * 8 + FORK_STACK_PAGES * FORK_STACK_PAGE_BYTES
+        );
         assert_eq!(size_of::<ExecEvent>(), 2 * 4 + 8 + COMM_LEN);
         assert_eq!(size_of::<ExitEvent>(), 2 * 4 + 8 + 2 * 4);
-        assert_eq!(size_of::<KernelOffsets>(), 41 * 4);
+        assert_eq!(size_of::<KernelOffsets>(), 46 * 4);
         assert_eq!(
             size_of::<SharedSocketEvent>(),
             4 * 4 + 5 * 8 + 2 * 4 + 3 * 2 + 4 + 3 * 2 + 2 * 16 + 2 * UNIX_PATH_LEN + COMM_LEN
@@ -468,6 +554,7 @@ mod tests {
             (lost_category::THREAD, category::THREAD),
             (lost_category::SOCKET, category::SOCKET),
             (lost_category::FILE, category::FILE),
+            (lost_category::FORK_STACK, category::FORK_STACK),
         ] {
             assert_eq!(lost_category::NAMES[index as usize], name);
         }

@@ -33,6 +33,8 @@ macro_rules! plain {
 plain!(u8, u16, u32, u64, i32, *const u8);
 // SAFETY: an array of `u8` is valid for any bytes, like `u8` itself.
 unsafe impl<const N: usize> Plain for [u8; N] {}
+// SAFETY: an array of `u64` is valid for any bytes, like `u64` itself.
+unsafe impl<const N: usize> Plain for [u64; N] {}
 
 /// Reads a `T` at `base + offset` in kernel memory (a struct member at a BTF offset).
 #[inline(always)]
@@ -89,6 +91,19 @@ pub fn current_syscall(offsets: &KernelOffsets) -> u32 {
         return u32::MAX;
     }
     read::<u64>(regs, offsets.regs_syscall_nr).map_or(u32::MAX, |nr| nr as u32)
+}
+
+/// Copies `len` bytes of the current process's user memory at `src` to `dst`, all or nothing
+/// (a failed copy zeroes `dst`).
+///
+/// # Safety
+/// `dst` must be valid for writes of `len` bytes; `len` a constant, for the verifier.
+#[inline(always)]
+pub unsafe fn read_user_bytes(dst: *mut u8, len: u32, src: u64) -> Result<(), i32> {
+    // SAFETY: the caller promises `dst` holds `len` bytes; the helper writes at most that many
+    // and reads `src` with fault handling.
+    let ret = unsafe { generated::bpf_probe_read_user(dst.cast(), len, (src as *const u8).cast()) };
+    if ret < 0 { Err(ret as i32) } else { Ok(()) }
 }
 
 /// `task->group_leader->start_boottime`: when the task's process started (its identity with the

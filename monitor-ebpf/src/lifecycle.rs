@@ -3,12 +3,15 @@
 //! the sharing and write probes watch.
 
 use aya_ebpf::{
+    bindings::BPF_RB_NO_WAKEUP,
     helpers::{bpf_get_current_comm, bpf_get_current_pid_tgid},
     macros::btf_tracepoint,
     programs::BtfTracePointContext,
 };
 use monitor_common::{
-    EventKind, ExecEvent, ExitEvent, FORK_WAKEUP_EVERY_NS, ForkEvent, ThreadEvent, fork_counter,
+    EventKind, ExecEvent, ExitEvent, FORK_FLAG_STACK, FORK_FLAG_STACK_SKIPPED, FORK_SITE_WORDS,
+    FORK_STACK_BURST, FORK_STACK_BURST_NS, FORK_STACK_EVERY_NS, FORK_STACK_PAGE_BYTES,
+    FORK_STACK_PAGES, FORK_WAKEUP_EVERY_NS, ForkEvent, ForkStackEvent, ThreadEvent, fork_counter,
     lost_category, map_full,
 };
 
@@ -16,20 +19,32 @@ use crate::{
     FORKWATCH_OFFSETS,
     kread::{self, read},
     maps::{
-        CHILDREN, EVENTS, FAMILY, FAMILY_SLOTS, FORK_COUNTERS, FORK_WAKEUPS, LOST_EVENTS, TRACKED,
-        TRACKED_SLOTS, URGENT, blocked_count, contains, copied, count, family_of, insert,
-        insert_member, is_tracked, remove_member, unblock, wakeup_flags,
+        CHILDREN, EVENTS, FAMILY, FAMILY_SLOTS, FORK_COUNTERS, FORK_SITE_SCRATCH,
+        FORK_STACK_BURSTS, FORK_STACKS, FORK_WAKEUPS, LOST_EVENTS, TRACKED, TRACKED_SLOTS, URGENT,
+        blocked_count, contains, copied, count, family_of, insert, insert_member, is_tracked,
+        remove_member, unblock, wakeup_flags,
     },
 };
 
 #[btf_tracepoint(function = "sched_process_fork")]
 pub fn sched_process_fork(ctx: BtfTracePointContext) -> u32 {
     // Errors only mean a kernel read failed; there is nothing better to do than to drop the event.
-    let _ = on_fork(&ctx);
+    let _ = on_fork(&ctx, false);
     0
 }
 
-fn on_fork(ctx: &BtfTracePointContext) -> Result<(), i32> {
+/// The same, and for a multithreaded parent also the forking thread's user registers and stack
+/// (a `ForkStackEvent` before the fork's record). A program of its own because
+/// `bpf_task_pt_regs` is Linux 5.15: where the verifier refuses it, the daemon attaches the
+/// one above instead and fork stacks are unavailable.
+#[btf_tracepoint(function = "sched_process_fork")]
+pub fn sched_process_fork_stack(ctx: BtfTracePointContext) -> u32 {
+    let _ = on_fork(&ctx, true);
+    0
+}
+
+#[inline(always)]
+fn on_fork(ctx: &BtfTracePointContext, capture_stack: bool) -> Result<(), i32> {
     let offsets = FORKWATCH_OFFSETS.load();
     // TP_PROTO(struct task_struct *parent, struct task_struct *child); parent is current.
     let parent: *const u8 = ctx.arg(0);
@@ -68,6 +83,15 @@ fn on_fork(ctx: &BtfTracePointContext) -> Result<(), i32> {
         return Ok(());
     }
     count(&FORK_COUNTERS, fork_counter::MULTI_THREADED);
+    let parent_start_ns = kread::process_start_ns(parent, &offsets).unwrap_or(0);
+    // Before the fork's record, so that the daemon has the stack when the fork arrives.
+    let (flags, stack) = if capture_stack {
+        let (stack, sent) = send_fork_stack(pid_tgid, parent_start_ns, parent_mm as *const u8);
+        let skipped = if sent { 0 } else { FORK_FLAG_STACK_SKIPPED };
+        (FORK_FLAG_STACK | skipped, stack)
+    } else {
+        (0, StackKey::default())
+    };
 
     let Some(mut entry) = EVENTS.reserve::<ForkEvent>(0) else {
         // Not tracked either: exec/exit events for a child the daemon never saw are useless.
@@ -75,7 +99,6 @@ fn on_fork(ctx: &BtfTracePointContext) -> Result<(), i32> {
         return Ok(());
     };
     let child_start_ns: u64 = read(child, offsets.task_start_boottime).unwrap_or(0);
-    let parent_start_ns = kread::process_start_ns(parent, &offsets).unwrap_or(0);
     let pid = child_pid as u32;
     // Full: the fork is still reported, but the child's futex waits go unseen (counted).
     let _ = insert_member(
@@ -92,15 +115,147 @@ fn on_fork(ctx: &BtfTracePointContext) -> Result<(), i32> {
         parent_tid: pid_tgid as u32,
         child_pid: pid,
         parent_threads: parent_threads as u32,
-        flags: 0,
+        flags,
         timestamp_ns: now_ns,
         child_start_ns,
         parent_start_ns,
         cgroup_id: kread::current_cgroup_id(),
         comm: bpf_get_current_comm().unwrap_or([0; 16]),
+        stack_ip: stack.ip,
+        stack_sp: stack.sp,
+        stack_site: stack.site,
     });
     entry.submit(fork_wakeup_flags(pid_tgid, parent_start_ns, now_ns));
     Ok(())
+}
+
+/// What identifies a forking thread's call site, besides the thread: the fork's registers and
+/// a fingerprint of the return addresses above them (all 0 without registers).
+#[derive(Clone, Copy, Default)]
+struct StackKey {
+    ip: u64,
+    sp: u64,
+    site: u64,
+}
+
+/// Sends the forking thread's user registers and the pages of its stack from sp up (a
+/// `ForkStackEvent`), unless the same thread's stack at the same call site went out less than
+/// FORK_STACK_EVERY_NS ago (in a fork storm from one loop the daemon reuses what it unwound
+/// then), or the thread already sent FORK_STACK_BURST copies within FORK_STACK_BURST_NS.
+/// Returns the key the fork's record repeats, and false when a copy was due but skipped by that
+/// cap.
+#[inline(always)]
+fn send_fork_stack(pid_tgid: u64, parent_start_ns: u64, mm: *const u8) -> (StackKey, bool) {
+    let offsets = FORKWATCH_OFFSETS.load();
+    let regs = kread::current_regs();
+    if regs.is_null() {
+        return (StackKey::default(), true);
+    }
+    let (Ok(ip), Ok(sp), Ok(bp)) = (
+        read::<u64>(regs, offsets.regs_ip),
+        read::<u64>(regs, offsets.regs_sp),
+        read::<u64>(regs, offsets.regs_bp),
+    ) else {
+        return (StackKey::default(), true);
+    };
+    let stack = StackKey {
+        ip,
+        sp,
+        site: site_fingerprint(sp, mm),
+    };
+    let now_ns = kread::now_ns();
+    let key = [pid_tgid, parent_start_ns, sp, ip, stack.site];
+    if let Some(last) = copied(&FORK_STACKS, &key)
+        && now_ns.saturating_sub(last) < FORK_STACK_EVERY_NS
+    {
+        return (stack, true);
+    }
+    let thread = [pid_tgid, parent_start_ns];
+    let mut burst = copied(&FORK_STACK_BURSTS, &thread).unwrap_or([0, 0]);
+    if now_ns.saturating_sub(burst[0]) >= FORK_STACK_BURST_NS {
+        burst = [now_ns, 0];
+    }
+    if burst[1] >= FORK_STACK_BURST {
+        return (stack, false);
+    }
+    // Noted as sent before the reservation: a full ring buffer is not tried again for this
+    // key within FORK_STACK_EVERY_NS (every fork of a storm would try, and count a loss).
+    let _ = FORK_STACKS.insert(&key, &now_ns, 0);
+    let _ = FORK_STACK_BURSTS.insert(&thread, &[burst[0], burst[1] + 1], 0);
+    let Some(mut entry) = EVENTS.reserve::<ForkStackEvent>(0) else {
+        count(&LOST_EVENTS, lost_category::FORK_STACK);
+        return (stack, true);
+    };
+    let event = entry.as_mut_ptr();
+    let base = sp & !(FORK_STACK_PAGE_BYTES as u64 - 1);
+    let mut pages = 0u32;
+    // SAFETY: `event` is the reservation, valid and exclusively ours until submitted, and sized
+    // for a ForkStackEvent: the header fields are written through it in place (the record is
+    // far larger than the program's stack), and each page copy writes one of its
+    // FORK_STACK_PAGES pages, at a constant offset inside `stack`.
+    unsafe {
+        let copy = core::ptr::addr_of_mut!((*event).stack).cast::<u8>();
+        for page in 0..FORK_STACK_PAGES {
+            let offset = page * FORK_STACK_PAGE_BYTES;
+            // The stack's mapping ends somewhere above sp: the first page that cannot be read
+            // ends the copy.
+            let to = copy.add(offset);
+            if kread::read_user_bytes(to, FORK_STACK_PAGE_BYTES as u32, base + offset as u64)
+                .is_err()
+            {
+                break;
+            }
+            pages += 1;
+        }
+        core::ptr::addr_of_mut!((*event).kind).write(EventKind::ForkStack as u32);
+        core::ptr::addr_of_mut!((*event).tgid).write((pid_tgid >> 32) as u32);
+        core::ptr::addr_of_mut!((*event).tid).write(pid_tgid as u32);
+        core::ptr::addr_of_mut!((*event).pages).write(pages);
+        core::ptr::addr_of_mut!((*event).parent_start_ns).write(parent_start_ns);
+        core::ptr::addr_of_mut!((*event).timestamp_ns).write(now_ns);
+        core::ptr::addr_of_mut!((*event).ip).write(ip);
+        core::ptr::addr_of_mut!((*event).sp).write(sp);
+        core::ptr::addr_of_mut!((*event).bp).write(bp);
+        core::ptr::addr_of_mut!((*event).base).write(base);
+        core::ptr::addr_of_mut!((*event).site).write(stack.site);
+    }
+    // No wakeup of its own: the fork's record, submitted next, decides that.
+    entry.submit(BPF_RB_NO_WAKEUP as u64);
+    (stack, true)
+}
+
+/// A fingerprint of the call site: a hash of the FORK_SITE_WORDS words above sp that point into
+/// the executable's code (`mm->start_code..end_code`). The C library's fork runs at the same sp
+/// and ip whoever called it; the return address into its caller tells two callers apart, and
+/// locals (counters, pids) rarely look like code addresses, so a loop's forks share one. 0
+/// when the words cannot be read (a stack that ends within 1 KiB of sp).
+#[inline(always)]
+fn site_fingerprint(sp: u64, mm: *const u8) -> u64 {
+    let offsets = FORKWATCH_OFFSETS.load();
+    let (Ok(start), Ok(end)) = (
+        read::<u64>(mm, offsets.mm_start_code),
+        read::<u64>(mm, offsets.mm_end_code),
+    ) else {
+        return 0;
+    };
+    let Some(words) = FORK_SITE_SCRATCH.get_ptr_mut(0) else {
+        return 0;
+    };
+    let len = (FORK_SITE_WORDS * 8) as u32;
+    // SAFETY: `words` is this CPU's scratch value, FORK_SITE_WORDS u64s, valid while the program
+    // runs and used by no other program on this CPU meanwhile (tp_btf programs do not nest).
+    if unsafe { kread::read_user_bytes(words.cast(), len, sp) }.is_err() {
+        return 0;
+    }
+    let mut hash = 0u64;
+    for i in 0..FORK_SITE_WORDS {
+        // SAFETY: i < FORK_SITE_WORDS, inside the scratch value read above.
+        let word = unsafe { (*words)[i] };
+        if word >= start && word < end {
+            hash = (hash.rotate_left(7) ^ word).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        }
+    }
+    hash
 }
 
 /// Submit flags of a fork event: urgent for the first fork of a thread in each

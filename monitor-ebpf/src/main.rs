@@ -6,8 +6,8 @@
 //!   bump a per-CPU counter; exec and exit cost one hash lookup for every process that is not
 //!   tracked. Forks of multithreaded processes are sent, and the children they create are
 //!   tracked: their exec, exit and thread creations and exits are sent too.
-//! - [`futex`]: `sched_switch` (or `sched_switch_task_state`), `sched_wakeup`: futex waits of tracked processes' threads, kept
-//!   in a map the daemon scans (never sent).
+//! - [`futex`]: `sched_switch` (or `sched_switch_task_state`), `sched_wakeup`: futex waits of
+//!   tracked processes' threads, kept in a map the daemon scans (never sent).
 //! - [`sharing`]: `sock_send_length`, `sock_recv_length`: a socket used by two members of a fork
 //!   family is sent, once per (socket, process).
 //! - [`write`]: `sys_enter` (on demand): a regular file's offset written through by two members
@@ -59,6 +59,11 @@ static FORKWATCH_OFFSETS: Global<KernelOffsets> = Global::new(KernelOffsets {
     regs_arg2: 0,
     regs_arg4: 0,
     regs_arg5: 0,
+    regs_ip: 0,
+    regs_sp: 0,
+    regs_bp: 0,
+    mm_start_code: 0,
+    mm_end_code: 0,
     task_files: 0,
     files_fdt: 0,
     fdtable_fd: 0,

@@ -9,9 +9,9 @@ use aya_ebpf::{
     maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
 };
 use monitor_common::{
-    BLOCKED_MAX_ENTRIES, BlockedWait, FAMILY_MAX_ENTRIES, MEMBER_SLOTS, RING_BUFFER_BYTES,
-    SOCKET_MAX_ENTRIES, SockPid, SockUser, TRACKED_MAX_ENTRIES, fork_counter, lost_category,
-    map_full, member_slot,
+    BLOCKED_MAX_ENTRIES, BlockedWait, FAMILY_MAX_ENTRIES, FORK_SITE_WORDS, FORK_STACK_MAX_ENTRIES,
+    MEMBER_SLOTS, RING_BUFFER_BYTES, SOCKET_MAX_ENTRIES, SockPid, SockUser, TRACKED_MAX_ENTRIES,
+    fork_counter, lost_category, map_full, member_slot,
 };
 
 use crate::{FORKWATCH_WAKEUP_BYTES, kread::Plain};
@@ -67,6 +67,25 @@ pub static FAMILY: HashMap<u32, u32> = HashMap::with_max_entries(FAMILY_MAX_ENTR
 /// `fork_wakeup_flags`. LRU: nothing removes entries, and a forgotten one only costs a wakeup.
 #[map]
 pub static FORK_WAKEUPS: LruHashMap<[u64; 2], u64> = LruHashMap::with_max_entries(4096, 0);
+
+/// When a fork stack was last sent, per [pid_tgid, process start, sp, ip, site] → boot ns: see
+/// `lifecycle::send_fork_stack`. LRU: nothing removes entries, and a forgotten one only costs a
+/// copy sent again.
+#[map]
+pub static FORK_STACKS: LruHashMap<[u64; 5], u64> =
+    LruHashMap::with_max_entries(FORK_STACK_MAX_ENTRIES, 0);
+
+/// Copies sent per forking thread ([pid_tgid, process start] → [burst start ns, copies]): the
+/// cap of FORK_STACK_BURST per FORK_STACK_BURST_NS.
+#[map]
+pub static FORK_STACK_BURSTS: LruHashMap<[u64; 2], [u64; 2]> =
+    LruHashMap::with_max_entries(FORK_STACK_MAX_ENTRIES, 0);
+
+/// Per-CPU room for the words above a forking thread's sp that make its call site's
+/// fingerprint (1 KiB: too much for the program's 512-byte stack).
+#[map]
+pub static FORK_SITE_SCRATCH: PerCpuArray<[u64; FORK_SITE_WORDS]> =
+    PerCpuArray::with_max_entries(1, 0);
 
 /// Children in a fork family that have not exec'd (pid → when they joined). The daemon scans it
 /// to attach the write probe only while some child has gone without exec for the grace window.

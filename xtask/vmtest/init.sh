@@ -238,7 +238,7 @@ else
     ready=
 fi
 
-scenarios="mt-fork-no-exec mt-fork-exec st-fork mt-posix-spawn inherited-lock-deadlock
+scenarios="mt-fork-no-exec fork-stack mt-fork-exec st-fork mt-posix-spawn inherited-lock-deadlock
 shared-tcp tcp-handoff shared-file-offset daemon-exit reported-once"
 if [ -z "$ready" ]; then
     kill "$daemon" 2>/dev/null
@@ -259,6 +259,23 @@ else
 
     out=$(forker mt-fork-no-exec 3 50 </dev/null)
     expect mt_fork_no_exec "$(pid_of child "$out")" mt-fork-no-exec
+    # Its fork_stack: unwound from the kernel's copy down to forker's main, which called
+    # fork(); where the kernel lacks bpf_task_pt_regs, null with the reason.
+    echo "VMTEST-BEGIN fork-stack"
+    line=$(grep '"kind":"mt_fork_no_exec"' $work/findings | grep "\"pid\":$(pid_of child "$out")[,}]")
+    if lacks fork_stack; then
+        case $line in
+        *'"fork_stack_unavailable_reason":"kernel_unsupported"'*)
+            result fork-stack unavailable "kernel_unsupported" ;;
+        *) echo "$line"; result fork-stack fail "expected fork_stack null with kernel_unsupported" ;;
+        esac
+    else
+        case $line in
+        *'"fork_stack":[{'*'"function":"main","module":"forker"'*)
+            result fork-stack pass "$(echo "$line" | sed -n 's/.*"fork_site":"\([^"]*\)".*/\1/p')" ;;
+        *) echo "$line"; result fork-stack fail "no fork_stack through forker's main" ;;
+        esac
+    fi
 
     locker deadlock 600000 </dev/null >$work/locker.out &
     locker=$!

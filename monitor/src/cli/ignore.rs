@@ -23,18 +23,15 @@ use crate::report::{
 pub const IGNORE: &str = "ignore";
 
 /// The keys a rule may have besides `reason`, each a string.
-const MATCHERS: [&str; 6] = [
+const MATCHERS: [&str; 7] = [
     "kind",
     "exe",
     "comm",
     "parent_comm",
     "container_id",
     "pod_namespace",
+    "fork_function",
 ];
-
-/// Reserved for when findings carry the fork's call stack (issue 15, item 1): refused until
-/// then, with why, rather than accepted and never matched.
-const FORK_FUNCTION: &str = "fork_function";
 
 /// The `[[ignore]]` rules of the config file `text` (shown as `path` in errors).
 pub fn parse(text: &str, path: &str) -> Result<Vec<IgnoreRule>, ConfigError> {
@@ -84,6 +81,7 @@ pub fn parse(text: &str, path: &str) -> Result<Vec<IgnoreRule>, ConfigError> {
             parent_comm: None,
             container_id: None,
             pod_namespace: None,
+            fork_function: None,
             reason: String::new(),
             line: line_of(start),
         };
@@ -118,13 +116,7 @@ pub fn parse(text: &str, path: &str) -> Result<Vec<IgnoreRule>, ConfigError> {
                 "parent_comm" => rule.parent_comm = Some(Glob::new(text)),
                 "container_id" => rule.container_id = Some(Glob::new(text)),
                 "pod_namespace" => rule.pod_namespace = Some(Glob::new(text)),
-                FORK_FUNCTION => {
-                    return Err(bad(
-                        at,
-                        name,
-                        "not supported yet: findings do not carry the fork's call stack".into(),
-                    ));
-                }
+                "fork_function" => rule.fork_function = Some(Glob::new(text)),
                 _ => {
                     return Err(bad(
                         at,
@@ -149,7 +141,8 @@ pub fn parse(text: &str, path: &str) -> Result<Vec<IgnoreRule>, ConfigError> {
             || rule.comm.is_some()
             || rule.parent_comm.is_some()
             || rule.container_id.is_some()
-            || rule.pod_namespace.is_some();
+            || rule.pod_namespace.is_some()
+            || rule.fork_function.is_some();
         if !matches_something {
             return Err(bad(
                 start,
@@ -174,7 +167,8 @@ mod tests {
         let text = "exec_grace = \"2s\"\n\n[[ignore]]\nkind = \"mt_fork_no_exec\"\n\
                     exe = \"/usr/bin/python3*\"\nreason = \"known, tracked in JIRA-1\"\n\n\
                     [[ignore]]\nparent_comm = \"postgres\"\ncomm = \"bgworker*\"\n\
-                    pod_namespace = \"batch\"\ncontainer_id = \"ab*\"\nreason = \"r\"\n";
+                    pod_namespace = \"batch\"\ncontainer_id = \"ab*\"\nreason = \"r\"\n\
+                    fork_function = \"start_*\"\n";
         let rules = parse(text, "f.toml").unwrap();
         assert_eq!(rules.len(), 2);
         assert_eq!(rules[0].kind, Some(Kind::MtForkNoExec));
@@ -183,6 +177,7 @@ mod tests {
         assert_eq!(rules[0].line, 3);
         assert_eq!(rules[1].line, 8);
         assert_eq!(rules[1].pod_namespace, Some(Glob::new("batch")));
+        assert_eq!(rules[1].fork_function, Some(Glob::new("start_*")));
         assert!(parse("exec_grace = \"2s\"\n", "f.toml").unwrap().is_empty());
     }
 
@@ -220,10 +215,10 @@ mod tests {
                 "must be a string",
             ),
             (
-                "[[ignore]]\nreason = \"x\"\nfork_function = \"start_worker\"\n",
+                "[[ignore]]\nreason = \"x\"\nfork_function = 7\n",
                 3,
                 "fork_function",
-                "not supported yet",
+                "must be a string",
             ),
             (
                 "\n[[ignore]]\nreason = \"everything\"\n",

@@ -176,6 +176,7 @@ mod tests {
             parent_comm: None,
             container_id: None,
             pod_namespace: None,
+            fork_function: None,
             reason: "test".into(),
             line: 1,
         }];

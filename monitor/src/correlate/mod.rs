@@ -243,6 +243,8 @@ impl<C: Clone + ForkEvidence> Correlator<C> {
                 None => Vec::new(),
             },
             Event::SharedFile(file) => vec![Decision::SharedFile(file)],
+            // Enrichment, not evidence: the pipeline keeps fork stacks (pipeline/fork_stacks.rs).
+            Event::ForkStack(_) => Vec::new(),
         }
     }
 

@@ -50,6 +50,8 @@ fn fork(child: u32, at: u64, threads: u32) -> Event {
         parent_start_ns: 0,
         cgroup_id: 1,
         comm: "worker".into(),
+        stack: None,
+        stack_skipped: false,
     })
 }
 

@@ -186,6 +186,8 @@ mod tests {
             function: Some(function.into()),
             module: Some("libc.so.6".into()),
             offset: 0,
+            file: None,
+            line: None,
         }
     }
 

@@ -1,6 +1,7 @@
 //! Correlator decisions → findings, with what /proc still has to say about the processes.
 
 pub mod cgroup;
+pub mod fork_stack;
 pub mod lock_owner;
 pub mod procfs;
 pub mod runtime;
@@ -47,7 +48,8 @@ pub fn finding(
     proc: &ProcFs,
     opts: EnrichOptions,
 ) -> Option<Finding> {
-    Some(match decision {
+    let fork_stack = fork_stack_of(&decision);
+    let mut finding = match decision {
         Decision::MtForkNoExec(d) => {
             if let Some(why) = lost_evidence(&d, proc) {
                 tracing::debug!(pid = d.fork.child_pid, why, "mt_fork_no_exec withdrawn");
@@ -65,7 +67,20 @@ pub fn finding(
         Decision::ThreadsAfterMtFork(d) => threads_after_mt_fork(d, proc, opts),
         Decision::SharedSocket(socket, sharing) => shared_socket(socket, sharing, proc, opts),
         Decision::SharedFile(file) => shared_file(file, proc, opts),
-    })
+    };
+    finding.fork = fork_stack.map(|stack| stack.details());
+    Some(finding)
+}
+
+/// The stack of the fork a decision is about: the findings about a fork's child carry it. (A
+/// shared socket or file is told by the kernel from its fork family, not from one fork.)
+pub fn fork_stack_of(decision: &Decision<ForkContext>) -> Option<fork_stack::ForkStackRef> {
+    match decision {
+        Decision::MtForkNoExec(d) => Some(d.context.fork_stack.clone()),
+        Decision::LockWait(d) => Some(d.context.fork_stack.clone()),
+        Decision::ThreadsAfterMtFork(d) => Some(d.context.fork_stack.clone()),
+        Decision::SharedSocket(..) | Decision::SharedFile(_) => None,
+    }
 }
 
 /// A child decided at its deadline is still running without exec, or so the events say. When
@@ -212,6 +227,7 @@ fn common(
         cgroup_id: subject.cgroup_id,
         attribution: subject.attribution,
         details,
+        fork: None,
         runtime: subject.runtime,
         hint: hint::hint(kind, subject.runtime),
     }
@@ -490,6 +506,8 @@ mod tests {
             parent_start_ns: 500_000_000,
             cgroup_id: 9,
             comm: "gai-async".into(),
+            stack: None,
+            stack_skipped: false,
         }
     }
 
@@ -514,6 +532,7 @@ mod tests {
             parent_futex_waits: vec![],
             attribution: crate::enrich::cgroup::attribute("/system.slice/app.service"),
             stack_start: None,
+            fork_stack: Default::default(),
         }
     }
 
@@ -568,6 +587,10 @@ mod tests {
         assert_eq!(json["systemd_unit"], "app.service");
         assert_eq!(json["container"], serde_json::Value::Null);
         assert_eq!(json["pod_uid"], serde_json::Value::Null);
+        // A fork this context was not captured at: no stack, and why.
+        assert_eq!(json["fork_stack"], serde_json::Value::Null);
+        assert_eq!(json["fork_site"], serde_json::Value::Null);
+        assert_eq!(json["fork_stack_unavailable_reason"], "fork_not_seen");
     }
 
     #[test]

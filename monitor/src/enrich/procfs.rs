@@ -39,6 +39,9 @@ pub struct ForkContext {
     /// Where the parent's initial stack starts (/proc/pid/stat `startstack`): an image's
     /// identity, randomized at every exec and kept across fork (see [`ProcFs::same_image`]).
     pub stack_start: Option<u64>,
+    /// The forking thread's stack at this fork, or why there is none (set per fork by the
+    /// pipeline, never read from /proc: see enrich/fork_stack.rs).
+    pub fork_stack: crate::enrich::fork_stack::ForkStackRef,
 }
 
 /// One of the parent's threads when the fork was seen.
@@ -144,6 +147,7 @@ impl ProcFs {
                 .or_else(|| self.attribution(child))
                 .unwrap_or_default(),
             stack_start: self.stack_start(parent).or_else(|| self.stack_start(child)),
+            fork_stack: Default::default(),
         }
     }
 

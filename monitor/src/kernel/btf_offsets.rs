@@ -95,6 +95,11 @@ fn offsets_in(btf: &RawBtf) -> Result<KernelOffsets, OffsetError> {
         regs_arg2: finder.offset("pt_regs", SYSCALL_REGS[2])?,
         regs_arg4: finder.offset("pt_regs", SYSCALL_REGS[3])?,
         regs_arg5: finder.offset("pt_regs", SYSCALL_REGS[4])?,
+        regs_ip: finder.offset("pt_regs", USER_REGS[0])?,
+        regs_sp: finder.offset("pt_regs", USER_REGS[1])?,
+        regs_bp: finder.offset("pt_regs", USER_REGS[2])?,
+        mm_start_code: finder.offset("mm_struct", "start_code")?,
+        mm_end_code: finder.offset("mm_struct", "end_code")?,
         task_files: finder.offset("task_struct", "files")?,
         files_fdt: finder.offset("files_struct", "fdt")?,
         fdtable_fd: finder.offset("fdtable", "fd")?,
@@ -132,6 +137,10 @@ fn offsets_in(btf: &RawBtf) -> Result<KernelOffsets, OffsetError> {
 /// differently (arm64 keeps them in an array), and are not supported yet.
 #[cfg(target_arch = "x86_64")]
 const SYSCALL_REGS: [&str; 5] = ["orig_ax", "di", "si", "r10", "r8"];
+/// `struct pt_regs` members with the user instruction, stack and frame pointers, the start of
+/// a fork stack's unwinding.
+#[cfg(target_arch = "x86_64")]
+const USER_REGS: [&str; 3] = ["ip", "sp", "bp"];
 #[cfg(not(target_arch = "x86_64"))]
 compile_error!("forkwatch reads syscall registers from x86_64 pt_regs; port SYSCALL_REGS first");
 

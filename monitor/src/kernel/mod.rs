@@ -59,6 +59,9 @@ pub struct Probes {
     features: KernelFeatures,
     /// Each detector's state, once `attach_all` has run.
     detectors: Vec<DetectorStatus>,
+    /// Whether the fork program captures the forking thread's stack; if not, why (see
+    /// `attach_lifecycle`).
+    fork_stacks: Result<(), String>,
 }
 
 impl Probes {
@@ -109,6 +112,7 @@ impl Probes {
             ),
             features,
             detectors: Vec::new(),
+            fork_stacks: Err("the probes are not attached yet".into()),
         })
     }
 
@@ -208,14 +212,47 @@ impl Probes {
             .map(|&(program, tracepoint)| (program, AttachPoint::TpBtf(tracepoint)))
             .collect();
         programs.push(exit);
+        // The fork program that also captures fork stacks, where this kernel accepts it
+        // (bpf_task_pt_regs); the plain one otherwise, and fork stacks are unavailable.
+        let (fork, fork_tracepoint) = names::LIFECYCLE_PROGRAMS[0];
+        let with_stacks = (
+            names::FORK_STACK_PROGRAM,
+            AttachPoint::TpBtf(fork_tracepoint),
+        );
+        self.fork_stacks = self.attach(with_stacks).map_err(|err| {
+            format!(
+                "this kernel refused the fork program that reads the forking thread's                  registers (bpf_task_pt_regs, Linux 5.15): {err}"
+            )
+        });
+        if let Err(why) = &self.fork_stacks {
+            tracing::warn!("fork stacks unavailable, forks are still watched: {why}");
+        }
+        let mut via = exit.0.to_string();
         for &program in &programs {
+            if program.0 == fork && self.fork_stacks.is_ok() {
+                via = format!("{}, {}", names::FORK_STACK_PROGRAM, exit.0);
+                continue;
+            }
             self.attach(program)?;
         }
+        let stacks = if self.fork_stacks.is_ok() {
+            ""
+        } else {
+            "; no fork stacks: the kernel refused bpf_task_pt_regs (Linux 5.15)"
+        };
         Ok(format!(
-            "{} (via {})",
-            detectors::describe(&programs),
-            exit.0
+            "{} (via {via}){stacks}",
+            detectors::describe(&programs)
         ))
+    }
+
+    /// Whether forks of multithreaded processes come with the forking thread's stack; if not,
+    /// why (the kernel refused the program that captures it).
+    pub fn fork_stacks(&self) -> Result<(), &str> {
+        self.fork_stacks
+            .as_ref()
+            .map(|_| ())
+            .map_err(String::as_str)
     }
 
     /// The cheapest way to watch socket I/O that this kernel accepts; why none, otherwise.

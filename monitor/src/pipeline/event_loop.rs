@@ -23,7 +23,10 @@ use crate::{
     enrich::procfs::{ForkContext, ProcFs},
     enrich::{self, EnrichOptions},
     kernel::{Members, Probes},
-    pipeline::{fork_context::ForkContexts, lost::LostReports, probe_switch::WriteGate, seed},
+    pipeline::{
+        fork_context::ForkContexts, fork_stacks::ForkStacks, lost::LostReports,
+        probe_switch::WriteGate, seed,
+    },
     report::finding::Finding,
     telemetry::{self, Telemetry},
     wire,
@@ -77,6 +80,8 @@ pub struct Pipeline {
     pub(super) probes: Probes,
     pub(super) exec_grace_ns: u64,
     pub(super) fork_contexts: ForkContexts,
+    /// The fork stacks the kernel captured, unwound, and the findings waiting for theirs.
+    pub(super) fork_stacks: ForkStacks,
     pub(super) lost: LostReports,
     /// Since when nothing has been tracked while the scheduler probes are attached.
     pub(super) scheduler_idle_since: Option<std::time::Instant>,
@@ -103,6 +108,7 @@ impl Pipeline {
         let children = probes.take_children()?;
         let tracked_map = probes.take_tracked()?;
         let family_map = probes.take_family()?;
+        let fork_stacks = ForkStacks::new(probes.fork_stacks().map_err(str::to_owned));
         let mut pipeline = Self {
             // SAFETY: the ring buffer owns its map fd, which stays open and unchanged for as long
             // as the AsyncFd owns the ring buffer.
@@ -117,6 +123,7 @@ impl Pipeline {
             probes,
             exec_grace_ns: config.correlator.exec_grace_ns,
             fork_contexts: ForkContexts::default(),
+            fork_stacks,
             lost: LostReports::default(),
             scheduler_idle_since: None,
             scheduler_attached_ns: 0,
@@ -150,6 +157,7 @@ impl Pipeline {
         };
         let (mut drain, mut scan) = (every(DRAIN_INTERVAL), every(BLOCKED_SCAN_INTERVAL));
         let mut families = every(FAMILY_SCAN_INTERVAL);
+        let unwound = self.fork_stacks.notifier();
         loop {
             let wakeup = self
                 .correlator
@@ -168,6 +176,8 @@ impl Pipeline {
                 _ = drain.tick(), if self.correlator.tracked() > 0 => Wake::Events,
                 _ = scan.tick() => Wake::Scan,
                 _ = families.tick() => Wake::Families,
+                // A fork stack was unwound: the findings held for it can go.
+                () = unwound.notified() => Wake::Events,
             };
             // Whatever woke the loop, the ring is drained first: records below the wakeup
             // threshold wait there without a wakeup, and a scan or a deadline decision must see
@@ -181,6 +191,7 @@ impl Pipeline {
                 Wake::Families => {
                     self.switch_write_probe();
                     self.fork_contexts.expire(clock::boot_ns());
+                    self.fork_stacks.expire(clock::boot_ns());
                     let stats = self.probes.program_stats();
                     self.telemetry().metrics.programs(&stats);
                     self.report_lost_events();
@@ -188,8 +199,10 @@ impl Pipeline {
             }
             let decisions = self.correlator.tick(clock::boot_ns());
             self.decide(decisions);
+            self.send_held(false);
         }
         self.drain();
+        self.send_held(true);
         Ok(())
     }
 
@@ -263,22 +276,41 @@ impl Pipeline {
     }
 
     fn handle(&mut self, event: Event) {
-        let context = match &event {
-            Event::Fork(f) => self.fork_contexts.of(&self.proc, f),
+        self.telemetry().metrics.event(event.category());
+        let context = match event {
+            Event::ForkStack(stack) => return self.fork_stacks.captured(&self.proc, stack),
+            Event::Fork(ref f) => {
+                let mut context = self.fork_contexts.of(&self.proc, f);
+                context.fork_stack = self.fork_stacks.of(f);
+                context
+            }
             _ => ForkContext::default(),
         };
-        self.telemetry().metrics.event(event.category());
         let decisions = self.correlator.on_event(event, context);
         self.decide(decisions);
     }
 
     pub(super) fn decide(&mut self, decisions: Vec<correlate::Decision<ForkContext>>) {
         for decision in decisions {
+            let fork_stack = enrich::fork_stack_of(&decision);
             match enrich::finding(decision, &self.proc, self.enrich) {
-                // The receiver only goes away when the daemon is shutting down.
-                Some(finding) => drop(self.findings.send(finding)),
+                Some(finding) => {
+                    // Held back while its fork's stack is still being unwound.
+                    if let Some(finding) = self.fork_stacks.settle(finding, fork_stack) {
+                        // The receiver only goes away when the daemon is shutting down.
+                        drop(self.findings.send(finding));
+                    }
+                }
                 None => self.telemetry().metrics.withdrawn(),
             }
+        }
+    }
+
+    /// Sends the held findings whose fork stacks are done or whose budget is spent (`all`:
+    /// every one, as the pipeline stops).
+    fn send_held(&mut self, all: bool) {
+        for finding in self.fork_stacks.release(std::time::Instant::now(), all) {
+            drop(self.findings.send(finding));
         }
     }
 

@@ -3,6 +3,7 @@
 
 mod event_loop;
 mod fork_context;
+mod fork_stacks;
 mod lost;
 mod open_files;
 mod probe_switch;

@@ -106,6 +106,8 @@ fn seeded(proc: &ProcFs, pid: u32, now_ns: u64) -> Option<Seeded> {
             parent_start_ns,
             cgroup_id: 0,
             comm,
+            stack: None,
+            stack_skipped: false,
         },
         context,
         waits,

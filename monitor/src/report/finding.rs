@@ -106,6 +106,10 @@ pub struct Finding {
     pub attribution: crate::enrich::cgroup::Attribution,
     #[serde(flatten)]
     pub details: Details,
+    /// The forking thread's stack at the fork: on the findings about a fork's child
+    /// (`mt_fork_no_exec`, the lock waits, `threads_after_mt_fork`), absent on the others.
+    #[serde(flatten)]
+    pub fork: Option<ForkStackDetails>,
     /// The language runtime of the process (`cpython`, `ruby`, `jvm`, `node`, `glibc`), when
     /// told from its executable and mapped files; it picks the hint.
     pub runtime: Option<crate::enrich::runtime::Runtime>,
@@ -217,6 +221,17 @@ pub struct LockWaitDetails {
     pub lock_owner_unknown_reason: Option<&'static str>,
 }
 
+/// The fork's call stack (enrich/fork_stack.rs).
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct ForkStackDetails {
+    /// Where the fork was called: its first frames outside the C library ("a ← b").
+    pub fork_site: Option<String>,
+    /// The forking thread's user stack at the fork, innermost first.
+    pub fork_stack: Option<Vec<crate::enrich::stack::Frame>>,
+    /// Why `fork_stack` is null (`kernel_unsupported`, ...); null when it is not.
+    pub fork_stack_unavailable_reason: Option<&'static str>,
+}
+
 /// `threads_after_mt_fork`.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct ThreadsAfterMtForkDetails {
@@ -272,6 +287,7 @@ impl Finding {
                 ms_without_exec: 12,
                 grace_ms: 1000,
             }),
+            fork: None,
             runtime: Some(crate::enrich::runtime::Runtime::Cpython),
             hint: crate::report::hint::hint(
                 Kind::MtForkNoExec,
@@ -286,7 +302,7 @@ impl Finding {
 }
 
 /// `repeated`: findings folded into one record (report/fold.rs): of one kind, from one parent
-/// executable (and, once forks' call sites are captured, one call site), within
+/// executable and one fork call site, within
 /// `--repeat-window` of the first, which was printed on its own.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct Repeated {
@@ -303,6 +319,8 @@ pub struct Repeated {
     pub exe: Option<String>,
     /// The first folded finding's parent_comm.
     pub parent_comm: String,
+    /// The fork call site they share (`fork_site`; null for findings without a fork stack).
+    pub fork_site: Option<String>,
     /// How many findings were folded (the first, printed, not included).
     pub count: u64,
     pub first_time: String,

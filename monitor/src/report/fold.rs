@@ -25,9 +25,9 @@ struct FoldKey {
     kind: Kind,
     /// The parent's executable; its comm when /proc no longer had the executable.
     program: Program,
-    /// Where in the parent the fork was called, once `fork_stack` exists (issue 15, item 1):
-    /// then a parent forking from two places gets two windows. Until then every fork of one
-    /// executable is one site, and this is always None.
+    /// Where in the parent the fork was called (`fork_site`: its first frames outside the C
+    /// library): a parent forking from two places gets two windows. None when the finding has
+    /// no fork stack (then every such fork of one executable is one site).
     fork_site: Option<String>,
 }
 
@@ -45,7 +45,7 @@ impl FoldKey {
                 Some(exe) => Program::Exe(exe.clone()),
                 None => Program::Comm(f.parent_comm.clone()),
             },
-            fork_site: None,
+            fork_site: f.fork.as_ref().and_then(|fork| fork.fork_site.clone()),
         }
     }
 }
@@ -133,6 +133,7 @@ fn fold_into(folded: &mut Option<Repeated>, f: &Finding) {
         of_kind: f.kind,
         exe: f.exe.clone(),
         parent_comm: f.parent_comm.clone(),
+        fork_site: FoldKey::of(f).fork_site,
         count: 0,
         first_time: f.time.clone(),
         last_time: f.time.clone(),
@@ -221,6 +222,39 @@ mod tests {
         let mut lost = finding(0, "/a", 0);
         lost.kind = Kind::EventsLost;
         assert!((0..3).all(|_| folder.offer(&lost, t0)));
+    }
+
+    #[test]
+    fn two_fork_sites_of_one_executable_fold_apart() {
+        let t0 = Instant::now();
+        let mut folder = Folder::new(Duration::from_secs(60));
+        let from = |pid: u32, site: &str| {
+            let mut f = finding(pid, "/usr/bin/app", 0);
+            f.fork = Some(crate::report::finding::ForkStackDetails {
+                fork_site: Some(site.into()),
+                fork_stack: Some(Vec::new()),
+                fork_stack_unavailable_reason: None,
+            });
+            f
+        };
+        assert!(folder.offer(&from(1, "start_worker ← main"), t0));
+        assert!(folder.offer(&from(2, "run_backup ← main"), t0));
+        assert!(!folder.offer(&from(3, "start_worker ← main"), t0));
+        assert!(!folder.offer(&from(4, "run_backup ← main"), t0));
+        assert!(!folder.offer(&from(5, "run_backup ← main"), t0));
+        let mut records = folder.flush();
+        records.sort_by_key(|r| r.count);
+        let sites: Vec<(Option<&str>, u64)> = records
+            .iter()
+            .map(|r| (r.fork_site.as_deref(), r.count))
+            .collect();
+        assert_eq!(
+            sites,
+            [
+                (Some("start_worker ← main"), 1),
+                (Some("run_backup ← main"), 2)
+            ]
+        );
     }
 
     #[test]

@@ -15,6 +15,9 @@ pub struct IgnoreRule {
     pub container_id: Option<Glob>,
     /// The pod's namespace (`pod_namespace`: only known with `--k8s-pod-names`).
     pub pod_namespace: Option<Glob>,
+    /// A function of the fork's stack (`fork_stack`): any frame's name may match. A finding
+    /// without a fork stack matches no such rule.
+    pub fork_function: Option<Glob>,
     pub reason: String,
     /// Where the rule starts in its file, for logs.
     pub line: usize,
@@ -35,6 +38,15 @@ impl IgnoreRule {
                 f.attribution.container.as_ref().map(|c| c.id.as_str()),
             )
             && glob(&self.pod_namespace, f.attribution.pod_namespace.as_deref())
+            && self.fork_function.as_ref().is_none_or(|g| {
+                let frames = f.fork.as_ref().and_then(|fork| fork.fork_stack.as_deref());
+                frames.unwrap_or_default().iter().any(|frame| {
+                    frame
+                        .function
+                        .as_deref()
+                        .is_some_and(|name| g.matches(name))
+                })
+            })
     }
 }
 
@@ -135,9 +147,44 @@ mod tests {
             parent_comm: None,
             container_id: None,
             pod_namespace: None,
+            fork_function: None,
             reason: "r".into(),
             line: 1,
         }
+    }
+
+    fn forked_from(functions: &[&str]) -> Finding {
+        let mut f = Finding::example("worker");
+        let frames = functions
+            .iter()
+            .map(|name| crate::enrich::stack::Frame {
+                address: 1,
+                function: Some((*name).into()),
+                module: Some("app".into()),
+                offset: 0,
+                file: None,
+                line: None,
+            })
+            .collect::<Vec<_>>();
+        f.fork = Some(crate::enrich::fork_stack::details(Ok(std::sync::Arc::new(
+            frames,
+        ))));
+        f
+    }
+
+    #[test]
+    fn a_fork_function_rule_matches_any_frame_of_the_fork_stack() {
+        let rule = IgnoreRule {
+            fork_function: Some(Glob::new("start_worker_*")),
+            ..rule()
+        };
+        assert!(rule.matches(&forked_from(&["fork", "start_worker_process", "main"])));
+        assert!(!rule.matches(&forked_from(&["fork", "spawn_helper", "main"])));
+        // No fork stack (another kind of finding, or none captured): never matched.
+        assert!(!rule.matches(&Finding::example("worker")));
+        let mut unavailable = Finding::example("worker");
+        unavailable.fork = Some(crate::enrich::fork_stack::details(Err("unwind_failed")));
+        assert!(!rule.matches(&unavailable));
     }
 
     #[test]

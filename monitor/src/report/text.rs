@@ -45,10 +45,13 @@ fn colors(color: bool, severity: Severity) -> (&'static str, &'static str) {
 pub fn render_repeated(r: &Repeated, color: bool) -> String {
     let (on, off) = colors(color, r.severity);
     let pids: Vec<String> = r.sample_pids.iter().map(u32::to_string).collect();
-    let from = match &r.exe {
+    let mut from = match &r.exe {
         Some(exe) => format!("exe={}", escape(exe)),
         None => format!("parent ({})", escape(&r.parent_comm)),
     };
+    if let Some(site) = &r.fork_site {
+        let _ = write!(from, " fork site {}", escape(site));
+    }
     format!(
         "{time} {on}{severity:<8}{off} repeated {kind} {count} more times from {from} between {first} and {last} (pids {pids}, ...)\n",
         time = r.time,
@@ -164,6 +167,10 @@ pub fn render(f: &Finding, color: bool) -> String {
             );
         }
     }
+    // The fork's call site: its function names are the process's to choose, so escaped.
+    if let Some(site) = f.fork.as_ref().and_then(|fork| fork.fork_site.as_ref()) {
+        let _ = write!(line, ", fork site: {}", escape(site));
+    }
     if let Some(exe) = &f.exe {
         let _ = write!(line, " exe={}", escape(exe));
     }
@@ -228,6 +235,7 @@ mod tests {
             of_kind: crate::report::finding::Kind::MtForkNoExec,
             exe: Some("/usr/sbin/prefork\nFAKE".into()),
             parent_comm: "prefork".into(),
+            fork_site: None,
             count: 19_999,
             first_time: "2026-11-27T10:00:00.000Z".into(),
             last_time: "2026-11-27T10:01:00.000Z".into(),
@@ -238,6 +246,34 @@ mod tests {
             "2026-11-27T10:01:00.000Z WARNING  repeated mt_fork_no_exec 19999 more times from \
              exe=/usr/sbin/prefork\\nFAKE between 2026-11-27T10:00:00.000Z and \
              2026-11-27T10:01:00.000Z (pids 7, 8, ...)\n"
+        );
+        let at_site = Repeated {
+            fork_site: Some("spawn_worker ← main".into()),
+            ..r
+        };
+        assert!(
+            render_repeated(&at_site, false)
+                .contains("exe=/usr/sbin/prefork\\nFAKE fork site spawn_worker ← main between"),
+            "{}",
+            render_repeated(&at_site, false)
+        );
+    }
+
+    #[test]
+    fn the_fork_site_is_shown_escaped() {
+        let mut f = finding("worker");
+        f.fork = Some(crate::report::finding::ForkStackDetails {
+            fork_site: Some("start_worker_process ← main\x1b[2J".into()),
+            fork_stack: Some(Vec::new()),
+            fork_stack_unavailable_reason: None,
+        });
+        let line = render(&f, false);
+        assert!(
+            line.contains(
+                "exited without exec after 12 ms, fork site: start_worker_process ← \
+                 main\\u{1b}[2J exe=/usr/bin/python3"
+            ),
+            "{line}"
         );
     }
 

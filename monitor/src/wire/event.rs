@@ -23,6 +23,33 @@ pub struct Fork {
     pub cgroup_id: u64,
     /// The forking thread's name, which the child inherits.
     pub comm: String,
+    /// The key of the forking thread's stack at the fork, when the kernel captures fork stacks
+    /// (its [`ForkStack`] came just before, or within the last second from the same call site).
+    pub stack: Option<StackKey>,
+    /// The kernel skipped this fork's copy: its thread had sent its quota of copies already.
+    pub stack_skipped: bool,
+}
+
+/// Which captured stack a fork refers to: one forking thread of one process (pid and start
+/// time) at one call site (sp, ip and the fingerprint of the return addresses above them). ip
+/// 0: the kernel could not read the registers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct StackKey {
+    pub pid: u32,
+    pub tid: u32,
+    pub parent_start_ns: u64,
+    pub ip: u64,
+    pub sp: u64,
+    pub site: u64,
+}
+
+/// The forking thread's registers and the top of its stack at a fork (the kernel sends one per
+/// key per second; later forks refer to it by key).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ForkStack {
+    pub key: StackKey,
+    pub timestamp_ns: u64,
+    pub stack: crate::enrich::stack::CapturedStack,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -104,6 +131,7 @@ pub enum Event {
     Thread(ThreadChange),
     SharedSocket(SharedSocket),
     SharedFile(SharedFile),
+    ForkStack(ForkStack),
 }
 
 impl Event {
@@ -116,6 +144,7 @@ impl Event {
             Self::Thread(_) => category::THREAD,
             Self::SharedSocket(_) => category::SOCKET,
             Self::SharedFile(_) => category::FILE,
+            Self::ForkStack(_) => category::FORK_STACK,
         }
     }
 }

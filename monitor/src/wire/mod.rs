@@ -8,13 +8,18 @@ use std::mem::size_of;
 use std::net::{Ipv4Addr, Ipv6Addr};
 
 use monitor_common::{
-    COMM_LEN, DIRECTION_SEND, EventKind, ExecEvent, ExitEvent, FORK_FLAG_SHARES_VM, ForkEvent,
-    SharedFileEvent, SharedSocketEvent, ThreadEvent,
+    COMM_LEN, DIRECTION_SEND, EventKind, ExecEvent, ExitEvent, FORK_FLAG_SHARES_VM,
+    FORK_FLAG_STACK, FORK_FLAG_STACK_SKIPPED, FORK_STACK_PAGE_BYTES, FORK_STACK_PAGES, ForkEvent,
+    ForkStackEvent, SharedFileEvent, SharedSocketEvent, ThreadEvent,
     linux::{AF_INET, AF_INET6, AF_UNIX},
 };
 
-use crate::wire::event::{
-    Event, Exec, Exit, Fork, ResourceUse, SharedFile, SharedSocket, ThreadChange,
+use crate::{
+    enrich::stack::CapturedStack,
+    wire::event::{
+        Event, Exec, Exit, Fork, ForkStack, ResourceUse, SharedFile, SharedSocket, StackKey,
+        ThreadChange,
+    },
 };
 
 #[derive(Debug, PartialEq, Eq, thiserror::Error)]
@@ -52,6 +57,51 @@ pub fn decode(record: &[u8]) -> Result<Event, DecodeError> {
                 parent_start_ns: e.parent_start_ns,
                 cgroup_id: e.cgroup_id,
                 comm: comm_to_string(&e.comm),
+                stack: (e.flags & FORK_FLAG_STACK != 0).then_some(StackKey {
+                    pid: e.parent_tgid,
+                    tid: e.parent_tid,
+                    parent_start_ns: e.parent_start_ns,
+                    ip: e.stack_ip,
+                    sp: e.stack_sp,
+                    site: e.stack_site,
+                }),
+                stack_skipped: e.flags & FORK_FLAG_STACK_SKIPPED != 0,
+            })
+        }
+        EventKind::ForkStack => {
+            // 16 KiB: read in place rather than copied whole onto the stack as a value.
+            let header = std::mem::offset_of!(ForkStackEvent, stack);
+            if record.len() < size_of::<ForkStackEvent>() {
+                return Err(DecodeError::Short {
+                    kind,
+                    got: record.len(),
+                    want: size_of::<ForkStackEvent>(),
+                });
+            }
+            let word =
+                |at: usize| u64::from_ne_bytes(record[at..at + 8].try_into().unwrap_or([0; 8]));
+            let half =
+                |at: usize| u32::from_ne_bytes(record[at..at + 4].try_into().unwrap_or([0; 4]));
+            let pages =
+                (half(std::mem::offset_of!(ForkStackEvent, pages)) as usize).min(FORK_STACK_PAGES);
+            let key = StackKey {
+                pid: half(std::mem::offset_of!(ForkStackEvent, tgid)),
+                tid: half(std::mem::offset_of!(ForkStackEvent, tid)),
+                parent_start_ns: word(std::mem::offset_of!(ForkStackEvent, parent_start_ns)),
+                ip: word(std::mem::offset_of!(ForkStackEvent, ip)),
+                sp: word(std::mem::offset_of!(ForkStackEvent, sp)),
+                site: word(std::mem::offset_of!(ForkStackEvent, site)),
+            };
+            Event::ForkStack(ForkStack {
+                key,
+                timestamp_ns: word(std::mem::offset_of!(ForkStackEvent, timestamp_ns)),
+                stack: CapturedStack {
+                    ip: key.ip,
+                    sp: key.sp,
+                    bp: word(std::mem::offset_of!(ForkStackEvent, bp)),
+                    base: word(std::mem::offset_of!(ForkStackEvent, base)),
+                    bytes: record[header..header + pages * FORK_STACK_PAGE_BYTES].to_vec(),
+                },
             })
         }
         EventKind::Exec => {
@@ -210,7 +260,103 @@ mod tests {
             parent_start_ns: 1_000,
             cgroup_id: 7,
             comm,
+            stack_ip: 0,
+            stack_sp: 0,
+            stack_site: 0,
         }
+    }
+
+    fn fork_stack_record(pages: u32) -> Vec<u8> {
+        let mut bytes = vec![0u8; size_of::<ForkStackEvent>()];
+        let mut put = |at: usize, value: &[u8]| bytes[at..at + value.len()].copy_from_slice(value);
+        put(0, &(EventKind::ForkStack as u32).to_ne_bytes());
+        put(
+            std::mem::offset_of!(ForkStackEvent, tgid),
+            &100u32.to_ne_bytes(),
+        );
+        put(
+            std::mem::offset_of!(ForkStackEvent, tid),
+            &101u32.to_ne_bytes(),
+        );
+        put(
+            std::mem::offset_of!(ForkStackEvent, pages),
+            &pages.to_ne_bytes(),
+        );
+        put(
+            std::mem::offset_of!(ForkStackEvent, parent_start_ns),
+            &1_000u64.to_ne_bytes(),
+        );
+        put(
+            std::mem::offset_of!(ForkStackEvent, ip),
+            &0x40_1000u64.to_ne_bytes(),
+        );
+        put(
+            std::mem::offset_of!(ForkStackEvent, sp),
+            &0x7ffd_0010u64.to_ne_bytes(),
+        );
+        put(
+            std::mem::offset_of!(ForkStackEvent, bp),
+            &0x7ffd_0100u64.to_ne_bytes(),
+        );
+        put(
+            std::mem::offset_of!(ForkStackEvent, base),
+            &0x7ffd_0000u64.to_ne_bytes(),
+        );
+        put(
+            std::mem::offset_of!(ForkStackEvent, site),
+            &0x5173u64.to_ne_bytes(),
+        );
+        put(std::mem::offset_of!(ForkStackEvent, stack), &[0xaa; 8]);
+        bytes
+    }
+
+    #[test]
+    fn decodes_a_fork_stack_and_its_key_on_the_fork() {
+        let Event::ForkStack(stack) = decode(&fork_stack_record(2)).unwrap() else {
+            panic!("not a fork stack");
+        };
+        let key = StackKey {
+            pid: 100,
+            tid: 101,
+            parent_start_ns: 1_000,
+            ip: 0x40_1000,
+            sp: 0x7ffd_0010,
+            site: 0x5173,
+        };
+        assert_eq!(stack.key, key);
+        assert_eq!(
+            (stack.stack.bp, stack.stack.base),
+            (0x7ffd_0100, 0x7ffd_0000)
+        );
+        assert_eq!(stack.stack.bytes.len(), 2 * FORK_STACK_PAGE_BYTES);
+        assert_eq!(stack.stack.word(0x7ffd_0000), Some(0xaaaa_aaaa_aaaa_aaaa));
+        // A page count the record cannot hold is capped, not trusted.
+        let Event::ForkStack(capped) = decode(&fork_stack_record(u32::MAX)).unwrap() else {
+            panic!("not a fork stack");
+        };
+        assert_eq!(
+            capped.stack.bytes.len(),
+            FORK_STACK_PAGES * FORK_STACK_PAGE_BYTES
+        );
+
+        let mut fork = fork_record();
+        let Event::Fork(plain) = decode(&as_bytes(&fork)).unwrap() else {
+            panic!("not a fork");
+        };
+        assert_eq!(plain.stack, None, "no capture program, no key");
+        assert!(!plain.stack_skipped);
+        (fork.flags, fork.stack_ip, fork.stack_sp) = (FORK_FLAG_STACK, 0x40_1000, 0x7ffd_0010);
+        fork.stack_site = 0x5173;
+        let Event::Fork(with) = decode(&as_bytes(&fork)).unwrap() else {
+            panic!("not a fork");
+        };
+        assert_eq!(with.stack, Some(key));
+        assert!(!with.stack_skipped);
+        fork.flags |= FORK_FLAG_STACK_SKIPPED;
+        let Event::Fork(skipped) = decode(&as_bytes(&fork)).unwrap() else {
+            panic!("not a fork");
+        };
+        assert!(skipped.stack_skipped);
     }
 
     #[test]
@@ -278,7 +424,11 @@ mod tests {
 
     #[test]
     fn every_prefix_of_every_record_decodes_or_errors() {
-        for bytes in [as_bytes(&fork_record()), as_bytes(&socket_record(AF_INET))] {
+        for bytes in [
+            as_bytes(&fork_record()),
+            as_bytes(&socket_record(AF_INET)),
+            fork_stack_record(4),
+        ] {
             for len in 0..=bytes.len() {
                 let _ = decode(&bytes[..len]);
             }

@@ -44,7 +44,7 @@ fn status_kib(pid: u32, key: &str) -> u64 {
 }
 
 fn per_category(daemon: &Daemon, metric: &str) -> Vec<(&'static str, f64)> {
-    ["fork", "exec", "exit", "thread", "socket", "file"]
+    monitor_common::names::category::ALL
         .into_iter()
         .map(|c| (c, daemon.metric(&format!("{metric}{{category=\"{c}\"}}"))))
         .collect()

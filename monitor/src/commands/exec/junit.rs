@@ -75,6 +75,9 @@ fn write_failure(xml: &mut String, f: &Failure) {
     if let Some(site) = &f.site {
         let _ = writeln!(body, "fork site: {site}");
     }
+    if let Some(stack) = &f.blocked_at {
+        let _ = writeln!(body, "blocked at: {stack}");
+    }
     if let Some(hint) = f.hint {
         let _ = writeln!(body, "hint: {hint}");
     }
@@ -210,7 +213,7 @@ mod tests {
     }
 
     #[test]
-    fn a_lock_wait_names_the_stack_through_the_fork_site() {
+    fn a_lock_wait_names_the_fork_site_and_where_the_child_is_blocked() {
         let mut f = Finding::example("w");
         f.kind = Kind::InheritedLockDeadlock;
         f.severity = Severity::Critical;
@@ -228,9 +231,15 @@ mod tests {
                 lock_owner: None,
                 lock_owner_unknown_reason: Some("no_stack"),
             });
+        f.fork = Some(crate::report::finding::ForkStackDetails {
+            fork_site: Some("start_worker ← main".into()),
+            fork_stack: None,
+            fork_stack_unavailable_reason: None,
+        });
         let xml = render(&verdict_with(&[f]), "x");
+        assert!(xml.contains("fork site: start_worker ← main\n"), "{xml}");
         assert!(
-            xml.contains("fork site: lock ← worker_main ← main"),
+            xml.contains("blocked at: lock ← worker_main ← main\n"),
             "{xml}"
         );
     }

@@ -24,8 +24,11 @@ pub struct Failure {
     pub parent_pid: u32,
     pub parent_comm: String,
     pub exe: Option<String>,
-    /// Where the fork was made, as far as the finding tells (see [`fork_site`]).
+    /// Where the fork was made: the first frames of the forking thread's stack outside the C
+    /// library (`fork_site`), where the kernel captured it.
     pub site: Option<String>,
+    /// Where a lock-waiting child is stuck (its blocked stack), for the lock-wait kinds.
+    pub blocked_at: Option<String>,
     pub hint: Option<&'static str>,
 }
 
@@ -77,7 +80,8 @@ impl Verdict {
             parent_pid: f.parent_pid,
             parent_comm: f.parent_comm.clone(),
             exe: f.exe.clone(),
-            site: fork_site(f),
+            site: f.fork.as_ref().and_then(|fork| fork.fork_site.clone()),
+            blocked_at: blocked_at(f),
             hint: f.hint,
         });
     }
@@ -100,10 +104,8 @@ impl Verdict {
     }
 }
 
-/// Where the fork was made, as far as the finding tells: the blocked child's stack for a lock
-/// wait (it runs through the fork's call site), else nothing yet (the parent's executable and
-/// forking thread are in the failure itself).
-pub fn fork_site(f: &Finding) -> Option<String> {
+/// Where a lock-waiting child is blocked: its stack, which runs through the fork's call site.
+fn blocked_at(f: &Finding) -> Option<String> {
     match &f.details {
         Details::LockWait(d) => d.stack_summary.clone(),
         _ => None,

@@ -1,11 +1,15 @@
-//! User-space call stacks of threads blocked in a syscall.
+//! User-space call stacks, from two sources that share one unwinder.
 //!
-//! A thread sleeping in a syscall (say, a futex wait on a lock inherited across `fork`) holds
-//! still, so its user registers and stack can be read from the outside without ptrace: the kernel
-//! exposes the user sp and pc in `/proc/<pid>/task/<tid>/syscall`, and the stack words are
-//! readable through `/proc/<pid>/mem`. Debian's glibc is built without frame pointers, so the
-//! stack is walked with the modules' `.eh_frame` CFI (framehop), then every frame is symbolized
-//! (blazesym).
+//! - A thread blocked in a syscall (say, a futex wait on a lock inherited across `fork`) holds
+//!   still, so its user registers and stack can be read from the outside without ptrace: the
+//!   kernel exposes the user sp and pc in `/proc/<pid>/task/<tid>/syscall`, and the stack words
+//!   are readable through `/proc/<pid>/mem` ([`blocked_thread_stack`]).
+//! - A forking thread has moved on by the time the daemon looks, so the kernel copies its
+//!   registers and the top of its stack at the fork ([`CapturedStack`], from a
+//!   `ForkStackEvent`); the walk reads that copy and nothing beyond it ([`captured_stack`]).
+//!
+//! Debian's glibc is built without frame pointers, so the stack is walked with the modules'
+//! `.eh_frame` CFI (framehop), then every frame is symbolized (blazesym).
 
 // Only the x86_64 path uses the parsing helpers; elsewhere the API just reports the arch.
 #![cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
@@ -29,6 +33,31 @@ pub struct Frame {
     pub module: Option<String>,
     /// Offset of the address into the function when `function` is known, else into the module (file offset-based / module-relative).
     pub offset: u64,
+    /// Source file and line of the address, where the module has debug info (only asked for
+    /// fork stacks: reading DWARF costs, and a blocked thread's frames are named well enough).
+    pub file: Option<String>,
+    pub line: Option<u32>,
+}
+
+/// A thread's registers and a copy of the top of its stack, taken by the kernel at a fork
+/// (`ForkStackEvent`): what [`captured_stack`] unwinds.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CapturedStack {
+    pub ip: u64,
+    pub sp: u64,
+    pub bp: u64,
+    /// The user address of `bytes[0]`.
+    pub base: u64,
+    pub bytes: Vec<u8>,
+}
+
+impl CapturedStack {
+    /// The 8-byte word at user address `addr`, if the copy holds all of it.
+    pub(crate) fn word(&self, addr: u64) -> Option<u64> {
+        let start = usize::try_from(addr.checked_sub(self.base)?).ok()?;
+        let bytes = self.bytes.get(start..start.checked_add(8)?)?;
+        Some(u64::from_le_bytes(bytes.try_into().ok()?))
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -59,6 +88,8 @@ pub enum StackError {
     Busy,
     #[error("the daemon is stopping")]
     Cancelled,
+    #[error("no frame could be unwound")]
+    Empty,
 }
 
 /// How long one stack may take to unwind and symbolize. Cold symbolization of a large binary
@@ -150,6 +181,29 @@ pub fn blocked_thread_stack(
     }
 }
 
+/// Unwinds a stack the kernel captured in process `pid` (its registers and a copy of the top of
+/// its stack, see [`CapturedStack`]), with the modules of `maps` (the text of /proc/<pid>/maps,
+/// read while the process had not moved on), then symbolizes every frame with file and line
+/// where debug info exists. Stack words outside the copy are not read: the thread has moved on
+/// since. Needs the process alive for its mapped files and symbols; at most `max_frames`
+/// frames, innermost first.
+pub fn captured_stack(
+    pid: u32,
+    maps: &str,
+    stack: &CapturedStack,
+    max_frames: usize,
+) -> Result<Vec<Frame>, StackError> {
+    #[cfg(target_arch = "x86_64")]
+    {
+        imp::captured_stack(pid, maps, stack, max_frames)
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = (pid, maps, stack, max_frames);
+        Err(StackError::UnsupportedArchitecture)
+    }
+}
+
 /// "a ← b ← c" using function names (or "module+0xoffset" / "0xaddress" when unknown).
 pub fn format_stack(frames: &[Frame]) -> String {
     let names: Vec<String> = frames
@@ -168,6 +222,15 @@ pub fn format_stack(frames: &[Frame]) -> String {
 pub(crate) struct UserRegs {
     sp: u64,
     pc: u64,
+}
+
+/// Where the walk starts: the registers the unwinder needs (bp 0 when unknown: any
+/// frame-pointer fallback then fails fast instead of following garbage).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct StartRegs {
+    pub(crate) pc: u64,
+    pub(crate) sp: u64,
+    pub(crate) bp: u64,
 }
 
 /// Why a syscall line yielded no registers; the caller turns this into a `StackError`.
@@ -228,6 +291,11 @@ impl Mapping {
     fn contains(&self, address: u64) -> bool {
         (self.start..self.end).contains(&address)
     }
+}
+
+/// The lines of a /proc/<pid>/maps text that parse; the others are skipped.
+pub(crate) fn parse_maps(text: &str) -> Vec<Mapping> {
+    text.lines().filter_map(parse_maps_line).collect()
 }
 
 /// Parses `start-end perms offset dev inode [path]`; None for anything else.
@@ -300,6 +368,8 @@ mod imp {
         bias: u64,
         /// GNU build id, which names the separate debug file.
         build_id: Option<Vec<u8>>,
+        /// The mapped file, open: symbols are read from it when the process is gone.
+        file: File,
     }
 
     pub(super) fn blocked_thread_stack(
@@ -318,12 +388,56 @@ mod imp {
             SyscallLine::NotBlocked => StackError::NotBlocked { tid, path, line },
             SyscallLine::Malformed => StackError::MalformedSyscall { path, line },
         })?;
-        let maps: Vec<Mapping> = read_proc(format!("/proc/{pid}/maps"))?
-            .lines()
-            .filter_map(parse_maps_line)
-            .collect();
+        let maps = parse_maps(&read_proc(format!("/proc/{pid}/maps"))?);
         let mem = open_proc(format!("/proc/{pid}/mem"))?;
+        let (unwinder, modules) = unwinder_for(pid, &maps);
+        let read_stack = |addr: u64| {
+            let mut word = [0u8; 8];
+            mem.read_exact_at(&mut word, addr).map_err(|_| ())?;
+            Ok(u64::from_le_bytes(word))
+        };
+        // bp is not in /proc/.../syscall. Code with CFI does not need it unless its CFA is
+        // rbp-based.
+        let start = StartRegs {
+            pc: regs.pc,
+            sp: regs.sp,
+            bp: 0,
+        };
+        let addresses = unwind(&unwinder, start, read_stack, max_frames);
+        Ok(symbolize(pid, &addresses, &maps, &modules, false))
+    }
 
+    pub(super) fn captured_stack(
+        pid: u32,
+        maps: &str,
+        stack: &CapturedStack,
+        max_frames: usize,
+    ) -> Result<Vec<Frame>, StackError> {
+        if pid == 0 {
+            return Err(StackError::InvalidId);
+        }
+        let maps = parse_maps(maps);
+        let (unwinder, modules) = unwinder_for(pid, &maps);
+        let start = StartRegs {
+            pc: stack.ip,
+            sp: stack.sp,
+            bp: stack.bp,
+        };
+        let addresses = unwind(
+            &unwinder,
+            start,
+            |addr| stack.word(addr).ok_or(()),
+            max_frames,
+        );
+        if addresses.is_empty() {
+            return Err(StackError::Empty);
+        }
+        Ok(symbolize(pid, &addresses, &maps, &modules, true))
+    }
+
+    /// The framehop unwinder over every executable mapping of `maps` whose file and CFI could
+    /// be read, with what symbolization needs to know about each.
+    fn unwinder_for(pid: u32, maps: &[Mapping]) -> (UnwinderX86_64<Vec<u8>>, Vec<ModuleInfo>) {
         let mut unwinder = UnwinderX86_64::<Vec<u8>>::new();
         let mut modules = Vec::new();
         for mapping in maps.iter().filter(|m| m.executable) {
@@ -332,26 +446,22 @@ mod imp {
                 modules.push(info);
             }
         }
-        let addresses = unwind(&unwinder, regs, &mem, max_frames);
-        Ok(symbolize(pid, &addresses, &maps, &modules))
+        (unwinder, modules)
     }
 
-    /// Walks the stack with CFI; returns the pc followed by return addresses.
-    fn unwind(
+    /// Walks the stack with CFI from `regs`, reading stack words through `read_stack`; returns
+    /// the pc followed by return addresses (empty for a pc of 0).
+    pub(crate) fn unwind(
         unwinder: &UnwinderX86_64<Vec<u8>>,
-        regs: UserRegs,
-        mem: &File,
+        regs: StartRegs,
+        mut read_stack: impl FnMut(u64) -> Result<u64, ()>,
         max: usize,
     ) -> Vec<u64> {
+        if regs.pc == 0 || max == 0 {
+            return Vec::new();
+        }
         let mut cache = CacheX86_64::new();
-        let mut read_stack = |addr: u64| {
-            let mut word = [0u8; 8];
-            mem.read_exact_at(&mut word, addr).map_err(|_| ())?;
-            Ok(u64::from_le_bytes(word))
-        };
-        // bp is not in /proc/.../syscall; 0 makes any frame-pointer fallback fail fast instead
-        // of following garbage. Code with CFI does not need it unless its CFA is rbp-based.
-        let mut uregs = UnwindRegsX86_64::new(regs.pc, regs.sp, 0);
+        let mut uregs = UnwindRegsX86_64::new(regs.pc, regs.sp, regs.bp);
         let mut frame = FrameAddress::InstructionPointer(regs.pc);
         let mut addresses = vec![regs.pc];
         while addresses.len() < max {
@@ -383,7 +493,7 @@ mod imp {
         let file = open_mapped_file(pid, mapping)?;
         // ReadCache reads only the headers and the sections asked for, not the whole (possibly
         // huge) file, and bounds-checks every read against the file size.
-        let data = ReadCache::new(file);
+        let data = ReadCache::new(file.try_clone().ok()?);
         let elf = ElfFile64::<object::Endianness, _>::parse(&data).ok()?;
 
         // The executable PT_LOAD segment that this mapping was created from gives the load
@@ -439,6 +549,7 @@ mod imp {
                 avma,
                 bias,
                 build_id,
+                file,
             },
         ))
     }
@@ -446,7 +557,8 @@ mod imp {
     /// Opens the file behind a mapping, or None: its path and contents are the traced process's
     /// to choose, so nothing is trusted. /proc/<pid>/map_files/ is the mapped file itself (it
     /// needs CAP_SYS_ADMIN or CAP_CHECKPOINT_RESTORE); without it, the path is resolved inside
-    /// the process's root (containers) with no symlink leading out of it and none at the end.
+    /// the process's root (containers) with no symlink leading out of it and none at the end;
+    /// for a process already gone (a fork's parent that exited), on the host.
     /// Either way the file must be a regular file with the mapped inode, and it is opened
     /// without blocking: a FIFO named like the mapped file must not stall the daemon.
     fn open_mapped_file(pid: u32, mapping: &Mapping) -> Option<File> {
@@ -462,7 +574,9 @@ mod imp {
             return Some(file);
         }
         let path = mapping.path.as_deref().filter(|p| p.starts_with('/'))?;
-        open_in_root(pid, path).filter(is_mapped_file)
+        open_in_root(pid, path)
+            .or_else(|| open_on_host(path, mapping.inode))
+            .filter(is_mapped_file)
     }
 
     /// Names every address; symbolization failures leave `function` empty rather than
@@ -472,6 +586,7 @@ mod imp {
         addresses: &[u64],
         maps: &[Mapping],
         modules: &[ModuleInfo],
+        code_info: bool,
     ) -> Vec<Frame> {
         if addresses.is_empty() {
             return Vec::new();
@@ -484,7 +599,7 @@ mod imp {
             .map(|(i, &a)| if i == 0 { a } else { a.saturating_sub(1) })
             .collect();
         let symbolizer = Symbolizer::builder()
-            .enable_code_info(false)
+            .enable_code_info(code_info)
             .enable_inlined_fns(false)
             .build();
         let process = |debug_syms: bool| {
@@ -514,9 +629,15 @@ mod imp {
                     })
                     .collect()
             });
-        // Stripped libraries keep only exported symbols (glibc's __lll_lock_wait is not one).
-        // The separate debug file named by the build id still has the full .symtab, readable
-        // even when its DWARF is not.
+        // What the process source left unnamed is looked up in the module's file itself, which
+        // is open: a process gone by now (a fork's parent that exited) has no /proc entry left
+        // to symbolize through. First with its DWARF (if asked for), then its .symtab alone, in
+        // a symbolizer of its own (blazesym caches a module's resolver, and a DWARF one does
+        // not fall back to the symbol table: seen with a DWARF 5 libpython built by pyenv).
+        let symtab_only = Symbolizer::builder()
+            .enable_code_info(false)
+            .enable_inlined_fns(false)
+            .build();
         for (symbol, &lookup) in symbols.iter_mut().zip(&lookups) {
             if matches!(symbol, Symbolized::Sym(_)) {
                 continue;
@@ -524,6 +645,28 @@ mod imp {
             let Some(module) = modules.iter().find(|m| m.avma.contains(&lookup)) else {
                 continue;
             };
+            let Some(svma) = lookup.checked_sub(module.bias) else {
+                continue;
+            };
+            let path = format!("/proc/self/fd/{}", module.file.as_raw_fd());
+            let elf = |debug_syms: bool| {
+                let mut elf = Elf::new(&path);
+                elf.debug_syms = debug_syms;
+                Source::Elf(elf)
+            };
+            let attempts = [(&symbolizer, true), (&symtab_only, false)];
+            if let Some(found) = attempts.iter().find_map(|(by, debug_syms)| {
+                match by.symbolize_single(&elf(*debug_syms), Input::VirtOffset(svma)) {
+                    Ok(found @ Symbolized::Sym(_)) => Some(found),
+                    _ => None,
+                }
+            }) {
+                *symbol = found;
+                continue;
+            }
+            // Stripped libraries keep only exported symbols (glibc's __lll_lock_wait is not
+            // one). The separate debug file named by the build id still has the full .symtab,
+            // readable even when its DWARF is not.
             if let Some(path) = module
                 .build_id
                 .as_deref()
@@ -531,9 +674,7 @@ mod imp {
             {
                 let mut elf = Elf::new(&path.path);
                 elf.debug_syms = false;
-                if let Some(svma) = lookup.checked_sub(module.bias) {
-                    *symbol = single(&Source::Elf(elf), Input::VirtOffset(svma));
-                }
+                *symbol = single(&Source::Elf(elf), Input::VirtOffset(svma));
             }
         }
 
@@ -545,17 +686,24 @@ mod imp {
                 let mapping = maps.iter().find(|m| m.contains(lookup));
                 let module = mapping.and_then(Mapping::module_name);
                 match symbol {
-                    Symbolized::Sym(sym) => Frame {
-                        address,
-                        function: Some(sym.name.to_string()),
-                        module,
-                        offset: sym.offset as u64 + (address - lookup),
-                    },
+                    Symbolized::Sym(sym) => {
+                        let code = sym.code_info.as_deref();
+                        Frame {
+                            address,
+                            function: Some(sym.name.to_string()),
+                            module,
+                            offset: sym.offset as u64 + (address - lookup),
+                            file: code.map(|c| c.to_path().display().to_string()),
+                            line: code.and_then(|c| c.line),
+                        }
+                    }
                     Symbolized::Unknown(_) => Frame {
                         address,
                         function: None,
                         offset: mapping.map_or(0, |m| (address - m.start).saturating_add(m.offset)),
                         module,
+                        file: None,
+                        line: None,
                     },
                 }
             })
@@ -617,17 +765,44 @@ struct OpenHow {
 /// an absolute symlink would otherwise resolve against the daemon's own root. openat2 with
 /// RESOLVE_IN_ROOT keeps every step inside (Linux 5.6+); where it is missing, None.
 fn open_in_root(pid: u32, path: &str) -> Option<File> {
+    open_resolved(
+        &format!("/proc/{pid}/root"),
+        path,
+        libc::RESOLVE_IN_ROOT | libc::RESOLVE_NO_MAGICLINKS,
+    )
+}
+
+/// Opens the absolute `path` in the daemon's own root, but only if it is a regular file with
+/// inode `inode` (checked before opening, so that no device is ever opened, and after), through
+/// no symlink at all: for a process that has exited, whose /proc root is gone, its mapped files
+/// are where a host process's are.
+fn open_on_host(path: &str, inode: u64) -> Option<File> {
+    use std::os::unix::fs::MetadataExt as _;
+    let meta = std::fs::symlink_metadata(path).ok()?;
+    if !meta.file_type().is_file() || meta.ino() != inode {
+        return None;
+    }
+    open_resolved(
+        "/",
+        path,
+        libc::RESOLVE_NO_SYMLINKS | libc::RESOLVE_NO_MAGICLINKS,
+    )
+}
+
+/// Opens `path` (absolute, taken as relative to `root`) read-only and without blocking, with
+/// openat2's `resolve` rules.
+fn open_resolved(root: &str, path: &str, resolve: u64) -> Option<File> {
     use std::os::fd::{AsRawFd as _, FromRawFd as _};
     let root = std::fs::OpenOptions::new()
         .read(true)
         .custom_flags(libc::O_PATH | libc::O_DIRECTORY | libc::O_CLOEXEC)
-        .open(format!("/proc/{pid}/root"))
+        .open(root)
         .ok()?;
     let relative = std::ffi::CString::new(path.trim_start_matches('/')).ok()?;
     let how = OpenHow {
         flags: (libc::O_RDONLY | libc::O_NONBLOCK | libc::O_NOFOLLOW | libc::O_CLOEXEC) as u64,
         mode: 0,
-        resolve: libc::RESOLVE_IN_ROOT | libc::RESOLVE_NO_MAGICLINKS,
+        resolve,
     };
     // SAFETY: openat2 reads `relative` (NUL-terminated, alive for the call) and `how` (a valid
     // open_how of the size passed); the fd it returns is ours alone and wrapped at once.

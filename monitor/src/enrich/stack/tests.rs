@@ -85,18 +85,24 @@ fn formats_frames() {
             function: Some("f".into()),
             module: Some("a.so".into()),
             offset: 4,
+            file: None,
+            line: None,
         },
         Frame {
             address: 0x20,
             function: None,
             module: Some("b.so".into()),
             offset: 0x1f,
+            file: None,
+            line: None,
         },
         Frame {
             address: 0x30,
             function: None,
             module: None,
             offset: 0,
+            file: None,
+            line: None,
         },
     ];
     assert_eq!(format_stack(&frames), "f ← b.so+0x1f ← 0x30");
@@ -193,4 +199,139 @@ return 0;
     );
     assert!(lock < holder && holder < main, "wrong order: {stack}");
     assert_eq!(frames[holder].module.as_deref(), Some("deadlock"));
+}
+
+#[test]
+fn captured_words_come_from_the_copy_alone() {
+    let stack = CapturedStack {
+        ip: 1,
+        sp: 0x1008,
+        bp: 0,
+        base: 0x1000,
+        bytes: (0u8..32).collect(),
+    };
+    assert_eq!(stack.word(0x1000), Some(0x0706_0504_0302_0100));
+    assert_eq!(stack.word(0x1018), Some(0x1f1e_1d1c_1b1a_1918));
+    // Straddling the end, past it, below the base, and an address that overflows.
+    for outside in [0x1019, 0x1020, 0xff8, u64::MAX] {
+        assert_eq!(stack.word(outside), None, "{outside:#x}");
+    }
+}
+
+/// A synthetic stack of three frames linked by frame pointers (no module has CFI for these
+/// addresses, so framehop follows rbp), whose outermost saved rbp points past the copy: the walk
+/// reads the copy alone and stops there.
+#[cfg(target_arch = "x86_64")]
+#[test]
+fn unwinds_a_captured_copy_and_nothing_beyond_it() {
+    use framehop::x86_64::UnwinderX86_64;
+
+    let base = 0x7ffd_0000_0000_u64;
+    let mut bytes = vec![0u8; 0x400];
+    let mut put = |addr: u64, value: u64| {
+        let at = (addr - base) as usize;
+        bytes[at..at + 8].copy_from_slice(&value.to_le_bytes());
+    };
+    // frame 1: [bp] = caller's bp, [bp + 8] = return address into the caller.
+    put(base + 0x100, base + 0x200);
+    put(base + 0x108, 0x40_1234);
+    // frame 2: its saved bp points beyond the copy.
+    put(base + 0x200, base + 0x1000);
+    put(base + 0x208, 0x40_5678);
+    let stack = CapturedStack {
+        ip: 0x40_0010,
+        sp: base + 0x10,
+        bp: base + 0x100,
+        base,
+        bytes,
+    };
+    let start = StartRegs {
+        pc: stack.ip,
+        sp: stack.sp,
+        bp: stack.bp,
+    };
+    let unwinder = UnwinderX86_64::<Vec<u8>>::new();
+    let mut outside = 0;
+    let addresses = imp::unwind(
+        &unwinder,
+        start,
+        |addr| {
+            let word = stack.word(addr);
+            outside += usize::from(word.is_none());
+            word.ok_or(())
+        },
+        32,
+    );
+    assert_eq!(addresses, [0x40_0010, 0x40_1234, 0x40_5678]);
+    assert_eq!(
+        outside, 1,
+        "the walk ends at the first word outside the copy"
+    );
+    assert!(imp::unwind(&unwinder, StartRegs { pc: 0, ..start }, |_| Err(()), 32).is_empty());
+}
+
+/// The fork-stack path end to end on this very process: registers and a copy of the stack
+/// taken inside a named function, unwound with the modules' CFI and symbolized against
+/// /proc/self/maps.
+#[cfg(target_arch = "x86_64")]
+#[test]
+fn unwinds_and_names_a_captured_copy_of_this_process() {
+    #[inline(never)]
+    fn capture_here_for_fork_stack_test() -> CapturedStack {
+        let (ip, sp, bp): (u64, u64, u64);
+        // SAFETY: reads three registers into locals; no memory is touched.
+        unsafe {
+            std::arch::asm!(
+                "lea {ip}, [rip]",
+                "mov {sp}, rsp",
+                "mov {bp}, rbp",
+                ip = out(reg) ip,
+                sp = out(reg) sp,
+                bp = out(reg) bp,
+            );
+        }
+        let base = sp & !0xfff;
+        // Through /proc/self/mem: a page past the top of this thread's stack is an error, not
+        // a fault.
+        let mem = std::fs::File::open("/proc/self/mem").unwrap();
+        let mut bytes = Vec::new();
+        for page in 0..4u64 {
+            let mut buf = vec![0u8; 4096];
+            if std::os::unix::fs::FileExt::read_exact_at(&mem, &mut buf, base + page * 4096)
+                .is_err()
+            {
+                break;
+            }
+            bytes.extend(buf);
+        }
+        std::hint::black_box(CapturedStack {
+            ip,
+            sp,
+            bp,
+            base,
+            bytes,
+        })
+    }
+    let stack = capture_here_for_fork_stack_test();
+    let maps = std::fs::read_to_string("/proc/self/maps").unwrap();
+    let frames = captured_stack(std::process::id(), &maps, &stack, 8).unwrap();
+    let summary = format_stack(&frames);
+    assert!(
+        frames[0]
+            .function
+            .as_deref()
+            .is_some_and(|f| f.contains("capture_here_for_fork_stack_test")),
+        "{summary}"
+    );
+    assert!(
+        frames.iter().any(|f| f
+            .function
+            .as_deref()
+            .is_some_and(|f| f.contains("unwinds_and_names_a_captured_copy_of_this_process"))),
+        "the caller comes from the copy: {summary}"
+    );
+    assert!(
+        frames[0].line.is_some(),
+        "the test binary has debug info: {frames:?}"
+    );
 }

@@ -71,8 +71,8 @@ impl Hook {
 /// tracked) and the socket programs (always), both ways of the latter (a kernel has one).
 const HOOKS: [Hook; 6] = [
     Hook {
-        at: At::TpBtf(names::SCHEDULER_PROGRAMS[1]),
-        forkwatch: names::SCHEDULER_PROGRAMS[1],
+        at: At::TpBtf(names::SWITCH_TRACEPOINT),
+        forkwatch: names::SWITCH_PROGRAM,
         floor: "floor_sched_switch",
     },
     Hook {

@@ -14,5 +14,5 @@ pub mod names;
 pub mod wire;
 
 pub use linux::{futex, syscall};
-pub use names::{OFFSETS_GLOBAL, WAKEUP_GLOBAL};
+pub use names::{OFFSETS_GLOBAL, TREE_ROOT_GLOBAL, WAKEUP_GLOBAL};
 pub use wire::*;

@@ -11,7 +11,12 @@ pub const OFFSETS_GLOBAL: &str = "FORKWATCH_OFFSETS";
 /// daemon; below it the daemon's drain tick collects records.
 pub const WAKEUP_GLOBAL: &str = "FORKWATCH_WAKEUP_BYTES";
 
+/// Name of the eBPF global with the host tgid whose descendants make the watched tree
+/// (`forkwatch exec`'s own; 0 for the daemon). See `TREE_MAX_ENTRIES`.
+pub const TREE_ROOT_GLOBAL: &str = "FORKWATCH_TREE_ROOT";
+
 pub const EVENTS: &str = "EVENTS";
+pub const TREE: &str = "TREE";
 pub const TRACKED: &str = "TRACKED";
 pub const FORK_COUNTERS: &str = "FORK_COUNTERS";
 pub const LOST_EVENTS: &str = "LOST_EVENTS";

@@ -59,6 +59,9 @@ pub const FORK_FLAG_STACK: u32 = 1 << 1;
 /// `ForkEvent::flags`: with [`FORK_FLAG_STACK`], no copy of this fork's stack was sent: its
 /// thread sent [`FORK_STACK_BURST`] copies within the last [`FORK_STACK_BURST_NS`] already.
 pub const FORK_FLAG_STACK_SKIPPED: u32 = 1 << 2;
+/// `ForkEvent::flags`: the forking process descends from the watched tree's root (see
+/// [`TREE_MAX_ENTRIES`]), so the child does too.
+pub const FORK_FLAG_IN_TREE: u32 = 1 << 3;
 
 /// A new process (not a thread) created by a parent that had at least two live threads.
 #[repr(C)]
@@ -216,7 +219,8 @@ pub struct SharedSocketEvent {
     pub state: u8,
     pub direction: u8,
     pub other_direction: u8,
-    pub _pad: u8,
+    /// 1 when the later user descends from the watched tree's root (see [`TREE_MAX_ENTRIES`]).
+    pub in_tree: u8,
     /// Ports in host byte order.
     pub local_port: u16,
     pub peer_port: u16,
@@ -250,7 +254,8 @@ pub struct SharedFileEvent {
     pub fd: u32,
     pub syscall: u32,
     pub other_syscall: u32,
-    pub _pad: u32,
+    /// 1 when the later user descends from the watched tree's root (see [`TREE_MAX_ENTRIES`]).
+    pub in_tree: u32,
     pub comm: [u8; COMM_LEN],
 }
 
@@ -398,9 +403,11 @@ pub mod map_full {
     pub const FAMILY: u32 = 2;
     /// Family children that have not exec'd: the write probe is not attached for them.
     pub const CHILDREN: u32 = 3;
-    pub const COUNT: u32 = 4;
+    /// The watched tree of `forkwatch exec`: a descendant of CMD goes unwatched.
+    pub const TREE: u32 = 4;
+    pub const COUNT: u32 = 5;
     /// Metric label of each map, by index.
-    pub const NAMES: [&str; COUNT as usize] = ["tracked", "blocked", "family", "children"];
+    pub const NAMES: [&str; COUNT as usize] = ["tracked", "blocked", "family", "children", "tree"];
 }
 
 /// Indices into the per-CPU `LOST_EVENTS` array: ring-buffer reservations that failed, by the
@@ -444,6 +451,15 @@ pub const MEMBER_SLOTS: u32 = 16_384;
 pub const fn member_slot(pid: u32) -> u32 {
     (pid & (MEMBER_SLOTS - 1)) * 2
 }
+/// Capacity of the `TREE` map of `forkwatch exec` (1 for the daemon, which watches no tree):
+/// the live processes descending from the tree's root, the `FORKWATCH_TREE_ROOT` global (a
+/// host tgid; 0: no tree). The fork program adds a child whose parent is the root or in the
+/// map, on every fork that makes a process (vfork and posix_spawn too: the child may fork
+/// before it execs), and the exit program removes it, so membership follows descent, whatever
+/// cgroup or parent the process later has. Each record about a descendant says so
+/// ([`FORK_FLAG_IN_TREE`], `in_tree`), decided when the kernel wrote it: the process may be
+/// gone and its pid reused by the time the daemon reads it.
+pub const TREE_MAX_ENTRIES: u32 = 32_768;
 /// Capacity of the socket and file maps (`SOCK_*`, `FILE_*`; LRU).
 pub const SOCKET_MAX_ENTRIES: u32 = 65_536;
 /// The lowest fd whose writes the write probe watches: 0-2 are stdio, which parent and child

@@ -9,10 +9,10 @@ use aya_ebpf::{
     programs::BtfTracePointContext,
 };
 use monitor_common::{
-    EventKind, ExecEvent, ExitEvent, FORK_FLAG_STACK, FORK_FLAG_STACK_SKIPPED, FORK_SITE_WORDS,
-    FORK_STACK_BURST, FORK_STACK_BURST_NS, FORK_STACK_EVERY_NS, FORK_STACK_PAGE_BYTES,
-    FORK_STACK_PAGES, FORK_WAKEUP_EVERY_NS, ForkEvent, ForkStackEvent, ThreadEvent, fork_counter,
-    lost_category, map_full,
+    EventKind, ExecEvent, ExitEvent, FORK_FLAG_IN_TREE, FORK_FLAG_STACK, FORK_FLAG_STACK_SKIPPED,
+    FORK_SITE_WORDS, FORK_STACK_BURST, FORK_STACK_BURST_NS, FORK_STACK_EVERY_NS,
+    FORK_STACK_PAGE_BYTES, FORK_STACK_PAGES, FORK_WAKEUP_EVERY_NS, ForkEvent, ForkStackEvent,
+    ThreadEvent, fork_counter, lost_category, map_full,
 };
 
 use crate::{
@@ -22,7 +22,7 @@ use crate::{
         CHILDREN, EVENTS, FAMILY, FAMILY_SLOTS, FORK_COUNTERS, FORK_SITE_SCRATCH,
         FORK_STACK_BURSTS, FORK_STACKS, FORK_WAKEUPS, LOST_EVENTS, TRACKED, TRACKED_SLOTS, URGENT,
         blocked_count, contains, copied, count, family_of, insert, insert_member, is_tracked,
-        remove_member, unblock, wakeup_flags,
+        join_tree, leave_tree, remove_member, unblock, wakeup_flags,
     },
 };
 
@@ -52,14 +52,19 @@ fn on_fork(ctx: &BtfTracePointContext, capture_stack: bool) -> Result<(), i32> {
 
     let child_pid: i32 = read(child, offsets.task_pid)?;
     let child_tgid: i32 = read(child, offsets.task_tgid)?;
+    // The parent is current: its ids are read once for the family, the event and the wakeup.
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let tgid = (pid_tgid >> 32) as u32;
     if child_pid != child_tgid {
         count(&FORK_COUNTERS, fork_counter::THREAD);
-        let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
         if is_tracked(tgid) {
             send_thread_event(EventKind::ThreadCreated, tgid, child_pid as u32);
         }
         return Ok(());
     }
+    // Every new process, before the early returns below: a vfork or posix_spawn child and a
+    // single-threaded parent's child are in the tree too, and may fork unsafely later.
+    let in_tree = join_tree(tgid, child_pid as u32);
     let parent_mm: u64 = read(parent, offsets.task_mm)?;
     if parent_mm == 0 {
         // A kernel thread spawning a worker (kthreadd, usermodehelper): no user state to inherit.
@@ -73,9 +78,7 @@ fn on_fork(ctx: &BtfTracePointContext, capture_stack: bool) -> Result<(), i32> {
         count(&FORK_COUNTERS, fork_counter::SHARED_VM);
         return Ok(());
     }
-    // The parent is current: its ids are read once for the family, the event and the wakeup.
-    let pid_tgid = bpf_get_current_pid_tgid();
-    join_family((pid_tgid >> 32) as u32, child_pid as u32);
+    join_family(tgid, child_pid as u32);
     let signal: *const u8 = read(parent, offsets.task_signal)?;
     let parent_threads: i32 = read(signal, offsets.signal_nr_threads)?;
     if parent_threads < 2 {
@@ -85,13 +88,16 @@ fn on_fork(ctx: &BtfTracePointContext, capture_stack: bool) -> Result<(), i32> {
     count(&FORK_COUNTERS, fork_counter::MULTI_THREADED);
     let parent_start_ns = kread::process_start_ns(parent, &offsets).unwrap_or(0);
     // Before the fork's record, so that the daemon has the stack when the fork arrives.
-    let (flags, stack) = if capture_stack {
+    let (mut flags, stack) = if capture_stack {
         let (stack, sent) = send_fork_stack(pid_tgid, parent_start_ns, parent_mm as *const u8);
         let skipped = if sent { 0 } else { FORK_FLAG_STACK_SKIPPED };
         (FORK_FLAG_STACK | skipped, stack)
     } else {
         (0, StackKey::default())
     };
+    if in_tree {
+        flags |= FORK_FLAG_IN_TREE;
+    }
 
     let Some(mut entry) = EVENTS.reserve::<ForkEvent>(0) else {
         // Not tracked either: exec/exit events for a child the daemon never saw are useless.
@@ -111,7 +117,7 @@ fn on_fork(ctx: &BtfTracePointContext, capture_stack: bool) -> Result<(), i32> {
     let now_ns = kread::now_ns();
     entry.write(ForkEvent {
         kind: EventKind::Fork as u32,
-        parent_tgid: (pid_tgid >> 32) as u32,
+        parent_tgid: tgid,
         parent_tid: pid_tgid as u32,
         child_pid: pid,
         parent_threads: parent_threads as u32,
@@ -333,6 +339,7 @@ fn on_exit(task: *const u8, group_dead: bool) {
     let (pid, tid) = ((pid_tgid >> 32) as u32, pid_tgid as u32);
     if group_dead {
         leave_family(pid);
+        leave_tree(pid);
     }
     // A thread that is exiting is not blocked in a futex any more (normally the wakeup already
     // removed it; a fatal signal may not have gone through one, and an exec that killed the

@@ -41,6 +41,12 @@ use monitor_common::KernelOffsets;
 #[unsafe(no_mangle)]
 static FORKWATCH_WAKEUP_BYTES: Global<u64> = Global::new(0);
 
+/// The host tgid whose descendants make the watched tree (`forkwatch exec`), 0 for none.
+/// Written by the loader; read-only, so the verifier drops the tree's code from every program
+/// when it is 0 and the daemon pays nothing for it.
+#[unsafe(no_mangle)]
+static FORKWATCH_TREE_ROOT: Global<u32> = Global::new(0);
+
 /// Member offsets of the running kernel, written by the loader from BTF.
 #[unsafe(no_mangle)]
 static FORKWATCH_OFFSETS: Global<KernelOffsets> = Global::new(KernelOffsets {

@@ -11,10 +11,10 @@ use aya_ebpf::{
 use monitor_common::{
     BLOCKED_MAX_ENTRIES, BlockedWait, FAMILY_MAX_ENTRIES, FORK_SITE_WORDS, FORK_STACK_MAX_ENTRIES,
     MEMBER_SLOTS, RING_BUFFER_BYTES, SOCKET_MAX_ENTRIES, SockPid, SockUser, TRACKED_MAX_ENTRIES,
-    fork_counter, lost_category, map_full, member_slot,
+    TREE_MAX_ENTRIES, fork_counter, lost_category, map_full, member_slot,
 };
 
-use crate::{FORKWATCH_WAKEUP_BYTES, kread::Plain};
+use crate::{FORKWATCH_TREE_ROOT, FORKWATCH_WAKEUP_BYTES, kread::Plain};
 
 #[map]
 pub static EVENTS: RingBuf = RingBuf::with_byte_size(RING_BUFFER_BYTES, 0);
@@ -92,6 +92,13 @@ pub static FORK_SITE_SCRATCH: PerCpuArray<[u64; FORK_SITE_WORDS]> =
 /// Plain hash map, like FAMILY.
 #[map]
 pub static CHILDREN: HashMap<u32, u64> = HashMap::with_max_entries(FAMILY_MAX_ENTRIES, 0);
+
+/// The watched tree of `forkwatch exec`: every live process descending from
+/// `FORKWATCH_TREE_ROOT` (tgid → 1). Sized 1 by the daemon, which watches no tree. A plain hash
+/// map: exit removes its entries, and an LRU could evict a live member, whose descendants
+/// would then go unwatched.
+#[map]
+pub static TREE: HashMap<u32, u8> = HashMap::with_max_entries(TREE_MAX_ENTRIES, 0);
 
 /// Open file description (`struct file *`) → the family member that writes through it.
 #[map]
@@ -297,6 +304,33 @@ pub fn family_of(pid: u32) -> Option<u32> {
         return None;
     }
     copied(&FAMILY, &pid)
+}
+
+/// Whether process `pid` descends from the watched tree's root. Always false (and compiled
+/// out by the verifier: the root is read-only) when there is no tree.
+#[inline(always)]
+pub fn in_tree(pid: u32) -> bool {
+    FORKWATCH_TREE_ROOT.load() != 0 && contains(&TREE, &pid)
+}
+
+/// Makes `child` a member of the watched tree if its parent (the current process) is the root
+/// or a member; whether it did. A full map is counted: the child's hazards go unwatched.
+#[inline(always)]
+pub fn join_tree(parent: u32, child: u32) -> bool {
+    let root = FORKWATCH_TREE_ROOT.load();
+    if root == 0 || (parent != root && !contains(&TREE, &parent)) {
+        return false;
+    }
+    let _ = insert(&TREE, &child, &1, map_full::TREE);
+    true
+}
+
+/// Takes `pid` out of the watched tree when it exits (a lookup first, as in `leave_family`).
+#[inline(always)]
+pub fn leave_tree(pid: u32) {
+    if in_tree(pid) {
+        let _ = TREE.remove(&pid);
+    }
 }
 
 /// The errno of an insert that found the key (BPF_NOEXIST).

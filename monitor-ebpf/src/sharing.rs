@@ -21,7 +21,7 @@ use crate::{
     kread::{self, read},
     maps::{
         EVENTS, Holder, LOST_EVENTS, SOCK_REPORTED, SOCK_USERS, URGENT, contains, count, family_of,
-        holder,
+        holder, in_tree,
     },
 };
 
@@ -137,7 +137,7 @@ fn on_member_io(sk: *const u8, pid: u32, family: u32, direction: u8) -> Result<(
         (*e).state = state;
         (*e).direction = direction;
         (*e).other_direction = first.direction as u8;
-        (*e)._pad = 0;
+        (*e).in_tree = in_tree(pid) as u8;
         (*e)._pad2 = 0;
         let sk_family: u16 = read(sk, offsets.skc_family).unwrap_or(0);
         (*e).sk_family = sk_family;

@@ -17,7 +17,9 @@ use monitor_common::{
 use crate::{
     FORKWATCH_OFFSETS,
     kread::{self, read},
-    maps::{EVENTS, FAMILY, FILE_REPORTED, FILE_USERS, LOST_EVENTS, URGENT, copied, count},
+    maps::{
+        EVENTS, FAMILY, FILE_REPORTED, FILE_USERS, LOST_EVENTS, URGENT, copied, count, in_tree,
+    },
     sharing::{first_report, note_use},
 };
 
@@ -86,7 +88,7 @@ fn on_file_write(ctx: &BtfTracePointContext, syscall: u32) -> Result<(), i32> {
         fd: fd as u32,
         syscall,
         other_syscall: first.syscall,
-        _pad: 0,
+        in_tree: in_tree(pid) as u32,
         comm: bpf_get_current_comm().unwrap_or([0; 16]),
     });
     entry.submit(URGENT);

@@ -8,6 +8,11 @@
  *   vmhelper fentry FUNC      load a do-nothing fentry program on kernel function FUNC and
  *   vmhelper fexit FUNC       attach it (then detach): prints "attached" and exits 0, or the
  *                             failing step, its errno and the verifier's log, and exits 1
+ *   vmhelper capped CMD ARGS  run CMD as nobody (uid and gid 65534, no groups) with
+ *                             CAP_BPF, CAP_PERFMON and CAP_SYS_PTRACE only, as ambient
+ *                             capabilities (busybox's setpriv cannot change the uid); the
+ *                             memlock limit raised first where it can be, as a unit's
+ *                             LimitMEMLOCK would (kernels before 5.11 charge BPF maps to it)
  *
  * fentry/fexit are probed with raw bpf(2) rather than bpftool: the guest has no shared
  * libraries, and the question is only whether this kernel lets such a program load and attach.
@@ -17,6 +22,7 @@
 #include <arpa/inet.h>
 #include <errno.h>
 #include <fcntl.h>
+#include <grp.h>
 #include <linux/bpf.h>
 #include <linux/btf.h>
 #include <netinet/in.h>
@@ -25,6 +31,9 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <linux/capability.h>
+#include <sys/prctl.h>
+#include <sys/resource.h>
 #include <sys/socket.h>
 #include <sys/syscall.h>
 #include <unistd.h>
@@ -165,13 +174,54 @@ static int tracing(const char *func, int attach_type) {
     return 0;
 }
 
+/* CAP_BPF and CAP_PERFMON are newer than some C libraries' headers. */
+#define CAP_PERFMON_BIT 38
+#define CAP_BPF_BIT 39
+
+static int capped(char **argv) {
+    struct rlimit unlimited = {RLIM_INFINITY, RLIM_INFINITY};
+    /* Best effort: without CAP_SYS_RESOURCE (some container hosts) only kernels that no longer
+     * charge BPF memory to it (5.11 and later) load the probes. */
+    if (setrlimit(RLIMIT_MEMLOCK, &unlimited))
+        perror("capped: raising RLIMIT_MEMLOCK (going on)");
+    if (prctl(PR_SET_KEEPCAPS, 1, 0, 0, 0) || setgroups(0, NULL) || setgid(65534) ||
+        setuid(65534)) {
+        perror("capped: becoming nobody");
+        return 125;
+    }
+    int caps[] = {CAP_SYS_PTRACE, CAP_PERFMON_BIT, CAP_BPF_BIT};
+    struct __user_cap_header_struct header = {_LINUX_CAPABILITY_VERSION_3, 0};
+    struct __user_cap_data_struct data[2] = {{0}};
+    for (unsigned i = 0; i < sizeof caps / sizeof caps[0]; i++) {
+        data[caps[i] / 32].effective |= 1u << (caps[i] % 32);
+        data[caps[i] / 32].permitted |= 1u << (caps[i] % 32);
+        data[caps[i] / 32].inheritable |= 1u << (caps[i] % 32);
+    }
+    if (syscall(SYS_capset, &header, data)) {
+        perror("capped: capset");
+        return 125;
+    }
+    for (unsigned i = 0; i < sizeof caps / sizeof caps[0]; i++) {
+        if (prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_RAISE, caps[i], 0, 0)) {
+            perror("capped: PR_CAP_AMBIENT_RAISE");
+            return 125;
+        }
+    }
+    execvp(argv[0], argv);
+    perror("capped: exec");
+    return 127;
+}
+
 int main(int argc, char **argv) {
+    if (argc >= 3 && strcmp(argv[1], "capped") == 0)
+        return capped(argv + 2);
     if (argc == 3 && strcmp(argv[1], "echo") == 0)
         return echo(atoi(argv[2]));
     if (argc == 3 && strcmp(argv[1], "fentry") == 0)
         return tracing(argv[2], BPF_TRACE_FENTRY);
     if (argc == 3 && strcmp(argv[1], "fexit") == 0)
         return tracing(argv[2], BPF_TRACE_FEXIT);
-    fprintf(stderr, "usage: %s echo PORT | fentry FUNC | fexit FUNC\n", argv[0]);
+    fprintf(stderr, "usage: %s echo PORT | fentry FUNC | fexit FUNC | capped CMD ARGS\n",
+            argv[0]);
     return 2;
 }

@@ -189,6 +189,7 @@ fn probes(btf: &Path) -> Vec<Item> {
         btf_path: btf.to_path_buf(),
         ring_buffer_bytes: monitor_common::RING_BUFFER_BYTES,
         max_tracked: 1024,
+        tree_root: None,
     };
     let mut probes = match Probes::load(&opts) {
         Ok(p) => p,

@@ -144,6 +144,7 @@ impl MonitorOptions {
             exec_grace: watch.exec_grace,
             deadlock_after: watch.deadlock_after,
             full_cmdline: watch.full_cmdline,
+            tree_root: None,
         }
     }
 }

@@ -147,6 +147,7 @@ struct Subject {
     exe: Option<String>,
     cmdline: Vec<String>,
     cgroup_id: u64,
+    in_tree: bool,
     attribution: Attribution,
     runtime: Option<Runtime>,
 }
@@ -158,7 +159,7 @@ impl Subject {
         later: &ResourceUse,
         first: &ResourceUse,
         comm: &str,
-        cgroup_id: u64,
+        (cgroup_id, in_tree): (u64, bool),
         proc: &ProcFs,
     ) -> Self {
         let exe = proc.exe(later.pid);
@@ -171,6 +172,7 @@ impl Subject {
             exe,
             cmdline: proc.cmdline(later.pid),
             cgroup_id,
+            in_tree,
             attribution: proc
                 .attribution(later.pid)
                 .or_else(|| proc.attribution(first.pid))
@@ -200,6 +202,7 @@ impl Subject {
             exe: context.exe,
             cmdline: context.cmdline,
             cgroup_id: fork.cgroup_id,
+            in_tree: fork.in_tree,
             attribution: context.attribution,
         }
     }
@@ -225,6 +228,7 @@ fn common(
         argv0: subject.cmdline.first().map(|arg| procfs::argv0(arg)),
         cmdline: opts.full_cmdline.then_some(subject.cmdline),
         cgroup_id: subject.cgroup_id,
+        in_tree: subject.in_tree,
         attribution: subject.attribution,
         details,
         fork: None,
@@ -344,7 +348,7 @@ fn shared_socket(
         &socket.later,
         &socket.first,
         &socket.comm,
-        socket.cgroup_id,
+        (socket.cgroup_id, socket.in_tree),
         proc,
     );
     let details = Details::SharedSocket(SharedSocketDetails {
@@ -373,7 +377,13 @@ fn shared_socket(
 }
 
 fn shared_file(file: SharedFile, proc: &ProcFs, opts: EnrichOptions) -> Finding {
-    let subject = Subject::sharers(&file.later, &file.first, &file.comm, file.cgroup_id, proc);
+    let subject = Subject::sharers(
+        &file.later,
+        &file.first,
+        &file.comm,
+        (file.cgroup_id, file.in_tree),
+        proc,
+    );
     let details = Details::SharedFile(SharedFileDetails {
         file: FileInfo {
             // The writers may already be gone; an inherited fd has the same number in both.
@@ -410,6 +420,7 @@ pub fn events_lost(
         exe: None,
         cmdline: Vec::new(),
         cgroup_id: 0,
+        in_tree: false,
         attribution: Attribution::default(),
         runtime: None,
     };
@@ -505,6 +516,7 @@ mod tests {
             child_start_ns: 1_000_000_000,
             parent_start_ns: 500_000_000,
             cgroup_id: 9,
+            in_tree: false,
             comm: "gai-async".into(),
             stack: None,
             stack_skipped: false,

@@ -34,7 +34,7 @@ use aya::{
     maps::{HashMap as BpfHashMap, MapData, RingBuf},
     programs::{BtfTracePoint, FEntry, ProgramError},
 };
-use monitor_common::{OFFSETS_GLOBAL, WAKEUP_GLOBAL, names};
+use monitor_common::{OFFSETS_GLOBAL, TREE_ROOT_GLOBAL, WAKEUP_GLOBAL, names};
 
 /// The compiled kernel programs, built by build.rs with the pinned nightly.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/forkwatch"));
@@ -44,6 +44,9 @@ pub struct ProbeOptions {
     pub btf_path: PathBuf,
     pub ring_buffer_bytes: u32,
     pub max_tracked: u32,
+    /// The host tgid whose descendants make the watched tree (`forkwatch exec`'s own), if any:
+    /// see `monitor_common::TREE_MAX_ENTRIES`.
+    pub tree_root: Option<u32>,
 }
 
 pub struct Probes {
@@ -92,6 +95,13 @@ impl Probes {
             .override_global(WAKEUP_GLOBAL, &wakeup_bytes(opts.ring_buffer_bytes), true)
             .map_max_entries(names::EVENTS, opts.ring_buffer_bytes)
             .map_max_entries(names::TRACKED, opts.max_tracked)
+            .override_global(TREE_ROOT_GLOBAL, &opts.tree_root.unwrap_or(0), true)
+            // The daemon watches no tree: the map is created all the same, with one entry.
+            .map_max_entries(
+                names::TREE,
+                opts.tree_root
+                    .map_or(1, |_| monitor_common::TREE_MAX_ENTRIES),
+            )
             .load(OBJECT)
             .map_err(|source| {
                 let hint = permission_hint(&source);

@@ -267,6 +267,7 @@ mod tests {
             child_start_ns: 1,
             parent_start_ns: 1,
             cgroup_id: 0,
+            in_tree: false,
             comm: "x".into(),
             stack,
             stack_skipped: false,

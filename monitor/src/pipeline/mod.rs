@@ -39,6 +39,8 @@ pub struct MonitorOptions {
     pub exec_grace: Duration,
     pub deadlock_after: Duration,
     pub full_cmdline: bool,
+    /// Mark the descendants of this host tgid in every record about them (`forkwatch exec`).
+    pub tree_root: Option<u32>,
 }
 
 pub struct Monitor {
@@ -60,6 +62,7 @@ impl Monitor {
             btf_path: opts.btf_path.clone(),
             ring_buffer_bytes: opts.ring_buffer_bytes,
             max_tracked: opts.max_tracked,
+            tree_root: opts.tree_root,
         })?;
         let telemetry = Telemetry::shared(Some(probes.take_counters()?));
         let grace_ns = u64::try_from(opts.exec_grace.as_nanos()).unwrap_or(u64::MAX);

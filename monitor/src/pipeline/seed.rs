@@ -105,6 +105,8 @@ fn seeded(proc: &ProcFs, pid: u32, now_ns: u64) -> Option<Seeded> {
             child_start_ns: start_ns,
             parent_start_ns,
             cgroup_id: 0,
+            // Found at start: it predates any tree (`forkwatch exec` starts CMD afterwards).
+            in_tree: false,
             comm,
             stack: None,
             stack_skipped: false,

@@ -101,6 +101,10 @@ pub struct Finding {
     pub cmdline: Option<Vec<String>>,
     /// cgroup v2 id of the forking process (its inode number in the cgroup filesystem).
     pub cgroup_id: u64,
+    /// The process descends from `forkwatch exec`'s CMD, as the kernel saw (what exec reports
+    /// and judges; never written out: exec reports nothing else).
+    #[serde(skip)]
+    pub in_tree: bool,
     /// cgroup path, container {runtime, id}, pod_uid, systemd_unit.
     #[serde(flatten)]
     pub attribution: crate::enrich::cgroup::Attribution,
@@ -276,6 +280,7 @@ impl Finding {
             argv0: Some("python3".into()),
             cmdline: None,
             cgroup_id: 1,
+            in_tree: false,
             attribution: Default::default(),
             details: Details::MtForkNoExec(MtForkNoExecDetails {
                 parent_tid: 1,

@@ -409,6 +409,11 @@ impl Metrics {
         }
     }
 
+    /// Inserts refused by a full map so far, per map, as last read from the kernel.
+    pub fn map_full(&self) -> [u64; map_full::COUNT as usize] {
+        self.last_kernel.full
+    }
+
     /// Events lost so far per category, as last read from the kernel.
     pub fn lost(&self) -> [u64; lost_category::COUNT as usize] {
         self.last_kernel.lost

@@ -21,6 +21,9 @@ pub struct Fork {
     /// The parent's start time (CLOCK_BOOTTIME ns), its identity with `parent_pid`.
     pub parent_start_ns: u64,
     pub cgroup_id: u64,
+    /// The parent, hence the child, descends from the watched tree's root (`forkwatch exec`),
+    /// as the kernel saw at the fork.
+    pub in_tree: bool,
     /// The forking thread's name, which the child inherits.
     pub comm: String,
     /// The key of the forking thread's stack at the fork, when the kernel captures fork stacks
@@ -96,6 +99,8 @@ pub struct SharedSocket {
     pub later: ResourceUse,
     pub inode: u64,
     pub cgroup_id: u64,
+    /// The later user descends from the watched tree's root, as the kernel saw at its use.
+    pub in_tree: bool,
     /// AF_UNIX = 1, AF_INET = 2, AF_INET6 = 10.
     pub sk_family: u16,
     /// SOCK_STREAM = 1, SOCK_DGRAM = 2, SOCK_SEQPACKET = 5.
@@ -120,6 +125,8 @@ pub struct SharedFile {
     pub fd: u32,
     pub inode: u64,
     pub cgroup_id: u64,
+    /// The later user descends from the watched tree's root, as the kernel saw at its use.
+    pub in_tree: bool,
     pub comm: String,
 }
 

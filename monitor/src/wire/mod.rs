@@ -8,9 +8,9 @@ use std::mem::size_of;
 use std::net::{Ipv4Addr, Ipv6Addr};
 
 use monitor_common::{
-    COMM_LEN, DIRECTION_SEND, EventKind, ExecEvent, ExitEvent, FORK_FLAG_SHARES_VM,
-    FORK_FLAG_STACK, FORK_FLAG_STACK_SKIPPED, FORK_STACK_PAGE_BYTES, FORK_STACK_PAGES, ForkEvent,
-    ForkStackEvent, SharedFileEvent, SharedSocketEvent, ThreadEvent,
+    COMM_LEN, DIRECTION_SEND, EventKind, ExecEvent, ExitEvent, FORK_FLAG_IN_TREE,
+    FORK_FLAG_SHARES_VM, FORK_FLAG_STACK, FORK_FLAG_STACK_SKIPPED, FORK_STACK_PAGE_BYTES,
+    FORK_STACK_PAGES, ForkEvent, ForkStackEvent, SharedFileEvent, SharedSocketEvent, ThreadEvent,
     linux::{AF_INET, AF_INET6, AF_UNIX},
 };
 
@@ -56,6 +56,7 @@ pub fn decode(record: &[u8]) -> Result<Event, DecodeError> {
                 child_start_ns: e.child_start_ns,
                 parent_start_ns: e.parent_start_ns,
                 cgroup_id: e.cgroup_id,
+                in_tree: e.flags & FORK_FLAG_IN_TREE != 0,
                 comm: comm_to_string(&e.comm),
                 stack: (e.flags & FORK_FLAG_STACK != 0).then_some(StackKey {
                     pid: e.parent_tgid,
@@ -148,6 +149,7 @@ pub fn decode(record: &[u8]) -> Result<Event, DecodeError> {
                 },
                 inode: e.inode,
                 cgroup_id: e.cgroup_id,
+                in_tree: e.in_tree != 0,
                 sk_family: e.sk_family,
                 sk_type: e.sk_type,
                 state: e.state,
@@ -171,6 +173,7 @@ pub fn decode(record: &[u8]) -> Result<Event, DecodeError> {
                 fd: e.fd,
                 inode: e.inode,
                 cgroup_id: e.cgroup_id,
+                in_tree: e.in_tree != 0,
                 comm: comm_to_string(&e.comm),
             })
         }
@@ -357,6 +360,12 @@ mod tests {
             panic!("not a fork");
         };
         assert!(skipped.stack_skipped);
+        assert!(!skipped.in_tree);
+        fork.flags |= FORK_FLAG_IN_TREE;
+        let Event::Fork(in_tree) = decode(&as_bytes(&fork)).unwrap() else {
+            panic!("not a fork");
+        };
+        assert!(in_tree.in_tree && in_tree.stack_skipped);
     }
 
     #[test]
@@ -456,7 +465,7 @@ mod tests {
             state: 1,
             direction: DIRECTION_SEND,
             other_direction: monitor_common::DIRECTION_RECV,
-            _pad: 0,
+            in_tree: 0,
             local_port: 40000,
             peer_port: 5432,
             _pad2: 0,
@@ -481,6 +490,13 @@ mod tests {
         assert!(s.later.send && !s.first.send);
         assert_eq!(s.inode, 777);
         assert_eq!(s.comm, "python3");
+        assert!(!s.in_tree);
+        let mut in_tree = socket_record(AF_INET);
+        in_tree.in_tree = 1;
+        let Event::SharedSocket(s) = decode(&as_bytes(&in_tree)).unwrap() else {
+            panic!()
+        };
+        assert!(s.in_tree);
 
         let mut v6 = socket_record(AF_INET6);
         v6.peer_addr = Ipv6Addr::LOCALHOST.octets();

@@ -1,8 +1,8 @@
-//! CMD itself: started inside its cgroup, waited for through a pidfd, sent the signals
+//! CMD itself: started as forkwatch's child (so in the watched tree), waited for through a pidfd, sent the signals
 //! forkwatch receives, and its end told as a shell tells it (`128 + signal`).
 
 use std::{
-    ffi::{CStr, CString, OsStr, OsString},
+    ffi::{CString, OsStr, OsString},
     os::{
         fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
         unix::{
@@ -40,33 +40,20 @@ pub fn find(argv: &[OsString]) -> Result<PathBuf, (u8, String)> {
 }
 
 impl Cmd {
-    /// Starts `program` (from [`find`]) with `argv` and forkwatch's stdin, stdout and stderr. The child writes itself into
-    /// `cgroup_procs` before exec, so CMD's first instruction already runs in its cgroup, and
-    /// it is killed if forkwatch dies (a CI job must not go on unwatched, and nobody would
+    /// Starts `program` (from [`find`]) with `argv` and forkwatch's stdin, stdout and stderr.
+    /// It is killed if forkwatch dies (a CI job must not go on unwatched, and nobody would
     /// forward its signals).
-    pub fn spawn(program: &Path, argv: &[OsString], cgroup_procs: &CStr) -> anyhow::Result<Cmd> {
+    pub fn spawn(program: &Path, argv: &[OsString]) -> anyhow::Result<Cmd> {
         let mut command = Command::new(program);
         if let Some((arg0, args)) = argv.split_first() {
             command.arg0(arg0).args(args);
         }
-        let procs = cgroup_procs.to_owned();
         let parent = std::process::id();
         // SAFETY: the closure runs in the child between fork and exec, where only
-        // async-signal-safe calls may be made: open, write, close, prctl and getppid are
-        // system calls, and it allocates nothing (the path was made before the fork).
+        // async-signal-safe calls may be made: prctl and getppid are system calls, and it
+        // allocates nothing.
         unsafe {
             command.pre_exec(move || {
-                let fd = libc::open(procs.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
-                if fd < 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                // "0": the writing process itself.
-                let written = libc::write(fd, b"0".as_ptr().cast(), 1);
-                let err = std::io::Error::last_os_error();
-                libc::close(fd);
-                if written != 1 {
-                    return Err(err);
-                }
                 if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
                     return Err(std::io::Error::last_os_error());
                 }
@@ -79,7 +66,7 @@ impl Cmd {
         }
         let child = command
             .spawn()
-            .with_context(|| format!("starting {} in its cgroup", program.display()))?;
+            .with_context(|| format!("starting {}", program.display()))?;
         let pidfd = pidfd_open(child.id())?;
         // SAFETY: the AsyncFd owns the pidfd, which stays open and names CMD for as long as
         // the AsyncFd lives.

@@ -2,14 +2,17 @@
 //! its process tree only, for CI. The exit status is CMD's own if it failed, else 3 if a
 //! finding in the tree is at or above `--fail-on`, else 0.
 //!
-//! The tree is a cgroup of its own (tree.rs), which CMD joins before it execs; the monitor is
-//! the daemon's, started before CMD; findings take the daemon's path to the sinks
-//! (commands/reporting.rs: `[[ignore]]`, folding), on stderr, since CMD owns stdout.
+//! The tree is everything that descends from forkwatch exec's own process, which the kernel
+//! programs follow from fork to fork (`monitor_common::TREE_MAX_ENTRIES`): CMD is forkwatch's
+//! only child, and each record about a descendant says so when the kernel writes it. Nothing
+//! needs root beyond what loading the probes does (no cgroup to create), and a process that
+//! moves to another cgroup or is reparented stays in the tree. The monitor is the daemon's,
+//! started before CMD; findings take the daemon's path to the sinks (commands/reporting.rs:
+//! `[[ignore]]`, folding), on stderr, since CMD owns stdout.
 
 mod child;
 mod junit;
 mod signals;
-mod tree;
 mod verdict;
 
 use std::{
@@ -21,7 +24,7 @@ use std::{
 
 use anyhow::Context as _;
 
-use self::{child::Cmd, signals::Signals, tree::Tree, verdict::Verdict};
+use self::{child::Cmd, signals::Signals, verdict::Verdict};
 use crate::{
     cli::{ExecArgs, UsageError},
     commands::reporting::{self, Reporter, sleep_until},
@@ -48,10 +51,7 @@ pub async fn run(args: ExecArgs, ignore: Vec<IgnoreRule>) -> anyhow::Result<u8> 
         None => None,
     };
     let mut signals = Signals::install()?;
-    let mut tree = Tree::create()?;
-    let result = watch_cmd(&args, ignore, sinks, &mut tree, &mut signals).await;
-    tree.remove();
-    let (status, verdict) = result?;
+    let (status, verdict) = watch_cmd(&args, ignore, sinks, &mut signals).await?;
     if let Some((path, file)) = &mut junit {
         let xml = junit::render(&verdict, &shown(&args.command));
         file.write_all(xml.as_bytes())
@@ -76,7 +76,6 @@ async fn watch_cmd(
     args: &ExecArgs,
     ignore: Vec<IgnoreRule>,
     sinks: crate::report::Sinks,
-    tree: &mut Tree,
     signals: &mut Signals,
 ) -> anyhow::Result<(u8, Verdict)> {
     let watch = &args.watch;
@@ -88,7 +87,12 @@ async fn watch_cmd(
             return Ok((status, verdict));
         }
     };
-    let mut monitor = Monitor::start(&MonitorOptions::of(watch))?;
+    // The tree's root: this process (the host's pid: Monitor::start refuses another PID
+    // namespace). It forks nothing but CMD.
+    let mut monitor = Monitor::start(&MonitorOptions {
+        tree_root: Some(std::process::id()),
+        ..MonitorOptions::of(watch)
+    })?;
     let mut reporter = Reporter::new(
         sinks,
         ignore,
@@ -97,7 +101,7 @@ async fn watch_cmd(
         None,
     );
     // The probes are attached and the pipeline is running: every fork of CMD's is seen.
-    let mut cmd = match Cmd::spawn(&program, &args.command, &tree.procs()) {
+    let mut cmd = match Cmd::spawn(&program, &args.command) {
         Ok(cmd) => cmd,
         Err(err) => {
             let _ = monitor.stop().await;
@@ -106,7 +110,6 @@ async fn watch_cmd(
     };
     tracing::info!(
         pid = cmd.pid(),
-        cgroup = %tree.dir().display(),
         exec_grace_ms = watch.exec_grace.as_millis() as u64,
         deadlock_after_ms = watch.deadlock_after.as_millis() as u64,
         repeat_window_ms = watch.repeat_window.as_millis() as u64,
@@ -114,14 +117,13 @@ async fn watch_cmd(
         fail_on = args.fail_on.as_str(),
         "watching CMD's process tree"
     );
-    let mut take = |finding: Finding, reporter: &mut Reporter, verdict: &mut Verdict| {
+    let take = |finding: Finding, reporter: &mut Reporter, verdict: &mut Verdict| {
         // events_lost is about no process: findings of the tree may be among those lost, so
         // it is reported and counts (a run that may have missed a hazard does not pass).
-        if finding.kind != Kind::EventsLost && !tree.contains(finding.cgroup_id) {
+        if finding.kind != Kind::EventsLost && !finding.in_tree {
             tracing::debug!(
                 kind = finding.kind.as_str(),
                 pid = finding.pid,
-                cgroup_id = finding.cgroup_id,
                 "finding outside CMD's tree ignored"
             );
             return;
@@ -173,11 +175,29 @@ async fn watch_cmd(
             () = sleep_until(reporter.next_due()) => reporter.due(Instant::now()),
         }
     }
+    let telemetry = monitor.telemetry();
     for finding in monitor.stop().await? {
         take(finding, &mut reporter, &mut verdict);
     }
     reporter.flush();
+    verdict.unwatched = unwatched_descendants(&telemetry);
+    if verdict.unwatched > 0 {
+        eprintln!(
+            "forkwatch: {} processes of CMD's tree went unwatched (with their descendants): \
+             more than {} of them were alive at once; run fewer processes at a time under one \
+             forkwatch exec (e.g. split the test run)",
+            verdict.unwatched,
+            monitor_common::TREE_MAX_ENTRIES
+        );
+    }
     Ok((status, verdict))
+}
+
+/// How many children of the tree the kernel could not add to it (its map was full).
+fn unwatched_descendants(telemetry: &std::sync::Mutex<crate::telemetry::Telemetry>) -> u64 {
+    let mut telemetry = crate::telemetry::lock(telemetry);
+    telemetry.refresh();
+    telemetry.metrics.map_full()[monitor_common::map_full::TREE as usize]
 }
 
 /// What forkwatch exec lacks of CAP_BPF + CAP_PERFMON (to load and attach the probes; or

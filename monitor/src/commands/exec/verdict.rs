@@ -47,6 +47,9 @@ pub struct Verdict {
     pub failures: Vec<Failure>,
     /// Failures counted but not listed (beyond MAX_LISTED).
     pub unlisted: u64,
+    /// Processes of the tree the kernel could not follow (its map was full): their hazards may
+    /// have gone unseen, so the run fails like one with a finding.
+    pub unwatched: u64,
 }
 
 impl Verdict {
@@ -56,6 +59,7 @@ impl Verdict {
             kinds: BTreeMap::new(),
             failures: Vec::new(),
             unlisted: 0,
+            unwatched: 0,
         }
     }
 
@@ -86,9 +90,9 @@ impl Verdict {
         });
     }
 
-    /// Whether a finding at or above `--fail-on` was seen.
+    /// Whether a finding at or above `--fail-on` was seen, or part of the tree went unwatched.
     pub fn failed(&self) -> bool {
-        self.kinds.values().any(|k| k.failing > 0)
+        self.unwatched > 0 || self.kinds.values().any(|k| k.failing > 0)
     }
 
     /// The exit status: CMD's own if it failed (its failure is the news, and a CI log shows it
@@ -153,6 +157,14 @@ mod tests {
         let mut info = Verdict::new(Severity::Info);
         info.count(&finding(Kind::ThreadsAfterMtFork));
         assert!(info.failed());
+    }
+
+    #[test]
+    fn a_tree_partly_unwatched_fails_like_a_finding() {
+        let mut v = Verdict::new(Severity::Critical);
+        v.unwatched = 1;
+        assert_eq!(v.exit_status(0), FINDINGS_STATUS);
+        assert_eq!(v.exit_status(2), 2);
     }
 
     #[test]

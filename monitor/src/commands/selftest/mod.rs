@@ -33,6 +33,7 @@ pub async fn run(args: CommonArgs) -> anyhow::Result<bool> {
         exec_grace: GRACE,
         deadlock_after: DEADLOCK_AFTER,
         full_cmdline: false,
+        tree_root: None,
     })?;
     println!("selftest: probes loaded and attached");
     // The scenarios of a detector this kernel cannot run are skipped, with the reason.

@@ -217,6 +217,12 @@ impl<C: Clone + ForkEvidence> Correlator<C> {
         self.tracked.len()
     }
 
+    /// Tracked children that descend from the watched tree's root (`forkwatch exec`): the
+    /// decisions still to come about the tree.
+    pub fn tracked_in_tree(&self) -> usize {
+        self.tracked.values().filter(|t| t.fork.in_tree).count()
+    }
+
     pub fn stats(&self) -> Stats {
         self.stats
     }

@@ -37,6 +37,9 @@ use crate::{
 pub struct PipelineConfig {
     pub correlator: correlate::Config,
     pub enrich: EnrichOptions,
+    /// The kernel marks a watched tree (`forkwatch exec`): tell when nothing about it is pending
+    /// (see `Telemetry::tree_settled`).
+    pub watch_tree: bool,
 }
 
 /// How often the kernel's map of blocked threads is scanned while something is tracked. A
@@ -94,6 +97,8 @@ pub struct Pipeline {
     pub(super) enrich: EnrichOptions,
     pub(super) findings: mpsc::UnboundedSender<Finding>,
     pub(super) telemetry: Arc<Mutex<Telemetry>>,
+    /// See `PipelineConfig::watch_tree`.
+    pub(super) watch_tree: bool,
 }
 
 impl Pipeline {
@@ -132,6 +137,7 @@ impl Pipeline {
             enrich: config.enrich,
             findings,
             telemetry,
+            watch_tree: config.watch_tree,
         };
         // Before the daemon reports ready: hazards already live are part of the state.
         pipeline.seed_from_proc();
@@ -182,6 +188,7 @@ impl Pipeline {
             // Whatever woke the loop, the ring is drained first: records below the wakeup
             // threshold wait there without a wakeup, and a scan or a deadline decision must see
             // every event that happened before it.
+            let round = std::time::Instant::now();
             self.drain();
             self.telemetry().pipeline_beat();
             self.switch_scheduler_probes();
@@ -200,6 +207,7 @@ impl Pipeline {
             let decisions = self.correlator.tick(clock::boot_ns());
             self.decide(decisions);
             self.send_held(false);
+            self.note_tree_settled(round);
         }
         self.drain();
         self.send_held(true);
@@ -303,6 +311,16 @@ impl Pipeline {
                 }
                 None => self.telemetry().metrics.withdrawn(),
             }
+        }
+    }
+
+    /// With a watched tree: if no child of it is tracked (so no decision about it is pending)
+    /// and no finding is held back, everything the kernel sent about the tree before `round`
+    /// (when this round's drain began) has been decided and sent.
+    fn note_tree_settled(&mut self, round: std::time::Instant) {
+        if self.watch_tree && self.correlator.tracked_in_tree() == 0 && !self.fork_stacks.holding()
+        {
+            self.telemetry().tree_settled(round);
         }
     }
 

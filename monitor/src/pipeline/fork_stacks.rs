@@ -77,6 +77,11 @@ impl ForkStacks {
         }
     }
 
+    /// Whether a finding is held back for its fork's stack.
+    pub fn holding(&self) -> bool {
+        !self.held.is_empty()
+    }
+
     /// What the event loop waits on to send held findings.
     pub fn notifier(&self) -> Arc<tokio::sync::Notify> {
         self.unwound.clone()

@@ -78,6 +78,7 @@ impl Monitor {
                 full_cmdline: opts.full_cmdline,
                 exec_grace_ms: grace_ns / 1_000_000,
             },
+            watch_tree: opts.tree_root.is_some(),
         };
         let (tx, findings) = mpsc::unbounded_channel();
         // Attach before the pipeline takes the probes; the ring buffer holds the first events

@@ -16,6 +16,9 @@ pub struct Telemetry {
     kernel: Option<KernelCounters>,
     /// When the event loop last went round (it does at least every 100 ms while it runs).
     pipeline_beat: Option<Instant>,
+    /// With a watched tree: the start of the latest round of the event loop after which
+    /// nothing about the tree was pending (see `Pipeline::note_tree_settled`).
+    tree_settled: Option<Instant>,
 }
 
 /// The event loop is stalled, and /healthz says so, once it has not gone round for this long:
@@ -28,12 +31,24 @@ impl Telemetry {
             metrics: Metrics::new(),
             kernel,
             pipeline_beat: None,
+            tree_settled: None,
         }))
     }
 
     /// The event loop went round.
     pub fn pipeline_beat(&mut self) {
         self.pipeline_beat = Some(Instant::now());
+    }
+
+    /// Nothing about the watched tree was pending after a round that began at `round`.
+    pub fn tree_settled(&mut self, round: Instant) {
+        self.tree_settled = Some(round);
+    }
+
+    /// Whether every record the kernel sent about the watched tree until `at` has been decided
+    /// and its findings sent: a round that began after `at` left nothing pending.
+    pub fn tree_settled_since(&self, at: Instant) -> bool {
+        self.tree_settled.is_some_and(|round| round > at)
     }
 
     /// How long the event loop has been stuck, once that is longer than PIPELINE_STALLED_AFTER.

@@ -323,6 +323,29 @@ fn a_tree_that_forks_and_execs_passes_while_a_process_outside_it_forks_unsafely(
     });
 }
 
+/// After CMD's exit, exec waits only while something about its tree is pending: a tree whose
+/// fork exec'd ends as soon as the pipeline has gone round, not after the 30 s deadlock
+/// threshold it would otherwise wait out (the test's limit is 60 s; without the early end it
+/// takes 30 s and has no such log line).
+#[test]
+fn a_tree_with_nothing_pending_ends_when_cmd_does() {
+    harness::root().limit(LIMIT).run(|| {
+        let forker = compiled("forker");
+        let started = Instant::now();
+        let exec = Exec::start(
+            &["--deadlock-after", "30s"],
+            &[forker.to_str().unwrap(), "mt-fork-exec", "2"],
+        );
+        let (code, log) = exec.finish();
+        assert_eq!(code, 0, "log:\n{log}");
+        assert!(
+            log.contains("nothing about CMD's tree is pending"),
+            "log:\n{log}"
+        );
+        assert!(started.elapsed() < Duration::from_secs(30), "log:\n{log}");
+    });
+}
+
 #[test]
 fn cmd_failing_is_the_exit_status() {
     harness::root().limit(LIMIT).run(|| {

@@ -37,6 +37,8 @@ use crate::{
 /// about its tree may take to come out: the correlator decides deadlines 25 ms late, and a
 /// futex wait is seen by a scan every 100 ms.
 const DECISION_MARGIN: Duration = Duration::from_millis(300);
+/// How often, after CMD's exit, exec asks whether anything about the tree is still pending.
+const SETTLED_POLL: Duration = Duration::from_millis(20);
 
 /// Runs CMD under watch; the exit status.
 pub async fn run(args: ExecArgs, ignore: Vec<IgnoreRule>) -> anyhow::Result<u8> {
@@ -156,14 +158,20 @@ async fn watch_cmd(
         }
     };
     // Forks CMD's tree made until now are decided within the grace window (or at an exit
-    // before it), waits begun until now within the deadlock threshold. A signal cuts it short.
+    // before it), waits begun until now within the deadlock threshold: at the latest then, and
+    // as soon as the pipeline has gone round since CMD's exit with nothing about the tree
+    // pending (no child of it tracked, no finding held back), which is at once for a tree whose
+    // children all exec'd or exited. A signal cuts it short.
+    let exited = Instant::now();
     let settle = watch.exec_grace.max(watch.deadlock_after) + DECISION_MARGIN;
     tracing::debug!(
         cmd_status = status,
         settle_ms = settle.as_millis() as u64,
         "CMD exited; waiting for the decisions about its tree"
     );
-    let until = Some(Instant::now() + settle);
+    let until = Some(exited + settle);
+    let telemetry = monitor.telemetry();
+    let mut poll = tokio::time::interval(SETTLED_POLL);
     loop {
         tokio::select! {
             finding = monitor.next_finding() => match finding {
@@ -171,11 +179,19 @@ async fn watch_cmd(
                 None => break,
             },
             () = sleep_until(until) => break,
+            _ = poll.tick() => {
+                if crate::telemetry::lock(&telemetry).tree_settled_since(exited) {
+                    tracing::debug!(
+                        after_ms = exited.elapsed().as_millis() as u64,
+                        "nothing about CMD's tree is pending"
+                    );
+                    break;
+                }
+            }
             _ = signals.next() => break,
             () = sleep_until(reporter.next_due()) => reporter.due(Instant::now()),
         }
     }
-    let telemetry = monitor.telemetry();
     for finding in monitor.stop().await? {
         take(finding, &mut reporter, &mut verdict);
     }

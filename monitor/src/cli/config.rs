@@ -203,15 +203,27 @@ pub fn parse(text: &str, path: &str) -> Result<Vec<(String, String)>, ConfigErro
     Ok(settings)
 }
 
+/// The variables [`apply`] set: forkwatch's own settings, which `forkwatch exec` keeps out of
+/// CMD's environment (a forkwatch CMD starts must not take them for its user's).
+static APPLIED: std::sync::OnceLock<Vec<String>> = std::sync::OnceLock::new();
+
 /// Sets each setting as an environment variable unless the environment already has it. Must
 /// run before any thread is started (it changes the process environment).
 pub fn apply(settings: &[(String, String)]) {
+    let mut applied = Vec::new();
     for (env, value) in settings {
         if std::env::var_os(env).is_none() {
             // SAFETY: called from main before the runtime or any other thread exists.
             unsafe { std::env::set_var(env, value) };
+            applied.push(env.clone());
         }
     }
+    let _ = APPLIED.set(applied);
+}
+
+/// The variables the config file set (none without one).
+pub fn applied() -> &'static [String] {
+    APPLIED.get().map_or(&[], Vec::as_slice)
 }
 
 /// The 1-based line where `key` is assigned (the parsed table keeps no positions).

@@ -346,6 +346,41 @@ fn a_tree_with_nothing_pending_ends_when_cmd_does() {
     });
 }
 
+/// A config file's values are forkwatch's settings, not CMD's: they do not reach CMD's
+/// environment (a forkwatch CMD starts would take them for its own user's), while variables
+/// the user set are passed on as always.
+#[test]
+fn the_config_files_settings_stay_out_of_cmds_environment() {
+    harness::root().limit(LIMIT).run(|| {
+        let config = temp("settings.toml");
+        std::fs::write(&config, "deadlock_after = \"2s\"\n").unwrap();
+        let mut exec = Exec::start(
+            &["--config", config.to_str().unwrap()],
+            &["sh", "-c", "env | grep ^FORKWATCH_ | sort; echo end"],
+        );
+        let mut seen = Vec::new();
+        loop {
+            let line = exec.read_line();
+            if line.trim() == "end" {
+                break;
+            }
+            seen.push(line.trim().to_owned());
+        }
+        let (code, log) = exec.finish();
+        assert_eq!(code, 0, "log:\n{log}");
+        assert!(
+            seen.iter().any(|v| v.starts_with("FORKWATCH_LOG=")),
+            "the user's own variable: {seen:?}"
+        );
+        assert!(
+            !seen
+                .iter()
+                .any(|v| v.starts_with("FORKWATCH_DEADLOCK_AFTER=")),
+            "the config file's setting reached CMD: {seen:?}"
+        );
+    });
+}
+
 #[test]
 fn cmd_failing_is_the_exit_status() {
     harness::root().limit(LIMIT).run(|| {

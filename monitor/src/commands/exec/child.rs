@@ -48,6 +48,10 @@ impl Cmd {
         if let Some((arg0, args)) = argv.split_first() {
             command.arg0(arg0).args(args);
         }
+        // The config file's values became variables of forkwatch's own: not CMD's.
+        for name in crate::cli::config::applied() {
+            command.env_remove(name);
+        }
         let parent = std::process::id();
         // SAFETY: the closure runs in the child between fork and exec, where only
         // async-signal-safe calls may be made: prctl and getppid are system calls, and it

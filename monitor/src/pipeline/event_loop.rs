@@ -259,8 +259,10 @@ impl Pipeline {
             .collect();
         waits.extend(seeded);
         let decisions = self.correlator.on_blocked(&waits, clock::boot_ns());
-        self.decide(decisions);
+        // The gauges before the findings go out: whoever reads a deadlock finding and then
+        // scrapes the metrics finds it counted.
         self.update_gauges();
+        self.decide(decisions);
     }
 
     /// Writes an `events_lost` record into the findings stream when one is due (lost.rs).

@@ -463,8 +463,15 @@ pub fn enable_bpf_stats() -> Result<std::os::fd::OwnedFd, aya::sys::SyscallError
 }
 
 /// Kernels before 5.11 charge BPF maps to RLIMIT_MEMLOCK; newer ones use memory cgroups and
-/// ignore it. Raising it may be refused (containers): warn and go on, loading says if it matters.
+/// ignore it, so there it is left alone (raising it needs CAP_SYS_RESOURCE, which a container's
+/// or a capability-only forkwatch lacks: the warning would be noise at every start). Where it
+/// counts and raising it is refused: warn with the fix and go on, loading says if it matters.
 fn raise_memlock_limit() {
+    let memcg_accounted = aya::util::KernelVersion::current()
+        .is_ok_and(|v| v >= aya::util::KernelVersion::new(5, 11, 0));
+    if memcg_accounted {
+        return;
+    }
     let unlimited = libc::rlimit {
         rlim_cur: libc::RLIM_INFINITY,
         rlim_max: libc::RLIM_INFINITY,
@@ -473,7 +480,9 @@ fn raise_memlock_limit() {
     if unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &unlimited) } != 0 {
         tracing::warn!(
             err = %std::io::Error::last_os_error(),
-            "could not raise RLIMIT_MEMLOCK; on kernels before 5.11 loading may fail"
+            "could not raise RLIMIT_MEMLOCK, which this kernel (before 5.11) charges BPF maps \
+             to: loading may fail; grant CAP_SYS_RESOURCE or raise the limit beforehand \
+             (LimitMEMLOCK=infinity in a systemd unit, `ulimit -l unlimited` in a shell)"
         );
     }
 }

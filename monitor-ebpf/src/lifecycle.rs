@@ -22,7 +22,7 @@ use crate::{
         CHILDREN, EVENTS, FAMILY, FAMILY_SLOTS, FORK_COUNTERS, FORK_SITE_SCRATCH,
         FORK_STACK_BURSTS, FORK_STACKS, FORK_WAKEUPS, LOST_EVENTS, TRACKED, TRACKED_SLOTS, URGENT,
         blocked_count, contains, copied, count, family_of, insert, insert_member, is_tracked,
-        join_tree, leave_tree, remove_member, unblock, wakeup_flags,
+        join_tree, leave_tree, may_hold, remove_member, unblock, wakeup_flags,
     },
 };
 
@@ -244,6 +244,11 @@ fn site_fingerprint(sp: u64, mm: *const u8) -> u64 {
     ) else {
         return 0;
     };
+    if end <= start {
+        return 0;
+    }
+    // One unsigned compare per word: `word - start` wraps above the span for a word below it.
+    let span = end - start;
     let Some(words) = FORK_SITE_SCRATCH.get_ptr_mut(0) else {
         return 0;
     };
@@ -257,7 +262,7 @@ fn site_fingerprint(sp: u64, mm: *const u8) -> u64 {
     for i in 0..FORK_SITE_WORDS {
         // SAFETY: i < FORK_SITE_WORDS, inside the scratch value read above.
         let word = unsafe { (*words)[i] };
-        if word >= start && word < end {
+        if word.wrapping_sub(start) < span {
             hash = (hash.rotate_left(7) ^ word).wrapping_mul(0x9e37_79b9_7f4a_7c15);
         }
     }
@@ -288,11 +293,12 @@ pub fn sched_process_exec(_ctx: BtfTracePointContext) -> u32 {
     let pid = (bpf_get_current_pid_tgid() >> 32) as u32;
     // A new program shares nothing it does not inherit on purpose: it leaves its family.
     leave_family(pid);
-    if !is_tracked(pid) {
+    // Once exec'd the process no longer carries the parent's state: stop tracking it. The
+    // delete says whether it was tracked (no lookup first); the filter slot spares it to
+    // nearly every exec on the host.
+    if !may_hold(&TRACKED_SLOTS, pid) || !remove_member(&TRACKED, &TRACKED_SLOTS, pid) {
         return 0;
     }
-    // Once exec'd the process no longer carries the parent's state: stop tracking it.
-    remove_member(&TRACKED, &TRACKED_SLOTS, pid);
     match EVENTS.reserve::<ExecEvent>(0) {
         Some(mut entry) => {
             entry.write(ExecEvent {
@@ -354,7 +360,7 @@ fn on_exit(task: *const u8, group_dead: bool) {
         send_thread_event(EventKind::ThreadExited, pid, tid);
         return;
     }
-    remove_member(&TRACKED, &TRACKED_SLOTS, pid);
+    let _ = remove_member(&TRACKED, &TRACKED_SLOTS, pid);
     let offsets = FORKWATCH_OFFSETS.load();
     let exit_code: i32 = read(task, offsets.task_exit_code).unwrap_or(0);
     match EVENTS.reserve::<ExitEvent>(0) {
@@ -387,14 +393,15 @@ fn join_family(parent: u32, child: u32) {
     let _ = insert(&CHILDREN, &child, &kread::now_ns(), map_full::CHILDREN);
 }
 
-/// Takes `pid` out of its fork family (a lookup first: most processes are in none, and a lookup
-/// takes no bucket lock).
+/// Takes `pid` out of its fork family. Most processes are in none: the filter slot says so
+/// without hashing. A member is deleted without a lookup first (the delete says whether it was
+/// one), and so is its `CHILDREN` entry, which a child has when it is a member; a process the
+/// family map refused (full) may still be a child, and is looked up there (a lookup takes no
+/// bucket lock, a delete of a missing key does).
 #[inline(always)]
 fn leave_family(pid: u32) {
-    if family_of(pid).is_some() {
-        remove_member(&FAMILY, &FAMILY_SLOTS, pid);
-    }
-    if contains(&CHILDREN, &pid) {
+    let member = may_hold(&FAMILY_SLOTS, pid) && remove_member(&FAMILY, &FAMILY_SLOTS, pid);
+    if member || contains(&CHILDREN, &pid) {
         let _ = CHILDREN.remove(&pid);
     }
 }

@@ -255,7 +255,10 @@ pub fn may_hold(slots: &Array<u64>, pid: u32) -> bool {
 
 /// Inserts (or overwrites) `pid` in `map`, which `slots` filters, keeping the count: a new key
 /// is counted before the insert, uncounted again if the insert is refused (a refusal because
-/// the map is full is counted under `index` of `MAP_FULL`).
+/// the map is full is counted under `index` of `MAP_FULL`). No lookup first: every caller
+/// inserts a key that is nearly always absent (a child's pid at its fork, a parent just looked
+/// up), where a lookup would only miss, one cold bucket read more per fork; a key present after
+/// all (a pid reused before its entry went) is overwritten and counted once.
 #[inline(always)]
 pub fn insert_member<V>(
     map: &HashMap<u32, V>,
@@ -264,18 +267,14 @@ pub fn insert_member<V>(
     value: &V,
     index: u32,
 ) -> Result<(), i32> {
-    // Already there, and counted: overwrite only while it is (BPF_EXIST), so that a removal in
-    // between cannot leave an entry nobody counted.
-    if contains(map, &pid) && map.insert(&pid, value, BPF_EXIST as u64).is_ok() {
-        return Ok(());
-    }
     let slot = member_slot(pid);
     atomic_add(slots, slot, 1);
     let inserted = map.insert(&pid, value, BPF_NOEXIST as u64);
     if let Err(err) = inserted {
         atomic_add(slots, slot, u64::MAX);
         if err == -EEXIST {
-            // Inserted (and counted) by someone else meanwhile: this value wins, as above.
+            // Already there, and counted (by whoever inserted it): overwrite only while it is
+            // (BPF_EXIST), so that a removal in between cannot leave an entry nobody counted.
             return map.insert(&pid, value, BPF_EXIST as u64);
         }
         count(&MAP_FULL, index);
@@ -283,12 +282,15 @@ pub fn insert_member<V>(
     inserted
 }
 
-/// Removes `pid` from `map`, which `slots` filters, uncounting it if it was there.
+/// Removes `pid` from `map`, which `slots` filters, uncounting it if it was there; whether it
+/// was (the delete answers what a lookup first would have, at one bucket visit).
 #[inline(always)]
-pub fn remove_member<V>(map: &HashMap<u32, V>, slots: &Array<u64>, pid: u32) {
-    if map.remove(&pid).is_ok() {
+pub fn remove_member<V>(map: &HashMap<u32, V>, slots: &Array<u64>, pid: u32) -> bool {
+    let removed = map.remove(&pid).is_ok();
+    if removed {
         atomic_add(slots, member_slot(pid), u64::MAX);
     }
+    removed
 }
 
 /// Whether process `pid` is tracked: its filter slot first, the map only when that is taken.

@@ -70,6 +70,12 @@ enum Command {
         /// same hooks (a minute; target/bench/hooks.json and hooks.md).
         #[arg(long)]
         hooks_only: bool,
+        /// Only this workload (its mode: cheap, futex, tcp, pipe, fork-exec, fork-noexec,
+        /// threads), on both hosts in every condition, with its in-kernel cost per call; no
+        /// hooks table, idle CPU, finding latency or sustained storm. For iterating on one
+        /// workload's cost: a partial report, not a verdict on the others.
+        #[arg(long, value_name = "MODE")]
+        workload: Option<String>,
     },
     /// Install QEMU and busybox, build the static daemon and fixtures, then boot Debian's LTS
     /// cloud kernels (fetched with `apt-get download`, cached in target/vmtest/) in QEMU and
@@ -95,13 +101,18 @@ fn main() -> ExitCode {
             smoke,
             repetitions,
             hooks_only,
+            workload,
         } => setup::build_deps()
             .and_then(|()| daemon::build())
             .and_then(|()| {
                 if hooks_only {
                     bench::hooks_only(smoke)
                 } else {
-                    bench::bench_repeated(smoke, repetitions.map(|r| r as usize))
+                    bench::bench_repeated(
+                        smoke,
+                        repetitions.map(|r| r as usize),
+                        workload.as_deref(),
+                    )
                 }
             }),
         Command::Vmtest { kernel } => setup::build_deps().and_then(|()| vmtest::vmtest(&kernel)),

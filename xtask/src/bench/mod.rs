@@ -246,11 +246,12 @@ struct Results {
 
 /// The bench with its default repetitions (what `cargo xtask test` runs, with `smoke`).
 pub fn bench(smoke: bool) -> anyhow::Result<()> {
-    bench_repeated(smoke, None)
+    bench_repeated(smoke, None, None)
 }
 
 /// Builds the workloads and checks the host: the bench to run, and the other monitors running.
-fn prepare(smoke: bool) -> anyhow::Result<(Bench, Vec<String>)> {
+fn prepare(smoke: bool, only: Option<&str>) -> anyhow::Result<(Bench, Vec<String>)> {
+    let only = only.map(workload_by_mode).transpose()?;
     let root = cmd::workspace_root();
     let dir = root.join(BENCH_DIR);
     std::fs::create_dir_all(&dir).with_context(|| dir.display().to_string())?;
@@ -286,6 +287,7 @@ fn prepare(smoke: bool) -> anyhow::Result<(Bench, Vec<String>)> {
     }
     let bench = Bench {
         smoke,
+        only,
         dir,
         daemon,
         workloads,
@@ -296,7 +298,7 @@ fn prepare(smoke: bool) -> anyhow::Result<(Bench, Vec<String>)> {
 
 /// `--hooks-only`: the hooks table alone (hooks.json and hooks.md in target/bench).
 pub fn hooks_only(smoke: bool) -> anyhow::Result<()> {
-    let (bench, _) = prepare(smoke)?;
+    let (bench, _) = prepare(smoke, None)?;
     let report = serde_json::json!({ "hook_cost": hooks::measure(&bench)? });
     let path = bench.dir.join("hooks.json");
     std::fs::write(&path, serde_json::to_string_pretty(&report)? + "\n")
@@ -307,8 +309,28 @@ pub fn hooks_only(smoke: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The bench, `repetitions` times (default: REPETITIONS, or SMOKE_REPETITIONS with `smoke`).
-pub fn bench_repeated(smoke: bool, repetitions: Option<usize>) -> anyhow::Result<()> {
+/// The workload whose mode is `mode` (`--workload`).
+fn workload_by_mode(mode: &str) -> anyhow::Result<usize> {
+    WORKLOADS
+        .iter()
+        .find(|w| w.mode == mode)
+        .map(|w| w.id)
+        .with_context(|| {
+            let modes: Vec<&str> = WORKLOADS.iter().map(|w| w.mode).collect();
+            format!(
+                "--workload {mode}: no such workload; give one of {}",
+                modes.join(", ")
+            )
+        })
+}
+
+/// The bench, `repetitions` times (default: REPETITIONS, or SMOKE_REPETITIONS with `smoke`);
+/// with `only` (a workload's mode), that workload alone and its in-kernel cost, nothing else.
+pub fn bench_repeated(
+    smoke: bool,
+    repetitions: Option<usize>,
+    only: Option<&str>,
+) -> anyhow::Result<()> {
     let reps = repetitions.unwrap_or(if smoke {
         SMOKE_REPETITIONS
     } else {
@@ -318,7 +340,7 @@ pub fn bench_repeated(smoke: bool, repetitions: Option<usize>) -> anyhow::Result
         bail!("--repetitions 0 measures nothing: give at least 1 ({REPETITIONS} to judge targets)");
     }
     let started = Instant::now();
-    let (bench, foreign) = prepare(smoke)?;
+    let (bench, foreign) = prepare(smoke, only)?;
     let dir = bench.dir.clone();
     // bpftrace attaches tracepoints through tracefs; the daemon does not need it.
     let _tracefs = Tracefs::ensure()?;
@@ -360,8 +382,11 @@ pub fn bench_repeated(smoke: bool, repetitions: Option<usize>) -> anyhow::Result
         server.stop()?;
     }
     drop(cluster);
-    results.hook_cost = Some(hooks::measure(&bench)?);
-    bench.idle_and_sustained(&mut results)?;
+    // One workload (`--workload`): its figures alone; the rest measures no workload of its own.
+    if bench.only.is_none() {
+        results.hook_cost = Some(hooks::measure(&bench)?);
+        bench.idle_and_sustained(&mut results)?;
+    }
 
     let report = report::report(&bench, &results, reps, &foreign, started.elapsed());
     let path = dir.join("report.json");
@@ -370,7 +395,7 @@ pub fn bench_repeated(smoke: bool, repetitions: Option<usize>) -> anyhow::Result
     let table = table::table(&report);
     println!("{table}");
     std::fs::write(dir.join("report.md"), &table)?;
-    validate(&path)?;
+    validate(&path, bench.only.is_some())?;
     eprintln!(
         "xtask: bench: wrote {} and {} in {:.1} s",
         path.display(),
@@ -382,11 +407,21 @@ pub fn bench_repeated(smoke: bool, repetitions: Option<usize>) -> anyhow::Result
 
 struct Bench {
     smoke: bool,
+    /// `--workload`: the id of the one workload to run.
+    only: Option<usize>,
     dir: PathBuf,
     daemon: PathBuf,
     workloads: PathBuf,
     /// The same program linked statically, for the sustained storm.
     storm_workloads: PathBuf,
+}
+
+impl Bench {
+    /// The workloads this run measures: all, or the one `--workload` named.
+    fn selected(&self) -> impl Iterator<Item = &'static Workload> + use<'_> {
+        let all: &'static [Workload] = &WORKLOADS;
+        all.iter().filter(|w| self.only.is_none_or(|id| id == w.id))
+    }
 }
 
 impl Results {
@@ -402,19 +437,19 @@ impl Results {
     }
 }
 
-/// The smoke check: the report parses and has every workload on every host in every condition,
-/// with the probe state of each forkwatch sample.
-fn validate(path: &Path) -> anyhow::Result<()> {
+/// The smoke check: the report parses and has every workload (the one, with `single`) on every
+/// host in every condition, with the probe state of each forkwatch sample.
+fn validate(path: &Path, single: bool) -> anyhow::Result<()> {
     let text = std::fs::read_to_string(path)?;
     let report: Value = serde_json::from_str(&text).context("report.json is not valid JSON")?;
     let workloads = report["workloads"]
         .as_array()
         .context("report.json: no workloads")?;
-    if workloads.len() != WORKLOADS.len() {
+    let expected = if single { 1 } else { WORKLOADS.len() };
+    if workloads.len() != expected {
         bail!(
-            "report.json: {} workloads, expected {}",
-            workloads.len(),
-            WORKLOADS.len()
+            "report.json: {} workloads, expected {expected}",
+            workloads.len()
         );
     }
     for w in workloads {
@@ -448,6 +483,13 @@ fn validate(path: &Path) -> anyhow::Result<()> {
         "hook_cost",
         "targets",
     ] {
+        let measured_alone = matches!(
+            key,
+            "finding_latency" | "sustained_fork_storm" | "hook_cost"
+        );
+        if single && measured_alone {
+            continue;
+        }
         if report[key].is_null() {
             bail!("report.json: no {key}");
         }

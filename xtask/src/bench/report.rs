@@ -7,7 +7,7 @@ use serde_json::{Value, json};
 
 use super::{
     Bench, Condition, Host, IDLE_CPU_TARGET_PCT, REPETITIONS, RSS_TARGET_KIB, Results, Sample,
-    WORKLOADS, Workload, hooks, latency, processes::bpftrace_script,
+    Workload, hooks, latency, processes::bpftrace_script,
 };
 
 /// (min, median, max); NaN for no samples.
@@ -92,7 +92,7 @@ pub(super) fn report(
 ) -> Value {
     let mut workloads = Vec::new();
     let mut targets = Vec::new();
-    for w in &WORKLOADS {
+    for w in bench.selected() {
         let mut hosts = serde_json::Map::new();
         for host in Host::ALL {
             let (entry, host_targets) = host_json(results, w, host);
@@ -130,6 +130,7 @@ pub(super) fn report(
     json!({
         "schema": 2,
         "smoke": bench.smoke,
+        "only_workload": bench.selected().next().filter(|_| bench.only.is_some()).map(|w| w.mode),
         "repetitions": reps,
         "repetitions_for_a_verdict": REPETITIONS,
         "took_s": took.as_secs_f64(),
@@ -324,7 +325,7 @@ fn in_kernel_json<'r>(results: &'r Results, workloads: &[Value]) -> BTreeMap<&'r
             };
             let id: Option<usize> = row.split_whitespace().next().and_then(|i| i.parse().ok());
             let base = id
-                .and_then(|id| workloads.get(id))
+                .and_then(|id| workloads.iter().find(|w| w["id"] == id))
                 .and_then(|w| w["hosts"][host.key()]["conditions"]["none"]["min_s"].as_f64())
                 .unwrap_or(f64::NAN);
             (

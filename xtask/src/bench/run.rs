@@ -15,8 +15,8 @@ use serde_json::{Value, json};
 use super::{
     Bench, Condition, Host, IDLE_CPU_TARGET_PCT, IDLE_FULL, IDLE_SMOKE, LATENCY_RUNS, Probes,
     Results, SERVER_SETTLE, SETTLE, STATS_SETTLE, SUSTAIN_ATTEMPTS, SUSTAIN_FORKERS,
-    SUSTAIN_FULL_SECONDS, SUSTAIN_SMOKE_SECONDS, SUSTAIN_TARGET_FORKS_PER_S, Sample, WORKLOADS,
-    Workload, foreign_monitors, latency,
+    SUSTAIN_FULL_SECONDS, SUSTAIN_SMOKE_SECONDS, SUSTAIN_TARGET_FORKS_PER_S, Sample, Workload,
+    foreign_monitors, latency,
     processes::{Bpftrace, Daemon, Metrics},
     server::ServerHost,
 };
@@ -93,7 +93,7 @@ impl Bench {
     }
 
     pub(super) fn pass_none(&self, results: &mut Results, host: Host) -> anyhow::Result<()> {
-        for w in &WORKLOADS {
+        for w in self.selected() {
             let (sample, _) = self.run_checked(w, &[])?;
             results
                 .times
@@ -121,7 +121,7 @@ impl Bench {
         };
         let cpu_before = daemon.cpu_seconds()?;
         let wall_before = Instant::now();
-        for w in &WORKLOADS {
+        for w in self.selected() {
             // Best effort: a state that does not come back in time is what the sample records.
             daemon.wait_gauge("forkwatch_scheduler_probes_attached", resting.scheduler[0])?;
             daemon.wait_gauge("forkwatch_write_probe_attached", resting.write[0])?;
@@ -158,7 +158,7 @@ impl Bench {
 
     pub(super) fn pass_bpftrace(&self, results: &mut Results) -> anyhow::Result<()> {
         let tracer = Bpftrace::start(self)?;
-        for w in &WORKLOADS {
+        for w in self.selected() {
             let (sample, _) = self.run_checked(w, &[tracer.child.id()])?;
             results
                 .times
@@ -205,7 +205,7 @@ impl Bench {
             }
             results.bpf_stats.insert(name, programs);
         };
-        for w in &WORKLOADS {
+        for w in self.selected() {
             sleep(STATS_SETTLE);
             daemon.wait_gauge("forkwatch_scheduler_probes_attached", resting.scheduler[0])?;
             daemon.wait_gauge("forkwatch_write_probe_attached", resting.write[0])?;

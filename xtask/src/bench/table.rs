@@ -45,7 +45,9 @@ pub(super) fn table(report: &Value) -> String {
     out.push_str(&targets_table(report));
     out.push_str(&daemon_paragraphs(report));
     out.push_str(&bpf_stats_table(report));
-    out.push_str(&super::hooks::table(report));
+    if !report["hook_cost"].is_null() {
+        out.push_str(&super::hooks::table(report));
+    }
     out
 }
 
@@ -60,8 +62,15 @@ fn intro(report: &Value) -> String {
     } else {
         String::new()
     };
+    let only = match report["only_workload"].as_str() {
+        Some(mode) => format!(
+            " Only workload {mode} (`--workload`): no hooks table, idle CPU, finding latency or \
+             sustained storm."
+        ),
+        None => String::new(),
+    };
     format!(
-        "Repetitions: {reps}{caveat}, interleaved. Times in seconds of the timed part: median \
+        "Repetitions: {reps}{caveat}, interleaved.{only} Times in seconds of the timed part: median \
          (min–max) [samples used / all]; ratio = to no monitor on the same host, by median (by \
          min); targets are judged on the median ratio. Noise: half the range of the no-monitor \
          samples on that host, in percent of their median; an overhead no larger than it is \
@@ -236,16 +245,23 @@ fn daemon_paragraphs(report: &Value) -> String {
         })
         .collect();
     let mut out = format!(
-        "\nDaemon during (b): {}. Peak RSS (VmHWM) {:.1} MiB ({}). Idle: {:.2} % of one core by \
-         utime+stime over {:.1} s ({:.3} % by schedstat).\n",
+        "\nDaemon during (b): {}. Peak RSS (VmHWM) {:.1} MiB ({}).",
         during.join("; "),
         num(&d["peak_rss_kib"]) / 1024.0,
         by_session.join(", "),
+    );
+    // A run of one workload (`--workload`) measures none of what follows.
+    let l = &report["finding_latency"];
+    if l.is_null() {
+        out.push('\n');
+        return out;
+    }
+    out.push_str(&format!(
+        " Idle: {:.2} % of one core by utime+stime over {:.1} s ({:.3} % by schedstat).\n",
         num(&d["idle"]["cpu_pct_of_one_core"]),
         num(&d["idle"]["seconds"]),
         num(&d["idle"]["cpu_pct_of_one_core_schedstat"]),
-    );
-    let l = &report["finding_latency"];
+    ));
     out.push_str(&format!(
         "Finding latency ({} runs): a child that never execs reported {} ms past the grace \
          window, one that exits without exec {} ms after its exit (target ≤ {} ms).\n",

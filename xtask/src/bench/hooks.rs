@@ -3,8 +3,8 @@
 //! which is what the kernel charges for running any program there.
 //!
 //! Both come from the kernel's BPF run-time statistics (each program's run_time_ns / run_cnt
-//! from its prog info), read at the same instants around the same workload, so both carry the
-//! statistics' own cost alike. During the measurement a multithreaded process keeps a child that
+//! from its prog info), around runs of the same workload, each side alone on the hooks in
+//! alternating windows (see `measure`), so both carry the statistics' own cost alike. During the measurement a multithreaded process keeps a child that
 //! never execs (`workloads latency`'s lingering child), so the daemon has its scheduler probes
 //! attached, as on a server host with a long-lived worker; that family sleeps throughout. The
 //! workload is the loopback TCP ping-pong (two threads of a process that never forks): every
@@ -17,7 +17,7 @@
 use std::{
     collections::{BTreeMap, BTreeSet},
     os::fd::OwnedFd,
-    path::PathBuf,
+    path::{Path, PathBuf},
     thread::sleep,
 };
 
@@ -116,7 +116,7 @@ struct Floor {
 }
 
 impl Floor {
-    fn attach(object: &PathBuf) -> anyhow::Result<Floor> {
+    fn attach(object: &Path) -> anyhow::Result<Floor> {
         let mut ebpf = Ebpf::load_file(object)
             .with_context(|| format!("cannot load the floor object {}", object.display()))?;
         let btf = Btf::from_sys_fs().context("the kernel's BTF (/sys/kernel/btf/vmlinux)")?;
@@ -192,19 +192,6 @@ fn kernel_name(program: &str) -> &str {
     &program[..program.len().min(KERNEL_NAME_LEN)]
 }
 
-/// Both sides' (runs, ns) at one instant.
-struct Snapshot {
-    forkwatch: BTreeMap<String, (u64, u64)>,
-    floor: BTreeMap<&'static str, (u64, u64)>,
-}
-
-fn snapshot(daemon: &Daemon, floor: &Floor) -> anyhow::Result<Snapshot> {
-    Ok(Snapshot {
-        floor: floor.stats(),
-        forkwatch: daemon_stats(daemon.pid())?,
-    })
-}
-
 /// (calls, ns per call) of one program in one window; None when it did not run.
 type PerCall = Option<(u64, f64)>;
 /// One window of a hook: forkwatch's program, and the floor's.
@@ -231,11 +218,56 @@ impl Drop for Worker {
     }
 }
 
+/// One side alone on the hooks for one run of the workload: (runs, ns) by program name, before
+/// and after.
+type Readings<K> = (BTreeMap<K, (u64, u64)>, BTreeMap<K, (u64, u64)>);
+
+/// Forkwatch alone on its hooks for one run of the workload: a daemon started for it, which
+/// finds the lingering worker at start and attaches its scheduler probes for it.
+fn forkwatch_window(bench: &Bench, tracked: &mut Vec<f64>) -> anyhow::Result<Readings<String>> {
+    let workload = &WORKLOADS[WORKLOAD];
+    let daemon = Daemon::start(bench, false, "hooks")?;
+    if !daemon.wait_gauge("forkwatch_scheduler_probes_attached", true)? {
+        bail!("the daemon did not attach its scheduler probes for a lingering worker");
+    }
+    let before = daemon_stats(daemon.pid())?;
+    bench.run(workload.mode, &[bench.size(workload).to_string()])?;
+    let after = daemon_stats(daemon.pid())?;
+    let metrics = daemon.scrape()?;
+    tracked.push(metrics.sum("forkwatch_tracked_processes"));
+    if metrics.sum("forkwatch_scheduler_probes_attached") != 1.0 {
+        bail!("the scheduler probes were detached during the measurement");
+    }
+    daemon.stop()?;
+    Ok((before, after))
+}
+
+/// The floor alone on the hooks for one run of the workload, and what this kernel refused.
+fn floor_window(
+    bench: &Bench,
+    object: &Path,
+) -> anyhow::Result<(Readings<&'static str>, BTreeMap<&'static str, String>)> {
+    let workload = &WORKLOADS[WORKLOAD];
+    let floor = Floor::attach(object)?;
+    let before = floor.stats();
+    bench.run(workload.mode, &[bench.size(workload).to_string()])?;
+    let after = floor.stats();
+    Ok(((before, after), floor.refused))
+}
+
 /// Measures every hook; the `hook_cost` entry of report.json.
+///
+/// Each side is measured alone on the hooks, in windows of its own that alternate (which side
+/// goes first swaps from window to window, so a drift of the machine falls on both alike). Not
+/// side by side: when two programs share a hook, the kernel runs them in the order they were
+/// attached, and the first pays for what the hook's path finds cold (measured: forkwatch's
+/// socket program reduced to an empty one read 78 ns per call against the floor's 49 ns when
+/// both were attached, the daemon first); on a host forkwatch's program is the only one there.
 pub(super) fn measure(bench: &Bench) -> anyhow::Result<Value> {
     eprintln!("xtask: bench: per-call cost of the hooks every task pays, against empty programs");
     let object = build_floor()?;
-    let daemon = Daemon::start(bench, false, "hooks")?;
+    // Started before any daemon, as a server's worker is before a daemon restarts: each daemon
+    // finds it at start.
     let (child, stdin, line) = super::processes::spawn_until_line(&bench.workloads, "latency")?;
     let worker = Worker {
         child,
@@ -244,13 +276,9 @@ pub(super) fn measure(bench: &Bench) -> anyhow::Result<Value> {
     if !line.starts_with("latency ") {
         bail!("the lingering worker did not start: {line:?}");
     }
-    if !daemon.wait_gauge("forkwatch_scheduler_probes_attached", true)? {
-        bail!("the daemon did not attach its scheduler probes for a lingering worker");
-    }
     // The statistics count while this fd is open (the daemon's programs and the floor's alike).
     let _stats: OwnedFd =
         aya::sys::enable_stats(aya::sys::Stats::RunTime).context("enabling BPF statistics")?;
-    let floor = Floor::attach(&object)?;
     let windows = if bench.smoke {
         WINDOWS_SMOKE
     } else {
@@ -260,30 +288,29 @@ pub(super) fn measure(bench: &Bench) -> anyhow::Result<Value> {
     // hook → per window: (forkwatch calls, ns/call), (floor calls, ns/call)
     let mut samples: BTreeMap<usize, Vec<Window>> = BTreeMap::new();
     let mut tracked = Vec::new();
-    for _ in 0..windows {
-        let attached = daemon.scrape()?;
-        let before = snapshot(&daemon, &floor)?;
-        bench.run(workload.mode, &[bench.size(workload).to_string()])?;
-        let after = snapshot(&daemon, &floor)?;
-        let metrics = daemon.scrape()?;
-        tracked.push(metrics.sum("forkwatch_tracked_processes"));
-        if attached.sum("forkwatch_scheduler_probes_attached") != 1.0
-            || metrics.sum("forkwatch_scheduler_probes_attached") != 1.0
-        {
-            bail!("the scheduler probes were detached during the measurement");
+    let mut refused = BTreeMap::new();
+    for window in 0..windows {
+        let (mut fw, mut fl) = (None, None);
+        for side in [window % 2, 1 - window % 2] {
+            if side == 0 {
+                fw = Some(forkwatch_window(bench, &mut tracked)?);
+            } else {
+                let (readings, kernel_refused) = floor_window(bench, &object)?;
+                fl = Some(readings);
+                refused = kernel_refused;
+            }
+            sleep(STATS_SETTLE);
         }
+        let ((fw_before, fw_after), (fl_before, fl_after)) =
+            (fw.unwrap_or_default(), fl.unwrap_or_default());
         for (i, hook) in HOOKS.iter().enumerate() {
             let name = kernel_name(hook.forkwatch);
-            let fw = per_call(before.forkwatch.get(name), after.forkwatch.get(name));
-            let fl = per_call(before.floor.get(hook.floor), after.floor.get(hook.floor));
+            let fw = per_call(fw_before.get(name), fw_after.get(name));
+            let fl = per_call(fl_before.get(hook.floor), fl_after.get(hook.floor));
             samples.entry(i).or_default().push((fw, fl));
         }
-        sleep(STATS_SETTLE);
     }
-    let refused = floor.refused.clone();
-    drop(floor);
     drop(worker);
-    daemon.stop()?;
 
     let mut rows = Vec::new();
     for (i, hook) in HOOKS.iter().enumerate() {

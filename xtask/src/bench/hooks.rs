@@ -4,9 +4,10 @@
 //!
 //! Both come from the kernel's BPF run-time statistics (each program's run_time_ns / run_cnt
 //! from its prog info), around runs of the same workload, each side alone on the hooks in
-//! alternating windows (see `measure`), so both carry the statistics' own cost alike. During the measurement a multithreaded process keeps a child that
-//! never execs (`workloads latency`'s lingering child), so the daemon has its scheduler probes
-//! attached, as on a server host with a long-lived worker; that family sleeps throughout. The
+//! alternating windows (see `measure`), so both carry the statistics' own cost alike. During the
+//! measurement a multithreaded process keeps a child that never execs (`workloads latency`'s
+//! lingering child), so the daemon has its scheduler probes attached, as on a server host with a
+//! long-lived worker; that family sleeps throughout. The
 //! workload is the loopback TCP ping-pong (two threads of a process that never forks): every
 //! send, receive, context switch and wakeup it causes is an uninvolved task's. Other processes
 //! on the host run through the same hooks in the same window; the daemon tracks none of them
@@ -225,13 +226,12 @@ type Readings<K> = (BTreeMap<K, (u64, u64)>, BTreeMap<K, (u64, u64)>);
 /// Forkwatch alone on its hooks for one run of the workload: a daemon started for it, which
 /// finds the lingering worker at start and attaches its scheduler probes for it.
 fn forkwatch_window(bench: &Bench, tracked: &mut Vec<f64>) -> anyhow::Result<Readings<String>> {
-    let workload = &WORKLOADS[WORKLOAD];
     let daemon = Daemon::start(bench, false, "hooks")?;
     if !daemon.wait_gauge("forkwatch_scheduler_probes_attached", true)? {
         bail!("the daemon did not attach its scheduler probes for a lingering worker");
     }
     let before = daemon_stats(daemon.pid())?;
-    bench.run(workload.mode, &[bench.size(workload).to_string()])?;
+    bench.run_workload(&WORKLOADS[WORKLOAD])?;
     let after = daemon_stats(daemon.pid())?;
     let metrics = daemon.scrape()?;
     tracked.push(metrics.sum("forkwatch_tracked_processes"));
@@ -247,10 +247,9 @@ fn floor_window(
     bench: &Bench,
     object: &Path,
 ) -> anyhow::Result<(Readings<&'static str>, BTreeMap<&'static str, String>)> {
-    let workload = &WORKLOADS[WORKLOAD];
     let floor = Floor::attach(object)?;
     let before = floor.stats();
-    bench.run(workload.mode, &[bench.size(workload).to_string()])?;
+    bench.run_workload(&WORKLOADS[WORKLOAD])?;
     let after = floor.stats();
     Ok(((before, after), floor.refused))
 }
@@ -290,19 +289,17 @@ pub(super) fn measure(bench: &Bench) -> anyhow::Result<Value> {
     let mut tracked = Vec::new();
     let mut refused = BTreeMap::new();
     for window in 0..windows {
-        let (mut fw, mut fl) = (None, None);
-        for side in [window % 2, 1 - window % 2] {
-            if side == 0 {
-                fw = Some(forkwatch_window(bench, &mut tracked)?);
-            } else {
-                let (readings, kernel_refused) = floor_window(bench, &object)?;
-                fl = Some(readings);
-                refused = kernel_refused;
-            }
+        let ((fw_before, fw_after), ((fl_before, fl_after), kernel_refused)) = if window % 2 == 0 {
+            let fw = forkwatch_window(bench, &mut tracked)?;
             sleep(STATS_SETTLE);
-        }
-        let ((fw_before, fw_after), (fl_before, fl_after)) =
-            (fw.unwrap_or_default(), fl.unwrap_or_default());
+            (fw, floor_window(bench, &object)?)
+        } else {
+            let fl = floor_window(bench, &object)?;
+            sleep(STATS_SETTLE);
+            (forkwatch_window(bench, &mut tracked)?, fl)
+        };
+        sleep(STATS_SETTLE);
+        refused = kernel_refused;
         for (i, hook) in HOOKS.iter().enumerate() {
             let name = kernel_name(hook.forkwatch);
             let fw = per_call(fw_before.get(name), fw_after.get(name));

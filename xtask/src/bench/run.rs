@@ -73,7 +73,8 @@ impl Bench {
         })
     }
 
-    fn run_workload(&self, w: &Workload) -> anyhow::Result<(f64, f64)> {
+    /// `run` of workload `w` at this run's size.
+    pub(super) fn run_workload(&self, w: &Workload) -> anyhow::Result<(f64, f64)> {
         self.run(w.mode, &[self.size(w).to_string()])
     }
 

@@ -2,21 +2,22 @@
 //! bpftrace running the probes a user would write by hand, on the same machine in one run.
 //!
 //! Each workload of workloads.c (beside this file) runs on two kinds of host, each in its
-//! conditions, interleaved (the order of the hosts and of the conditions rotates from one
-//! repetition to the next, so slow drift of the machine does not favour one of them):
+//! conditions, interleaved: every sample of (b) is paired with one of (a) taken right before or
+//! after it (the order alternates), and the order of the hosts rotates from one repetition to
+//! the next, so the machine's drift does not favour one of them:
 //! - the idle host: (a) no monitor, (b) the release daemon with default settings, (c) bpftrace;
 //! - the server host (server.rs): PostgreSQL with open sessions and a lingering worker of a
 //!   threaded master, started before the daemon and running throughout: (a) and (b).
 //!
-//! Both hosts are judged alike: the median ratio of (b) to (a) against the workload's target,
-//! with the spread of the samples and the run's noise (from the spread of (a)) beside it. No
-//! sample is left out for the daemon's probe state; that state (write probe, scheduler probes)
-//! is recorded at the start and end of every sample of (b) and shown per host. During (b) the
-//! bench also measures the daemon's CPU time and peak RSS, and events received and lost (from
-//! /metrics). Then, with separate daemons so that neither perturbs (b): the in-kernel cost per
-//! program call (`--bpf-stats`, on both hosts), the per-call cost of the hooks every task pays against empty
-//! programs on the same hooks (hooks.rs), idle CPU, finding latency (latency.rs) and a sustained
-//! fork storm.
+//! Both hosts are judged alike: the median of the pairs' ratios of (b) to (a) against the
+//! workload's target, with the spread of the samples and of those ratios (the noise) beside
+//! it. No sample is left out for the daemon's probe state; that state (write probe, scheduler
+//! probes) is recorded at the start and end of every sample of (b) and shown per host. Each
+//! sample of (b) has a daemon of its own, which also measures its CPU time and peak RSS, and
+//! events received and lost (from /metrics). Then, with separate daemons so that neither
+//! perturbs (b): the in-kernel cost per program call (`--bpf-stats`, on both hosts), the
+//! per-call cost of the hooks every task pays against empty programs on the same hooks
+//! (hooks.rs), idle CPU, finding latency (latency.rs) and a sustained fork storm.
 //!
 //! Targets are reported, never enforced: a miss is marked in the table and in
 //! target/bench/report.json. `--smoke` runs tiny sizes and fewer repetitions and only checks
@@ -355,20 +356,19 @@ pub fn bench_repeated(
                 Host::Idle => None,
                 Host::Server => Some(server::ServerHost::start(&bench, &cluster)?),
             };
-            let conditions = host.conditions();
-            for k in 0..conditions.len() {
-                let condition = conditions[(rep + k) % conditions.len()];
-                eprintln!(
-                    "xtask: bench: repetition {}/{reps}, {} host, condition {}",
-                    rep + 1,
-                    host.key(),
-                    condition.key()
-                );
-                match condition {
-                    Condition::None => bench.pass_none(&mut results, host)?,
-                    Condition::Forkwatch => bench.pass_forkwatch(&mut results, host)?,
-                    Condition::Bpftrace => bench.pass_bpftrace(&mut results)?,
-                }
+            // bpftrace (the idle host's reference) before the pairs or after, alternately.
+            let bpftrace = host.conditions().contains(&Condition::Bpftrace);
+            eprintln!(
+                "xtask: bench: repetition {}/{reps}, {} host",
+                rep + 1,
+                host.key()
+            );
+            if bpftrace && rep % 2 == 1 {
+                bench.pass_bpftrace(&mut results)?;
+            }
+            bench.pass_paired(&mut results, host, rep)?;
+            if bpftrace && rep % 2 == 0 {
+                bench.pass_bpftrace(&mut results)?;
             }
             if let Some(server) = server {
                 server.stop()?;

@@ -93,64 +93,78 @@ impl Bench {
         ))
     }
 
-    pub(super) fn pass_none(&self, results: &mut Results, host: Host) -> anyhow::Result<()> {
+    /// (a) and (b) of every workload on `host`, back to back: this machine's speed drifts by a
+    /// third within a minute (the VM's host), which a whole pass of (a) then one of (b) turned
+    /// into ratios; a pair a few seconds apart sees the same machine. The order within the pair
+    /// alternates with the workload and the repetition, so neither side always runs first.
+    pub(super) fn pass_paired(
+        &self,
+        results: &mut Results,
+        host: Host,
+        rep: usize,
+    ) -> anyhow::Result<()> {
         for w in self.selected() {
-            let (sample, _) = self.run_checked(w, &[])?;
-            results
-                .times
-                .entry((w.id, host, Condition::None))
-                .or_default()
-                .push(sample);
+            if (rep + w.id).is_multiple_of(2) {
+                self.sample_none(results, w, host)?;
+                self.sample_forkwatch(results, w, host)?;
+            } else {
+                self.sample_forkwatch(results, w, host)?;
+                self.sample_none(results, w, host)?;
+            }
         }
         Ok(())
     }
 
-    /// (b) on `host`. Each workload starts from the host's resting probe state: the state the
-    /// daemon settles in on that host (nothing attached on the idle host; on the server host,
-    /// whatever it holds SERVER_SETTLE after it was ready), so that the previous workload's
-    /// fork storm (whose scheduler probes stay 2 s after its last child) is not measured in the
-    /// next one. The state at each sample's start and end is recorded; no sample is left out
-    /// for it.
-    pub(super) fn pass_forkwatch(&self, results: &mut Results, host: Host) -> anyhow::Result<()> {
+    /// (a): one sample of `w` on `host`, no monitor.
+    fn sample_none(&self, results: &mut Results, w: &Workload, host: Host) -> anyhow::Result<()> {
+        let (sample, _) = self.run_checked(w, &[])?;
+        results
+            .times
+            .entry((w.id, host, Condition::None))
+            .or_default()
+            .push(sample);
+        Ok(())
+    }
+
+    /// (b): one sample of `w` on `host` under a daemon of its own, started for it and stopped
+    /// (its programs detached) before the next sample. On the server host the daemon first
+    /// settles on what it finds there (SERVER_SETTLE). The probe state at the sample's start
+    /// and end is recorded; no sample is left out for it.
+    fn sample_forkwatch(
+        &self,
+        results: &mut Results,
+        w: &Workload,
+        host: Host,
+    ) -> anyhow::Result<()> {
         let daemon = Daemon::start(self, false, &format!("b-{}", host.key()))?;
-        let resting = match host {
-            Host::Idle => Probes::default(),
-            Host::Server => {
-                sleep(SERVER_SETTLE);
-                probes_of(&daemon.scrape()?)
-            }
-        };
+        if host == Host::Server {
+            sleep(SERVER_SETTLE);
+        }
         let cpu_before = daemon.cpu_seconds()?;
         let wall_before = Instant::now();
-        for w in self.selected() {
-            // Best effort: a state that does not come back in time is what the sample records.
-            daemon.wait_gauge("forkwatch_scheduler_probes_attached", resting.scheduler[0])?;
-            daemon.wait_gauge("forkwatch_write_probe_attached", resting.write[0])?;
-            let before = daemon.scrape()?;
-            let (mut sample, wall) = self.run_checked(w, &[daemon.pid()])?;
-            let end = probes_of(&daemon.scrape()?);
-            let start = probes_of(&before);
-            sample.probes = Some(Probes {
-                write: [start.write[0], end.write[0]],
-                scheduler: [start.scheduler[0], end.scheduler[0]],
-            });
-            sleep(SETTLE);
-            let after = daemon.scrape()?;
-            results
-                .times
-                .entry((w.id, host, Condition::Forkwatch))
-                .or_default()
-                .push(sample);
-            let events = after.sum("forkwatch_events_total") - before.sum("forkwatch_events_total");
-            results
-                .events_per_s
-                .entry((w.id, host))
-                .or_default()
-                .push(events / wall);
-            *results.events_lost.entry((w.id, host)).or_default() += after
-                .sum("forkwatch_events_lost_total")
-                - before.sum("forkwatch_events_lost_total");
-        }
+        let before = daemon.scrape()?;
+        let (mut sample, wall) = self.run_checked(w, &[daemon.pid()])?;
+        let end = probes_of(&daemon.scrape()?);
+        let start = probes_of(&before);
+        sample.probes = Some(Probes {
+            write: [start.write[0], end.write[0]],
+            scheduler: [start.scheduler[0], end.scheduler[0]],
+        });
+        sleep(SETTLE);
+        let after = daemon.scrape()?;
+        results
+            .times
+            .entry((w.id, host, Condition::Forkwatch))
+            .or_default()
+            .push(sample);
+        let events = after.sum("forkwatch_events_total") - before.sum("forkwatch_events_total");
+        results
+            .events_per_s
+            .entry((w.id, host))
+            .or_default()
+            .push(events / wall);
+        *results.events_lost.entry((w.id, host)).or_default() +=
+            after.sum("forkwatch_events_lost_total") - before.sum("forkwatch_events_lost_total");
         *results.daemon_cpu_s.entry(host).or_default() += daemon.cpu_seconds()? - cpu_before;
         *results.daemon_wall_s.entry(host).or_default() += wall_before.elapsed().as_secs_f64();
         results.note_rss(&format!("b, {} host", host.key()), daemon.peak_rss_kib()?);

@@ -71,10 +71,12 @@ fn intro(report: &Value) -> String {
     };
     format!(
         "Repetitions: {reps}{caveat}, interleaved.{only} Times in seconds of the timed part: median \
-         (min–max) [samples used / all]; ratio = to no monitor on the same host, by median (by \
-         min); targets are judged on the median ratio. Noise: half the range of the no-monitor \
-         samples on that host, in percent of their median; an overhead no larger than it is \
-         marked \"within noise\". Only samples during which another forkwatch or bpftrace ran \
+         (min–max) [samples used / all]. Each forkwatch sample is paired with a no-monitor \
+         sample taken right before or after it; forkwatch's ratio is the median of the pairs' \
+         ratios, bpftrace's (a pass of its own) the ratio of the medians, and in brackets the \
+         ratio of the minima; targets are judged on the median ratio. Noise: half the range of \
+         the pairs' ratios, in percent; an overhead no larger than it is marked \"within \
+         noise\". Only samples during which another forkwatch or bpftrace ran \
          on the host are left out of the statistics; none is left out for forkwatch's own probe \
          state, which is shown per host: in how many samples the write probe and the scheduler \
          probes were attached throughout, and in how many they switched.\n"

@@ -217,6 +217,13 @@ impl<C: Clone + ForkEvidence> Correlator<C> {
         self.tracked.len()
     }
 
+    /// Tracked children not yet decided (neither exec'd, exited nor reported). A reported child
+    /// can stay tracked for days (a worker of a threaded master): this, not `tracked`, says
+    /// whether a decision is pending.
+    pub fn undecided(&self) -> usize {
+        self.deadlines.len()
+    }
+
     /// Tracked children that descend from the watched tree's root (`forkwatch exec`): the
     /// decisions still to come about the tree.
     pub fn tracked_in_tree(&self) -> usize {

@@ -144,6 +144,7 @@ fn no_exec_is_reported_at_the_deadline_not_before() {
     c.on_event(fork(20, 100, 2), "");
     assert_eq!(c.next_wakeup_ns(), Some(100 + GRACE + SLACK));
     assert!(c.tick(100 + GRACE + SLACK - 1).is_empty());
+    assert_eq!(c.undecided(), 1);
     let d = c.tick(100 + GRACE + SLACK);
     assert_eq!(outcomes(&d), [(20, Outcome::NoExecWithinGrace)]);
     let Decision::MtForkNoExec(finding) = &d[0] else {
@@ -151,8 +152,8 @@ fn no_exec_is_reported_at_the_deadline_not_before() {
     };
     assert_eq!(finding.decided_ns, 100 + GRACE);
     assert_eq!(c.next_wakeup_ns(), None);
-    // Still tracked until it execs or exits, but never reported twice.
-    assert_eq!(c.tracked(), 1);
+    // Still tracked until it execs or exits, but never reported twice, and nothing is pending.
+    assert_eq!((c.tracked(), c.undecided()), (1, 0));
     assert!(c.on_event(exec(20, 5 * GRACE), "").is_empty());
     assert!(c.on_event(exit(20, 6 * GRACE), "").is_empty());
     assert_eq!(c.tracked(), 0);

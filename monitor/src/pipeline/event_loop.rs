@@ -164,6 +164,8 @@ impl Pipeline {
         let (mut drain, mut scan) = (every(DRAIN_INTERVAL), every(BLOCKED_SCAN_INTERVAL));
         let mut families = every(FAMILY_SCAN_INTERVAL);
         let unwound = self.fork_stacks.notifier();
+        // The last drain found records: more are likely in the ring.
+        let mut records_flowing = false;
         loop {
             let wakeup = self
                 .correlator
@@ -176,10 +178,13 @@ impl Pipeline {
                     Wake::Events
                 }
                 () = sleep_or_forever(wakeup) => Wake::Deadline,
-                // Routine records come only from tracked processes (a process becomes tracked by
-                // a fork, and the first fork of a thread per 50 ms wakes the daemon): with none
-                // tracked, the 100 ms scan tick drains what is left, and an idle daemon sleeps.
-                _ = drain.tick(), if self.correlator.tracked() > 0 => Wake::Events,
+                // Records without a wakeup matter while a decision is pending (a child's exec or
+                // exit before its deadline) or while they keep coming (a storm). Otherwise the
+                // 100 ms scan tick drains what is left: a reported worker that lives for days
+                // would else wake the daemon 40 times a second for nothing.
+                _ = drain.tick(), if self.correlator.undecided() > 0 || records_flowing => {
+                    Wake::Events
+                }
                 _ = scan.tick() => Wake::Scan,
                 _ = families.tick() => Wake::Families,
                 // A fork stack was unwound: the findings held for it can go.
@@ -189,7 +194,7 @@ impl Pipeline {
             // threshold wait there without a wakeup, and a scan or a deadline decision must see
             // every event that happened before it.
             let round = std::time::Instant::now();
-            self.drain();
+            records_flowing = self.drain() > 0;
             self.telemetry().pipeline_beat();
             self.switch_scheduler_probes();
             match woken {
@@ -214,8 +219,9 @@ impl Pipeline {
         Ok(())
     }
 
-    /// Handles every record currently in the ring buffer.
-    fn drain(&mut self) {
+    /// Handles every record currently in the ring buffer; returns how many there were.
+    fn drain(&mut self) -> usize {
+        let mut records = 0;
         loop {
             let decoded = {
                 let Some(record) = self.events.get_mut().next() else {
@@ -223,6 +229,7 @@ impl Pipeline {
                 };
                 wire::decode(&record)
             };
+            records += 1;
             match decoded {
                 Ok(event) => self.handle(event),
                 Err(err) => {
@@ -232,6 +239,7 @@ impl Pipeline {
             }
         }
         self.update_gauges();
+        records
     }
 
     /// Feeds the correlator every tracked thread now asleep in a futex wait. Only tracked

@@ -26,15 +26,24 @@ fn stats(samples: &[f64]) -> (f64, f64, f64) {
     (sorted[0], median, sorted[sorted.len() - 1])
 }
 
+/// The items `clean` accepts, or all of them when it accepts none: a condition whose every sample
+/// was disturbed is still reported, from all of them, rather than not at all.
+fn clean_or_all<T>(items: &[T], clean: impl Fn(&T) -> bool) -> Vec<&T> {
+    let accepted: Vec<&T> = items.iter().filter(|item| clean(item)).collect();
+    if accepted.is_empty() {
+        items.iter().collect()
+    } else {
+        accepted
+    }
+}
+
 /// The ratios of (b) to (a) sample by sample: the two conditions' samples are pairs taken back
 /// to back (run.rs `pass_paired`), the i-th of one with the i-th of the other. Pairs with an
 /// unclean side are left out, unless no pair is clean.
 fn paired_ratios(none: &[Sample], forkwatch: &[Sample]) -> Vec<f64> {
     let pairs: Vec<(&Sample, &Sample)> = none.iter().zip(forkwatch).collect();
-    let clean = pairs.iter().filter(|(a, b)| a.clean && b.clean).count();
-    pairs
-        .iter()
-        .filter(|(a, b)| clean == 0 || (a.clean && b.clean))
+    clean_or_all(&pairs, |(a, b)| a.clean && b.clean)
+        .into_iter()
         .map(|(a, b)| b.t / a.t)
         .collect()
 }
@@ -44,15 +53,18 @@ fn paired_ratios(none: &[Sample], forkwatch: &[Sample]) -> Vec<f64> {
 /// back-to-back pairs) their median, else the ratio of the medians. `spread_pct`: half the
 /// range of the samples in percent of their median (None for fewer than two samples).
 fn condition_json(samples: &[Sample], baseline: Option<&Value>, paired: Option<&[f64]>) -> Value {
-    let clean: Vec<f64> = samples.iter().filter(|s| s.clean).map(|s| s.t).collect();
     let all: Vec<f64> = samples.iter().map(|s| s.t).collect();
-    let used = if clean.is_empty() { &all } else { &clean };
-    let (min, median, max) = stats(used);
+    let used: Vec<f64> = clean_or_all(samples, |s| s.clean)
+        .into_iter()
+        .map(|s| s.t)
+        .collect();
+    let any_clean = samples.iter().any(|s| s.clean);
+    let (min, median, max) = stats(&used);
     let spread = (used.len() >= 2).then(|| 100.0 * (max - min) / 2.0 / median);
     let mut value = json!({
         "samples_s": all,
         "clean": samples.iter().map(|s| s.clean).collect::<Vec<_>>(),
-        "stats_from": if clean.is_empty() { "all samples (none clean)" } else { "clean samples" },
+        "stats_from": if any_clean { "clean samples" } else { "all samples (none clean)" },
         "min_s": min,
         "median_s": median,
         "max_s": max,

@@ -11,8 +11,9 @@
 //!   of the host leaks in, and what works there works on a bare host.
 //! - The guest reports through `VMTEST ...` lines on the serial console (see init.sh), which the
 //!   host reads with a time limit per boot: a hung guest fails its boot, never the whole run.
-//! - KVM is tried first where /dev/kvm opens, but a KVM guest that prints nothing is given up on
-//!   quickly (one here hung in the firmware) and TCG is used from then on.
+//! - KVM is tried first where /dev/kvm opens, but where no guest kernel starts under it (silent:
+//!   one host's hung in the firmware; refused: another's QEMU aborted at once, its nested KVM
+//!   refusing an MSR of `-cpu host`) it is given up on quickly and TCG is used from then on.
 
 use std::{
     collections::BTreeMap,
@@ -118,6 +119,9 @@ struct Boot {
     done: bool,
     /// Why the boot ended early, if it did.
     problem: Option<String>,
+    /// The guest's kernel printed a line (its banner or a marker of init.sh): the accelerator
+    /// works, whatever happened after.
+    kernel_started: bool,
     log: PathBuf,
 }
 
@@ -141,8 +145,14 @@ pub fn vmtest(which: &str) -> anyhow::Result<()> {
     for series in series {
         let kernel = kernel(&dir, series)?;
         let mut boot = boot(&dir, series, &kernel, &initramfs, accel)?;
-        if boot.accel == Accel::Kvm && boot.problem.as_deref() == Some(KVM_SILENT) {
-            eprintln!("xtask: the KVM guest printed nothing in {KVM_FIRST_LINE:?}: using TCG");
+        // KVM that never got a kernel going, silent (a guest hung in the firmware) or refused
+        // (QEMU aborting at the start because the host's KVM refuses a CPU setting, as nested
+        // KVM does): TCG from then on, correct if slower.
+        if boot.accel == Accel::Kvm && !boot.kernel_started {
+            eprintln!(
+                "xtask: no guest kernel started under KVM ({}): using TCG",
+                boot.problem.as_deref().unwrap_or("no reason given")
+            );
             accel = Accel::Tcg;
             boot = self::boot(&dir, series, &kernel, &initramfs, accel)?;
         }
@@ -485,13 +495,13 @@ fn boot(
         output: BTreeMap::new(),
         done: false,
         problem: None,
+        kernel_started: false,
         log: log.clone(),
     };
     let mut current: Option<String> = None;
-    let mut printed_anything = false;
     loop {
         let now = Instant::now();
-        let deadline = if accel == Accel::Kvm && !printed_anything {
+        let deadline = if accel == Accel::Kvm && !boot.kernel_started {
             started + KVM_FIRST_LINE
         } else {
             started + limit
@@ -500,7 +510,7 @@ fn boot(
             Ok(line) => line,
             Err(RecvTimeoutError::Disconnected) => break,
             Err(RecvTimeoutError::Timeout) => {
-                boot.problem = Some(if printed_anything {
+                boot.problem = Some(if boot.kernel_started {
                     format!("the boot overran its limit of {}", cmd::duration(limit))
                 } else {
                     KVM_SILENT.to_owned()
@@ -512,7 +522,7 @@ fn boot(
         let _ = writeln!(log_file, "{line}");
         // Only the kernel's own lines prove that KVM works (firmware may print before it hangs):
         // its banner (at loglevel 5, hence that level) or a marker of init.sh.
-        printed_anything |= line.contains("Linux version") || line.contains("VMTEST");
+        boot.kernel_started |= line.contains("Linux version") || line.contains("VMTEST");
         if line.contains("soft lockup - CPU#") {
             boot.problem = Some(format!("{GUEST_LOCKUP}: {}", line.trim()));
             stop(&mut child);
@@ -685,6 +695,7 @@ mod tests {
             output: BTreeMap::new(),
             done: false,
             problem: None,
+            kernel_started: false,
             log: PathBuf::new(),
         };
         let mut current = None;

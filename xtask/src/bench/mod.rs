@@ -17,7 +17,8 @@
 //! events received and lost (from /metrics). Then, with separate daemons so that neither
 //! perturbs (b): the in-kernel cost per program call (`--bpf-stats`, on both hosts), the
 //! per-call cost of the hooks every task pays against empty programs on the same hooks
-//! (hooks.rs), idle CPU, finding latency (latency.rs) and a sustained fork storm.
+//! (hooks.rs), idle CPU (on both hosts), finding latency (latency.rs) and a sustained fork
+//! storm.
 //!
 //! Targets are reported, never enforced: a miss is marked in the table and in
 //! target/bench/report.json. `--smoke` runs tiny sizes and fewer repetitions and only checks
@@ -239,6 +240,8 @@ struct Results {
     /// Workload name → program → (runs, seconds), deltas with --bpf-stats.
     bpf_stats: BTreeMap<String, BTreeMap<String, (f64, f64)>>,
     idle: Option<Value>,
+    /// The same on the server host (run.rs `idle_cpu_on_server`).
+    idle_server: Option<Value>,
     /// The per-call cost of the hooks every task pays, against empty programs (hooks.rs).
     hook_cost: Option<Value>,
     latency: Option<Value>,
@@ -379,6 +382,9 @@ pub fn bench_repeated(
     {
         let server = server::ServerHost::start(&bench, &cluster)?;
         bench.pass_bpf_stats(&mut results, Some(&server))?;
+        if bench.only.is_none() {
+            bench.idle_cpu_on_server(&mut results)?;
+        }
         server.stop()?;
     }
     drop(cluster);
@@ -492,6 +498,16 @@ fn validate(path: &Path, single: bool) -> anyhow::Result<()> {
         }
         if report[key].is_null() {
             bail!("report.json: no {key}");
+        }
+    }
+    if !single {
+        for key in ["idle", "idle_server_host"] {
+            if report["daemon"][key]["cpu_pct_of_one_core"]
+                .as_f64()
+                .is_none()
+            {
+                bail!("report.json: no daemon.{key}.cpu_pct_of_one_core");
+            }
         }
     }
     Ok(())

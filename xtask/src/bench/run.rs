@@ -246,26 +246,7 @@ impl Bench {
         // kind) would be printed only as a count at the window's end.
         let daemon = Daemon::start_with(self, false, "sustained", &["--repeat-window", "0s"])?;
         sleep(Duration::from_millis(500));
-        let idle = if self.smoke { IDLE_SMOKE } else { IDLE_FULL };
-        let ticks_before = daemon.cpu_seconds()?;
-        let ns_before = daemon.schedstat_seconds();
-        let begin = Instant::now();
-        sleep(idle);
-        let wall = begin.elapsed().as_secs_f64();
-        let cpu = daemon.cpu_seconds()? - ticks_before;
-        let precise = daemon
-            .schedstat_seconds()
-            .zip(ns_before)
-            .map(|(a, b)| a - b);
-        let idle_pct = 100.0 * cpu / wall;
-        results.idle = Some(json!({
-            "seconds": wall,
-            "cpu_seconds": cpu,
-            "cpu_pct_of_one_core": idle_pct,
-            "cpu_pct_of_one_core_schedstat": precise.map(|p| 100.0 * p / wall),
-            "target_pct": IDLE_CPU_TARGET_PCT,
-            "met": idle_pct <= IDLE_CPU_TARGET_PCT,
-        }));
+        results.idle = Some(self.idle_cpu(&daemon)?);
 
         let runs = if self.smoke { 1 } else { LATENCY_RUNS };
         results.latency = Some(latency::measure(&self.workloads, &daemon.findings, runs)?);
@@ -305,6 +286,43 @@ impl Bench {
         sustained["ratio_to_bare"] = Value::from(rate(&sustained) / bare);
         results.sustained = Some(sustained);
         Ok(())
+    }
+
+    /// The CPU a daemon at rest uses on the server host: PostgreSQL's sessions and the lingering
+    /// worker keep it tracking (the worker is a reported child for as long as it lives), which
+    /// the idle host never shows. Measured like the idle host's, after SERVER_SETTLE.
+    pub(super) fn idle_cpu_on_server(&self, results: &mut Results) -> anyhow::Result<()> {
+        eprintln!("xtask: bench: idle CPU on the server host");
+        let daemon = Daemon::start(self, false, "idle-server")?;
+        sleep(SERVER_SETTLE);
+        results.idle_server = Some(self.idle_cpu(&daemon)?);
+        results.note_rss("idle, server host", daemon.peak_rss_kib()?);
+        daemon.stop()
+    }
+
+    /// The daemon's CPU over IDLE_FULL (IDLE_SMOKE) of nothing happening, by utime+stime (the
+    /// verdict) and by schedstat (ns, finer).
+    fn idle_cpu(&self, daemon: &Daemon) -> anyhow::Result<Value> {
+        let idle = if self.smoke { IDLE_SMOKE } else { IDLE_FULL };
+        let ticks_before = daemon.cpu_seconds()?;
+        let ns_before = daemon.schedstat_seconds();
+        let begin = Instant::now();
+        sleep(idle);
+        let wall = begin.elapsed().as_secs_f64();
+        let cpu = daemon.cpu_seconds()? - ticks_before;
+        let precise = daemon
+            .schedstat_seconds()
+            .zip(ns_before)
+            .map(|(a, b)| a - b);
+        let idle_pct = 100.0 * cpu / wall;
+        Ok(json!({
+            "seconds": wall,
+            "cpu_seconds": cpu,
+            "cpu_pct_of_one_core": idle_pct,
+            "cpu_pct_of_one_core_schedstat": precise.map(|p| 100.0 * p / wall),
+            "target_pct": IDLE_CPU_TARGET_PCT,
+            "met": idle_pct <= IDLE_CPU_TARGET_PCT,
+        }))
     }
 
     /// The sustained storm's forks/s with no monitor loaded (see idle_and_sustained).

@@ -258,11 +258,18 @@ fn daemon_paragraphs(report: &Value) -> String {
         out.push('\n');
         return out;
     }
+    let idle = |i: &Value| {
+        format!(
+            "{:.2} % of one core by utime+stime over {:.1} s ({:.3} % by schedstat)",
+            num(&i["cpu_pct_of_one_core"]),
+            num(&i["seconds"]),
+            num(&i["cpu_pct_of_one_core_schedstat"]),
+        )
+    };
     out.push_str(&format!(
-        " Idle: {:.2} % of one core by utime+stime over {:.1} s ({:.3} % by schedstat).\n",
-        num(&d["idle"]["cpu_pct_of_one_core"]),
-        num(&d["idle"]["seconds"]),
-        num(&d["idle"]["cpu_pct_of_one_core_schedstat"]),
+        " Idle: {}; on the server host (a daemon started after it): {}.\n",
+        idle(&d["idle"]),
+        idle(&d["idle_server_host"]),
     ));
     out.push_str(&format!(
         "Finding latency ({} runs): a child that never execs reported {} ms past the grace \

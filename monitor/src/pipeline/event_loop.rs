@@ -42,9 +42,17 @@ pub struct PipelineConfig {
     pub watch_tree: bool,
 }
 
-/// How often the kernel's map of blocked threads is scanned while something is tracked. A
-/// deadlock is reported at most this long after `--deadlock-after`.
+/// How often the kernel's map of blocked threads is scanned while the scheduler probes are
+/// attached. A deadlock is reported at most this long after `--deadlock-after`.
 const BLOCKED_SCAN_INTERVAL: Duration = Duration::from_millis(100);
+
+/// How often the blocked scan runs while the scheduler probes are detached, when it reads every
+/// tracked child's threads from /proc: two small files per thread (its syscall line, and its
+/// context switches for a thread in a futex wait), so a host with many long-lived workers with
+/// idle thread pools, each idle thread in a futex wait, pays for it this often, not every
+/// BLOCKED_SCAN_INTERVAL. A decided child's deadlock is reported within `--deadlock-after` plus
+/// twice this.
+const PROC_SCAN_INTERVAL: Duration = Duration::from_millis(500);
 
 pub type BlockedMap = BpfHashMap<MapData, u32, monitor_common::BlockedWait>;
 
@@ -92,6 +100,9 @@ pub struct Pipeline {
     /// not trusted: its wakeup may have come while they were detached. Waits in progress at
     /// the attach are read from /proc instead (waits_from_proc).
     pub(super) scheduler_attached_ns: u64,
+    /// When the blocked scan last read /proc with the scheduler probes detached
+    /// (PROC_SCAN_INTERVAL).
+    pub(super) proc_scanned_at: Option<std::time::Instant>,
     pub(super) correlator: Correlator<ForkContext>,
     pub(super) proc: ProcFs,
     pub(super) enrich: EnrichOptions,
@@ -132,6 +143,7 @@ impl Pipeline {
             lost: LostReports::default(),
             scheduler_idle_since: None,
             scheduler_attached_ns: 0,
+            proc_scanned_at: None,
             correlator: Correlator::new(config.correlator),
             proc: ProcFs::default().keeping_full_cmdline(config.enrich.full_cmdline),
             enrich: config.enrich,
@@ -242,11 +254,26 @@ impl Pipeline {
         records
     }
 
-    /// Feeds the correlator every tracked thread now asleep in a futex wait. Only tracked
+    /// Feeds the correlator every tracked thread now asleep in a futex wait: from the kernel's
+    /// map while the scheduler probes are attached, from /proc while they are not. Only tracked
     /// processes' threads are ever in the map, so with nothing tracked there is nothing to read
     /// (the empty scan still clears the deadlocked gauge of processes that went away).
     fn scan_blocked(&mut self) {
-        let mut waits: Vec<BlockedWait> = if self.correlator.tracked() == 0 {
+        let attached = self.probes.scheduler_probes_attached();
+        if !attached {
+            if self
+                .proc_scanned_at
+                .is_some_and(|at| at.elapsed() < PROC_SCAN_INTERVAL)
+            {
+                return;
+            }
+            self.proc_scanned_at = Some(std::time::Instant::now());
+            if self.correlator.tracked() > 0 {
+                // No probe sees a wait begin: /proc is read instead (probe_switch.rs).
+                self.waits_from_proc();
+            }
+        }
+        let mut waits: Vec<BlockedWait> = if self.correlator.tracked() == 0 || !attached {
             Vec::new()
         } else {
             self.blocked

@@ -13,19 +13,27 @@ use crate::{
     },
 };
 
-/// The scheduler probes stay attached this long after the last tracked process is gone: fork
-/// storms of multithreaded processes come and go, and each attach rescans /proc.
+/// The scheduler probes stay attached this long after the last undecided child: fork storms of
+/// multithreaded processes come and go, and each attach rescans /proc.
 const SCHEDULER_LINGER: Duration = Duration::from_secs(2);
 
 impl Pipeline {
-    /// Attaches the scheduler probes as soon as something is tracked, and detaches them once
-    /// nothing has been (in the correlator nor in the kernel's map) for SCHEDULER_LINGER. A
-    /// tracked child's thread that went to sleep before they were attached is never seen going
-    /// to sleep again: at each attach, the tracked children's waits are read from /proc (and
-    /// re-verified at every scan, like those found at start). Without that, three of the
-    /// deadlock tests fail: their children block within a millisecond of the fork.
+    /// Attaches the scheduler probes while a tracked child is undecided (in its grace window:
+    /// right after the fork, when a child takes an inherited lock), and detaches them once none
+    /// has been for SCHEDULER_LINGER. A decided child that lives on (a worker of a threaded
+    /// master, for days) does not keep them: they run on every context switch and wakeup on the
+    /// host. While they are detached, the tracked children's futex waits are read from /proc at
+    /// every blocked scan (`waits_from_proc`; every 500 ms then), as after a restart; a wait is
+    /// then timed from the scan that first saw it, so a deadlock is reported up to one scan
+    /// later, never sooner.
+    ///
+    /// A tracked child's thread that went to sleep before the probes were attached is never seen
+    /// going to sleep again: at each attach, the tracked children's waits are read from /proc
+    /// (and re-verified at every scan). Without that, three of the deadlock tests fail: their
+    /// children block within a millisecond of the fork. At each detach, the waits the probes
+    /// recorded are handed over the same way, with the time the kernel recorded.
     pub(super) fn switch_scheduler_probes(&mut self) {
-        let busy = self.correlator.tracked() > 0;
+        let busy = self.correlator.undecided() > 0;
         let attached = self.probes.scheduler_probes_attached();
         if busy {
             self.scheduler_idle_since = None;
@@ -40,8 +48,8 @@ impl Pipeline {
             let since = *self
                 .scheduler_idle_since
                 .get_or_insert_with(std::time::Instant::now);
-            if since.elapsed() >= SCHEDULER_LINGER && self.tracked_map.map().keys().next().is_none()
-            {
+            if since.elapsed() >= SCHEDULER_LINGER {
+                self.hand_over_kernel_waits();
                 if let Err(err) = self.probes.set_scheduler_probes(false) {
                     tracing::warn!(%err, "detaching the scheduler probes failed");
                 }
@@ -55,16 +63,12 @@ impl Pipeline {
         }
     }
 
-    /// The futex waits of every process the kernel tracks, from /proc, for the scan.
-    fn waits_from_proc(&mut self) {
+    /// The futex waits of every process the kernel tracks, from /proc, for the scan: at each
+    /// attach of the scheduler probes, and at every scan while they are detached. A thread
+    /// already listed keeps its entry (and the time it was first seen).
+    pub(super) fn waits_from_proc(&mut self) {
         let now = clock::boot_ns();
-        let tracked: Vec<(u32, u64)> = self
-            .tracked_map
-            .map()
-            .iter()
-            .filter_map(Result::ok)
-            .collect();
-        for (pid, start_ns) in tracked {
+        for (pid, start_ns) in self.kernel_tracked() {
             for wait in seed::waits(&self.proc, pid, start_ns, now) {
                 if !self
                     .seeded_waits
@@ -75,6 +79,47 @@ impl Pipeline {
                 }
             }
         }
+    }
+
+    /// Before the scheduler probes detach: the waits they recorded (since they were attached)
+    /// join the waits re-verified from /proc at every scan, keeping the time the kernel saw each
+    /// begin. The map is not read while they are detached (no wakeup removes an entry then).
+    fn hand_over_kernel_waits(&mut self) {
+        let tracked: std::collections::HashMap<u32, u64> =
+            self.kernel_tracked().into_iter().collect();
+        let waits: Vec<crate::wire::event::BlockedWait> = self
+            .blocked
+            .iter()
+            .filter_map(Result::ok)
+            .map(|(tid, wait)| crate::wire::event::BlockedWait::from_kernel(tid, &wait))
+            .filter(|w| w.since_ns >= self.scheduler_attached_ns)
+            .collect();
+        for wait in waits {
+            let Some(&start_ns) = tracked.get(&wait.pid) else {
+                continue;
+            };
+            self.seeded_waits.retain(|s| s.wait.tid != wait.tid);
+            let carried = seed::carried(&self.proc, wait, start_ns);
+            // The entry unchanged after /proc was read: no wakeup came between the kernel's
+            // record and that read (a wakeup removes the entry, a new wait restamps it), so the
+            // thread /proc showed is still in the wait the kernel timed.
+            let unchanged = self
+                .blocked
+                .get(&wait.tid, 0)
+                .is_ok_and(|now| now.since_ns == wait.since_ns);
+            if let Some(carried) = carried.filter(|_| unchanged) {
+                self.seeded_waits.push(carried);
+            }
+        }
+    }
+
+    /// (pid, start time) of every process the kernel tracks.
+    fn kernel_tracked(&self) -> Vec<(u32, u64)> {
+        self.tracked_map
+            .map()
+            .iter()
+            .filter_map(Result::ok)
+            .collect()
     }
 
     /// Attaches the write probe while a fork family holds a candidate for `shared_file_offset`

@@ -118,7 +118,8 @@ fn seeded(proc: &ProcFs, pid: u32, now_ns: u64) -> Option<Seeded> {
 }
 
 /// The threads of `pid` (started at `start_ns`) asleep in a futex wait now, from /proc. Used at
-/// start, and whenever the scheduler probes are attached (they see only waits that begin after).
+/// start, whenever the scheduler probes are attached (they see only waits that begin after), and
+/// at every blocked scan while they are detached (probe_switch.rs).
 pub fn waits(proc: &ProcFs, pid: u32, start_ns: u64, now_ns: u64) -> Vec<SeededWait> {
     if !proc.is_same_process(pid, start_ns) {
         return Vec::new();
@@ -146,6 +147,23 @@ pub fn waits(proc: &ProcFs, pid: u32, start_ns: u64, now_ns: u64) -> Vec<SeededW
             })
         })
         .collect()
+}
+
+/// A wait the scheduler probes recorded, to be re-verified from /proc from now on (they are
+/// being detached): kept only if /proc shows the thread in a futex wait on the same address,
+/// with the time the kernel recorded.
+pub fn carried(proc: &ProcFs, wait: BlockedWait, start_ns: u64) -> Option<SeededWait> {
+    let (pid, tid) = (wait.pid, wait.tid);
+    let line = proc.syscall_line(pid, tid)?;
+    if parse_futex_wait(&line)?.uaddr != wait.uaddr || !proc.is_same_process(pid, start_ns) {
+        return None;
+    }
+    Some(SeededWait {
+        wait,
+        switches: proc.context_switches(pid, tid)?,
+        line,
+        start_ns,
+    })
 }
 
 /// Whether the thread is still in the same wait and has not run since it was found.
@@ -291,5 +309,76 @@ pub(super) fn seed_families(
             members = seeded,
             "seeded from /proc: fork families whose parent and child (never exec'd) share a socket"
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{
+        sync::{Arc, Mutex, mpsc},
+        time::{Duration, Instant},
+    };
+
+    use super::*;
+
+    /// A thread of this process asleep on a lock another thread holds, as /proc shows it: the
+    /// wait is found, handed over from a kernel record only for the same address (keeping the
+    /// kernel's time), and still blocked until the lock is released.
+    #[test]
+    fn a_recorded_wait_is_carried_over_only_as_proc_shows_it() {
+        let proc = ProcFs::default();
+        let me = std::process::id();
+        let start_ns = proc.start_ns(me).expect("own start time");
+        let lock = Arc::new(Mutex::new(()));
+        let held = lock.lock().unwrap();
+        let (tid_tx, tid_rx) = mpsc::channel();
+        let waiter = {
+            let lock = Arc::clone(&lock);
+            std::thread::spawn(move || {
+                // SAFETY: gettid has no preconditions.
+                tid_tx.send(unsafe { libc::gettid() } as u32).unwrap();
+                drop(lock.lock());
+            })
+        };
+        let tid = tid_rx.recv().unwrap();
+        // Asleep in futex(2) once the lock's fast path has failed: bounded, not timed.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let found = loop {
+            let waits = waits(&proc, me, start_ns, 7);
+            if let Some(found) = waits.into_iter().find(|w| w.wait.tid == tid) {
+                break found;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the waiter never slept in futex(2)"
+            );
+            std::thread::sleep(Duration::from_millis(1));
+        };
+        assert_eq!((found.wait.pid, found.wait.since_ns), (me, 7));
+        assert!(found.wait.private, "{:?}", found.wait);
+
+        let recorded = BlockedWait {
+            since_ns: 3,
+            ..found.wait
+        };
+        let handed = carried(&proc, recorded, start_ns).expect("carried over");
+        assert_eq!(handed.wait.since_ns, 3, "the kernel's time is kept");
+        assert!(still_blocked(&proc, &handed));
+        let elsewhere = BlockedWait {
+            uaddr: recorded.uaddr + 8,
+            ..recorded
+        };
+        assert!(
+            carried(&proc, elsewhere, start_ns).is_none(),
+            "another address"
+        );
+        assert!(
+            carried(&proc, recorded, start_ns + 1_000_000_000).is_none(),
+            "another process with the same pid"
+        );
+
+        drop(held);
+        waiter.join().unwrap();
+        assert!(!still_blocked(&proc, &handed), "the lock was released");
     }
 }

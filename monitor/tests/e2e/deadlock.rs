@@ -113,21 +113,26 @@ fn c_child_locking_an_inherited_mutex_is_a_certain_deadlock() {
 /// task's own state (`sched_switch_task_state`). No such kernel is in the VM matrix with
 /// everything else it needs (5.15–5.17 are not packaged by Debian; 5.10 lacks bpf_task_pt_regs),
 /// so the daemon is told to use that program here. The wait must be seen by it: the scheduler
-/// probes are attached first (held by another tracked child), so the daemon's /proc read at
-/// attach cannot be what finds it.
+/// probes are attached first (held by another child, undecided for the whole test by a grace
+/// window longer than it), so the daemon's /proc read at attach cannot be what finds it.
 #[test]
 fn deadlock_found_by_the_switch_program_for_kernels_without_prev_state() {
     harness::root().run(|| {
         let daemon = Daemon::start_under(
             &["env", "FORKWATCH_TEST_OLDER_TRACEPOINTS=1"],
-            &["--deadlock-after", &format!("{DEADLOCK_AFTER_MS}ms")],
+            &[
+                "--deadlock-after",
+                &format!("{DEADLOCK_AFTER_MS}ms"),
+                "--exec-grace",
+                "1h",
+            ],
         );
         assert!(
             daemon.log().contains("older tracepoint prototypes"),
             "the daemon did not take the older programs: {}",
             daemon.log()
         );
-        // A tracked child that lives until the test ends keeps the scheduler probes attached.
+        // An undecided child that lives until the test ends keeps the scheduler probes attached.
         let _holder = spawn_forker("mt-fork-no-exec", &["3", "600000"]);
         daemon.wait_metric(
             "forkwatch_scheduler_probes_attached",

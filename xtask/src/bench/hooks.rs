@@ -6,8 +6,9 @@
 //! from its prog info), around runs of the same workload, each side alone on the hooks in
 //! alternating windows (see `measure`), so both carry the statistics' own cost alike. During the
 //! measurement a multithreaded process keeps a child that never execs (`workloads latency`'s
-//! lingering child), so the daemon has its scheduler probes attached, as on a server host with a
-//! long-lived worker; that family sleeps throughout. The
+//! lingering child), forked after the daemon started, which runs with a grace window longer than
+//! the measurement: the child stays undecided, so the scheduler probes stay attached, as in the
+//! moments after any multithreaded fork on a host; that family sleeps throughout. The
 //! workload is the loopback TCP ping-pong (two threads of a process that never forks): every
 //! send, receive, context switch and wakeup it causes is an uninvolved task's. Other processes
 //! on the host run through the same hooks in the same window; the daemon tracks none of them
@@ -212,6 +213,23 @@ struct Worker {
     stdin: Option<std::process::ChildStdin>,
 }
 
+/// A grace window no measurement outlasts: the worker's child stays undecided throughout.
+const UNDECIDED_GRACE: &str = "1h";
+
+impl Worker {
+    fn start(bench: &Bench) -> anyhow::Result<Worker> {
+        let (child, stdin, line) = super::processes::spawn_until_line(&bench.workloads, "latency")?;
+        let worker = Worker {
+            child,
+            stdin: Some(stdin),
+        };
+        if !line.starts_with("latency ") {
+            bail!("the lingering worker did not start: {line:?}");
+        }
+        Ok(worker)
+    }
+}
+
 impl Drop for Worker {
     fn drop(&mut self) {
         drop(self.stdin.take());
@@ -223,12 +241,14 @@ impl Drop for Worker {
 /// and after.
 type Readings<K> = (BTreeMap<K, (u64, u64)>, BTreeMap<K, (u64, u64)>);
 
-/// Forkwatch alone on its hooks for one run of the workload: a daemon started for it, which
-/// finds the lingering worker at start and attaches its scheduler probes for it.
+/// Forkwatch alone on its hooks for one run of the workload: a daemon started for it, then a
+/// lingering worker it sees forked and keeps undecided (UNDECIDED_GRACE), for which it attaches
+/// its scheduler probes.
 fn forkwatch_window(bench: &Bench, tracked: &mut Vec<f64>) -> anyhow::Result<Readings<String>> {
-    let daemon = Daemon::start(bench, false, "hooks")?;
+    let daemon = Daemon::start_with(bench, false, "hooks", &["--exec-grace", UNDECIDED_GRACE])?;
+    let _worker = Worker::start(bench)?;
     if !daemon.wait_gauge("forkwatch_scheduler_probes_attached", true)? {
-        bail!("the daemon did not attach its scheduler probes for a lingering worker");
+        bail!("the daemon did not attach its scheduler probes for an undecided child");
     }
     let before = daemon_stats(daemon.pid())?;
     bench.run_workload(&WORKLOADS[WORKLOAD])?;
@@ -265,16 +285,6 @@ fn floor_window(
 pub(super) fn measure(bench: &Bench) -> anyhow::Result<Value> {
     eprintln!("xtask: bench: per-call cost of the hooks every task pays, against empty programs");
     let object = build_floor()?;
-    // Started before any daemon, as a server's worker is before a daemon restarts: each daemon
-    // finds it at start.
-    let (child, stdin, line) = super::processes::spawn_until_line(&bench.workloads, "latency")?;
-    let worker = Worker {
-        child,
-        stdin: Some(stdin),
-    };
-    if !line.starts_with("latency ") {
-        bail!("the lingering worker did not start: {line:?}");
-    }
     // The statistics count while this fd is open (the daemon's programs and the floor's alike).
     let _stats: OwnedFd =
         aya::sys::enable_stats(aya::sys::Stats::RunTime).context("enabling BPF statistics")?;
@@ -307,7 +317,6 @@ pub(super) fn measure(bench: &Bench) -> anyhow::Result<Value> {
             samples.entry(i).or_default().push((fw, fl));
         }
     }
-    drop(worker);
 
     let mut rows = Vec::new();
     for (i, hook) in HOOKS.iter().enumerate() {
@@ -404,8 +413,8 @@ pub(super) fn table(report: &Value) -> String {
     let h = &report["hook_cost"];
     let mut out = format!(
         "\nPer-call cost of the hooks every task pays, for tasks forkwatch does not watch, against \
-         an empty program on the same hook (BPF run-time statistics; {} windows of `{}`, while a \
-         lingering child of a multithreaded fork keeps the scheduler probes attached; tracked \
+         an empty program on the same hook (BPF run-time statistics; {} windows of `{}`, while an \
+         undecided child of a multithreaded fork keeps the scheduler probes attached; tracked \
          processes per window: {}), ns:\n\n\
          | hook | forkwatch ns/call | floor ns/call | ratio | target | verdict |\n\
          | --- | --- | --- | --- | --- | --- |\n",

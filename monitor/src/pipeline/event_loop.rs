@@ -276,12 +276,7 @@ impl Pipeline {
         let mut waits: Vec<BlockedWait> = if self.correlator.tracked() == 0 || !attached {
             Vec::new()
         } else {
-            self.blocked
-                .iter()
-                .filter_map(Result::ok)
-                .map(|(tid, wait)| BlockedWait::from_kernel(tid, &wait))
-                .filter(|w| w.since_ns >= self.scheduler_attached_ns)
-                .collect()
+            self.kernel_waits()
         };
         // Seeded waits count for as long as the thread provably has not moved.
         let proc = &self.proc;
@@ -298,6 +293,17 @@ impl Pipeline {
         // scrapes the metrics finds it counted.
         self.update_gauges();
         self.decide(decisions);
+    }
+
+    /// The waits in the kernel's map recorded since the scheduler probes were last attached: an
+    /// older entry's wakeup may have come while they were detached.
+    pub(super) fn kernel_waits(&self) -> Vec<BlockedWait> {
+        self.blocked
+            .iter()
+            .filter_map(Result::ok)
+            .map(|(tid, wait)| BlockedWait::from_kernel(tid, &wait))
+            .filter(|w| w.since_ns >= self.scheduler_attached_ns)
+            .collect()
     }
 
     /// Writes an `events_lost` record into the findings stream when one is due (lost.rs).

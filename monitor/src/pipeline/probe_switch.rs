@@ -87,14 +87,7 @@ impl Pipeline {
     fn hand_over_kernel_waits(&mut self) {
         let tracked: std::collections::HashMap<u32, u64> =
             self.kernel_tracked().into_iter().collect();
-        let waits: Vec<crate::wire::event::BlockedWait> = self
-            .blocked
-            .iter()
-            .filter_map(Result::ok)
-            .map(|(tid, wait)| crate::wire::event::BlockedWait::from_kernel(tid, &wait))
-            .filter(|w| w.since_ns >= self.scheduler_attached_ns)
-            .collect();
-        for wait in waits {
+        for wait in self.kernel_waits() {
             let Some(&start_ns) = tracked.get(&wait.pid) else {
                 continue;
             };

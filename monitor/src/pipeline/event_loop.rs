@@ -46,14 +46,6 @@ pub struct PipelineConfig {
 /// attached. A deadlock is reported at most this long after `--deadlock-after`.
 const BLOCKED_SCAN_INTERVAL: Duration = Duration::from_millis(100);
 
-/// How often the blocked scan runs while the scheduler probes are detached, when it reads every
-/// tracked child's threads from /proc: two small files per thread (its syscall line, and its
-/// context switches for a thread in a futex wait), so a host with many long-lived workers with
-/// idle thread pools, each idle thread in a futex wait, pays for it this often, not every
-/// BLOCKED_SCAN_INTERVAL. A decided child's deadlock is reported within `--deadlock-after` plus
-/// twice this.
-const PROC_SCAN_INTERVAL: Duration = Duration::from_millis(500);
-
 pub type BlockedMap = BpfHashMap<MapData, u32, monitor_common::BlockedWait>;
 
 /// How often the ring buffer is drained when the kernel did not wake the daemon. The programs
@@ -67,12 +59,19 @@ enum Wake {
     Events,
     Deadline,
     Scan,
-    Families,
+    Housekeeping,
 }
 
-/// How often the fork families are checked for a child that went without exec, to attach or
-/// detach the write probe.
-const FAMILY_SCAN_INTERVAL: Duration = Duration::from_millis(500);
+/// The housekeeping tick: how often the fork families are checked for a child that went without
+/// exec (to attach or detach the write probe), the program statistics and lost events are read,
+/// and, while the scheduler probes are detached, the blocked scan runs, reading every tracked
+/// child's threads from /proc: two small files per thread (its syscall line, and its context
+/// switches for a thread in a futex wait), so a host with many long-lived workers with idle
+/// thread pools pays for it this often, not every BLOCKED_SCAN_INTERVAL. A decided child's
+/// deadlock is reported within `--deadlock-after` plus twice this. At rest (nothing undecided)
+/// this is the only timer that wakes the daemon: every wakeup takes a CPU from whatever runs on
+/// the host.
+const HOUSEKEEPING_INTERVAL: Duration = Duration::from_millis(500);
 
 pub struct Pipeline {
     pub(super) events: AsyncFd<RingBuf<MapData>>,
@@ -100,9 +99,6 @@ pub struct Pipeline {
     /// not trusted: its wakeup may have come while they were detached. Waits in progress at
     /// the attach are read from /proc instead (waits_from_proc).
     pub(super) scheduler_attached_ns: u64,
-    /// When the blocked scan last read /proc with the scheduler probes detached
-    /// (PROC_SCAN_INTERVAL).
-    pub(super) proc_scanned_at: Option<std::time::Instant>,
     pub(super) correlator: Correlator<ForkContext>,
     pub(super) proc: ProcFs,
     pub(super) enrich: EnrichOptions,
@@ -143,7 +139,6 @@ impl Pipeline {
             lost: LostReports::default(),
             scheduler_idle_since: None,
             scheduler_attached_ns: 0,
-            proc_scanned_at: None,
             correlator: Correlator::new(config.correlator),
             proc: ProcFs::default().keeping_full_cmdline(config.enrich.full_cmdline),
             enrich: config.enrich,
@@ -174,7 +169,7 @@ impl Pipeline {
             interval
         };
         let (mut drain, mut scan) = (every(DRAIN_INTERVAL), every(BLOCKED_SCAN_INTERVAL));
-        let mut families = every(FAMILY_SCAN_INTERVAL);
+        let mut housekeeping = every(HOUSEKEEPING_INTERVAL);
         let unwound = self.fork_stacks.notifier();
         // The last drain found records: more are likely in the ring.
         let mut records_flowing = false;
@@ -197,8 +192,10 @@ impl Pipeline {
                 _ = drain.tick(), if self.correlator.undecided() > 0 || records_flowing => {
                     Wake::Events
                 }
-                _ = scan.tick() => Wake::Scan,
-                _ = families.tick() => Wake::Families,
+                // The kernel's map is only worth scanning while the probes fill it; while they
+                // are detached the housekeeping tick reads /proc instead.
+                _ = scan.tick(), if self.probes.scheduler_probes_attached() => Wake::Scan,
+                _ = housekeeping.tick() => Wake::Housekeeping,
                 // A fork stack was unwound: the findings held for it can go.
                 () = unwound.notified() => Wake::Events,
             };
@@ -212,7 +209,10 @@ impl Pipeline {
             match woken {
                 Wake::Events | Wake::Deadline => {}
                 Wake::Scan => self.scan_blocked(),
-                Wake::Families => {
+                Wake::Housekeeping => {
+                    if !self.probes.scheduler_probes_attached() {
+                        self.scan_blocked();
+                    }
                     self.switch_write_probe();
                     self.fork_contexts.expire(clock::boot_ns());
                     self.fork_stacks.expire(clock::boot_ns());
@@ -260,18 +260,9 @@ impl Pipeline {
     /// (the empty scan still clears the deadlocked gauge of processes that went away).
     fn scan_blocked(&mut self) {
         let attached = self.probes.scheduler_probes_attached();
-        if !attached {
-            if self
-                .proc_scanned_at
-                .is_some_and(|at| at.elapsed() < PROC_SCAN_INTERVAL)
-            {
-                return;
-            }
-            self.proc_scanned_at = Some(std::time::Instant::now());
-            if self.correlator.tracked() > 0 {
-                // No probe sees a wait begin: /proc is read instead (probe_switch.rs).
-                self.waits_from_proc();
-            }
+        if !attached && self.correlator.tracked() > 0 {
+            // No probe sees a wait begin: /proc is read instead (probe_switch.rs).
+            self.waits_from_proc();
         }
         let mut waits: Vec<BlockedWait> = if self.correlator.tracked() == 0 || !attached {
             Vec::new()

@@ -174,7 +174,7 @@ impl ProcFs {
 
     /// The container, pod or systemd unit of `pid`, from /proc/pid/cgroup.
     pub fn attribution(&self, pid: u32) -> Option<Attribution> {
-        let contents = fs::read_to_string(self.path(pid, "cgroup")).ok()?;
+        let contents = read_small(&self.path(pid, "cgroup"))?;
         cgroup::path_from_proc(&contents).map(cgroup::attribute)
     }
 
@@ -199,13 +199,13 @@ impl ProcFs {
 
     /// /proc/pid/task/tid/syscall: what the thread is blocked in.
     pub fn syscall_line(&self, pid: u32, tid: u32) -> Option<String> {
-        fs::read_to_string(self.path(pid, &format!("task/{tid}/syscall"))).ok()
+        read_small(&self.path(pid, &format!("task/{tid}/syscall")))
     }
 
     /// Context switches of a thread so far (voluntary + involuntary): unchanged means it has not
     /// run in between.
     pub fn context_switches(&self, pid: u32, tid: u32) -> Option<u64> {
-        let status = fs::read_to_string(self.path(pid, &format!("task/{tid}/status"))).ok()?;
+        let status = read_small(&self.path(pid, &format!("task/{tid}/status")))?;
         let count = |key: &str| -> Option<u64> {
             status
                 .lines()
@@ -324,8 +324,7 @@ impl ProcFs {
                 let name = read_trimmed(&self.path(pid, &format!("task/{tid}/comm")))?;
                 let ns_tid = if nested {
                     // The innermost namespace's id is the last; a thread that is gone is left out.
-                    fs::read_to_string(self.path(pid, &format!("task/{tid}/status")))
-                        .ok()?
+                    read_small(&self.path(pid, &format!("task/{tid}/status")))?
                         .lines()
                         .find_map(|l| l.strip_prefix("NSpid:"))?
                         .split_whitespace()
@@ -356,7 +355,7 @@ impl ProcFs {
 
     /// The rest of a `Key:` line of /proc/pid/status.
     fn status_line(&self, pid: u32, key: &str) -> Option<String> {
-        let status = fs::read_to_string(self.path(pid, "status")).ok()?;
+        let status = read_small(&self.path(pid, "status"))?;
         status
             .lines()
             .find_map(|l| l.strip_prefix(key)?.strip_prefix(':'))
@@ -365,7 +364,7 @@ impl ProcFs {
 
     /// Start time of `pid` in clock ticks since boot (field 22 of /proc/pid/stat).
     pub fn start_ticks(&self, pid: u32) -> Option<u64> {
-        let stat = fs::read_to_string(self.path(pid, "stat")).ok()?;
+        let stat = read_small(&self.path(pid, "stat"))?;
         parse_stat_field(&stat, STAT_START_TIME)
     }
 
@@ -373,8 +372,7 @@ impl ProcFs {
     /// of /proc/pid/stat. Its /proc entry is still there, with its start time: only the state
     /// tells it from a live process.
     pub fn has_exited(&self, pid: u32) -> bool {
-        fs::read_to_string(self.path(pid, "stat"))
-            .ok()
+        read_small(&self.path(pid, "stat"))
             .and_then(|stat| stat_state(&stat))
             .is_some_and(|state| matches!(state, 'Z' | 'X'))
     }
@@ -382,7 +380,7 @@ impl ProcFs {
     /// Where the initial stack of `pid`'s program image starts (`startstack`, which the kernel
     /// shows to a reader allowed to ptrace it, else 0: then None).
     pub fn stack_start(&self, pid: u32) -> Option<u64> {
-        let stat = fs::read_to_string(self.path(pid, "stat")).ok()?;
+        let stat = read_small(&self.path(pid, "stat"))?;
         parse_stat_field(&stat, STAT_START_STACK).filter(|&at| at != 0)
     }
 
@@ -403,10 +401,9 @@ impl ProcFs {
     /// on and the process's personality lacks ADDR_NO_RANDOMIZE (`setarch -R`).
     fn randomizes_addresses(&self, pid: u32) -> bool {
         const ADDR_NO_RANDOMIZE: u64 = 0x0040000;
-        let host = fs::read_to_string(self.root.join("sys/kernel/randomize_va_space"))
-            .is_ok_and(|v| v.trim() != "0");
-        let personality = fs::read_to_string(self.path(pid, "personality"))
-            .ok()
+        let host = read_small(&self.root.join("sys/kernel/randomize_va_space"))
+            .is_some_and(|v| v.trim() != "0");
+        let personality = read_small(&self.path(pid, "personality"))
             .and_then(|p| u64::from_str_radix(p.trim(), 16).ok());
         host && personality.is_some_and(|p| p & ADDR_NO_RANDOMIZE == 0)
     }
@@ -492,6 +489,24 @@ fn parse_socket_link(target: &str) -> Option<u64> {
         .ok()
 }
 
+/// Room for a whole small /proc file (`stat`, `status`, `syscall`, `cgroup`) in one read.
+const PROC_FILE_BYTES: usize = 4096;
+
+/// A small /proc file, whole. One read into a page-sized buffer: /proc files report size 0, so
+/// `fs::read_to_string` stats the file and grows its buffer from 32 bytes (six reads for a
+/// `stat`), and the blocked scan reads a few such files per tracked thread every 500 ms.
+/// Lossy, never refused: the comm in `stat` and `status` is any bytes its process chose, and a
+/// name that is not UTF-8 must not hide the process's start time or its threads' waits (it
+/// would with `read_to_string`, which fails on the whole file).
+fn read_small(path: &Path) -> Option<String> {
+    let mut raw = Vec::with_capacity(PROC_FILE_BYTES);
+    fs::File::open(path).ok()?.read_to_end(&mut raw).ok()?;
+    Some(match String::from_utf8(raw) {
+        Ok(text) => text,
+        Err(err) => String::from_utf8_lossy(err.as_bytes()).into_owned(),
+    })
+}
+
 fn read_trimmed(path: &Path) -> Option<String> {
     let raw = fs::read(path).ok()?;
     let text = String::from_utf8_lossy(&raw);
@@ -558,6 +573,37 @@ mod tests {
         assert_eq!(stat_state("42 (x) Z 1 42"), Some('Z'));
         assert_eq!(stat_state("42 (x)"), None);
         assert_eq!(stat_state("no parenthesis"), None);
+    }
+
+    /// A process names itself (and its threads) with any bytes: one that is not UTF-8 must not
+    /// make its start time, its threads' waits or their context switches unreadable, or a
+    /// process could hide a deadlock from the blocked scan by its name.
+    #[test]
+    fn a_name_that_is_not_utf8_hides_nothing() {
+        let root = std::env::temp_dir().join(format!("forkwatch-procfs-{}", std::process::id()));
+        let task = root.join("42/task/43");
+        fs::create_dir_all(&task).unwrap();
+        let mut stat = b"42 (\xff\xfe) ".to_vec();
+        stat.extend_from_slice(b"S 1 42 42 0 -1 4194560 100 0 0 0 0 0 0 0 20 0 1 0 123456 1 2\n");
+        fs::write(root.join("42/stat"), stat).unwrap();
+        let mut status = b"Name:\t\xc3(\n".to_vec();
+        status.extend_from_slice(b"voluntary_ctxt_switches:\t7\nnonvoluntary_ctxt_switches:\t2\n");
+        fs::write(task.join("status"), status).unwrap();
+        fs::write(
+            task.join("syscall"),
+            "202 0x5000 0x80 0x2 0x0 0x0 0x0 0x7ffd 0x7f00\n",
+        )
+        .unwrap();
+        let proc = ProcFs::new(&root);
+        let (start, switches) = (proc.start_ticks(42), proc.context_switches(42, 43));
+        let line = proc.syscall_line(42, 43);
+        fs::remove_dir_all(&root).unwrap();
+        assert_eq!(start, Some(123_456));
+        assert_eq!(switches, Some(9));
+        assert_eq!(
+            parse_futex_wait(&line.unwrap()).map(|w| w.uaddr),
+            Some(0x5000)
+        );
     }
 
     #[test]

@@ -115,6 +115,35 @@ fn an_eh_frame_that_claims_hundreds_of_mib_is_not_read() {
     });
 }
 
+/// A process names itself with any bytes it likes. One whose name is not UTF-8 made its
+/// /proc `stat` unreadable to the daemon before 2026-12-04, which then took the child for gone
+/// and withdrew every finding about it: a multithreaded fork's child that deadlocks, renamed so,
+/// went unreported. (The same child found while the scheduler probes are detached:
+/// scheduler_probes.rs.)
+#[test]
+fn a_child_named_with_bytes_that_are_not_utf8_is_reported() {
+    harness::root().run(|| {
+        let daemon = Daemon::start(&["--deadlock-after", DEADLOCK_AFTER]);
+        let locker = spawn(
+            Command::new(compiled("locker"))
+                .args(["deadlock", "600000"])
+                .env("HOSTILE_NAME", "1"),
+        );
+        let child = locker.run.child();
+        let forked = daemon.expect_kind(child, "mt_fork_no_exec", TIMEOUT);
+        let deadlock = daemon.expect_kind(child, "inherited_lock_deadlock", TIMEOUT);
+        assert_eq!(
+            deadlock["futex_addr"],
+            locker.run.text("lock"),
+            "{deadlock}"
+        );
+        // Shown as the kernel has it, each byte that is not UTF-8 replaced.
+        for finding in [&forked, &deadlock] {
+            assert_eq!(finding["comm"], "\u{fffd}\u{fffd}-worker", "{finding}");
+        }
+    });
+}
+
 #[test]
 fn a_python_child_that_reran_python_is_not_a_deadlock_after_a_restart() {
     harness::root().run(|| {

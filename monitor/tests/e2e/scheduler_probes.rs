@@ -39,6 +39,17 @@ fn scheduler_probes_are_attached_only_while_a_child_is_undecided() {
 
 #[test]
 fn a_decided_child_that_deadlocks_later_is_found_without_the_scheduler_probes() {
+    decided_child_deadlocks_later(&[]);
+}
+
+/// Its /proc `stat` and `status` then hold bytes that are not UTF-8, which must not hide its
+/// threads' waits from the scan.
+#[test]
+fn a_decided_child_named_with_bytes_that_are_not_utf8_is_found_all_the_same() {
+    decided_child_deadlocks_later(&[("HOSTILE_NAME", "1")]);
+}
+
+fn decided_child_deadlocks_later(env: &'static [(&'static str, &'static str)]) {
     harness::root()
         .alone("the probes follow every tracked child on the host")
         .run(|| {
@@ -48,7 +59,8 @@ fn a_decided_child_that_deadlocks_later_is_found_without_the_scheduler_probes() 
             let mut fixture = spawn(
                 Command::new(compiled("locker"))
                     .args(["deadlock", "600000"])
-                    .env("LOCK_ON_STDIN", "1"),
+                    .env("LOCK_ON_STDIN", "1")
+                    .envs(env.iter().copied()),
             );
             let child = fixture.run.child();
             daemon.expect_kind(child, "mt_fork_no_exec", SWITCHED);

@@ -260,6 +260,10 @@ impl Pipeline {
     /// (the empty scan still clears the deadlocked gauge of processes that went away).
     fn scan_blocked(&mut self) {
         let attached = self.probes.scheduler_probes_attached();
+        // Seeded waits count for as long as the thread provably has not moved. First: a wait
+        // read from /proc below was read just now, and is not read twice in one scan.
+        let proc = &self.proc;
+        self.seeded_waits.retain(|w| seed::still_blocked(proc, w));
         if !attached && self.correlator.tracked() > 0 {
             // No probe sees a wait begin: /proc is read instead (probe_switch.rs).
             self.waits_from_proc();
@@ -269,9 +273,6 @@ impl Pipeline {
         } else {
             self.kernel_waits()
         };
-        // Seeded waits count for as long as the thread provably has not moved.
-        let proc = &self.proc;
-        self.seeded_waits.retain(|w| seed::still_blocked(proc, w));
         let seeded: Vec<BlockedWait> = self
             .seeded_waits
             .iter()

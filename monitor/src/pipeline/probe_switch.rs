@@ -65,19 +65,15 @@ impl Pipeline {
 
     /// The futex waits of every process the kernel tracks, from /proc, for the scan: at each
     /// attach of the scheduler probes, and at every scan while they are detached. A thread
-    /// already listed keeps its entry (and the time it was first seen).
+    /// already listed keeps its entry (and the time it was first seen), and is not read here:
+    /// the scan re-verifies it (`seed::still_blocked`).
     pub(super) fn waits_from_proc(&mut self) {
         let now = clock::boot_ns();
+        let listed: std::collections::HashSet<u32> =
+            self.seeded_waits.iter().map(|s| s.wait.tid).collect();
         for (pid, start_ns) in self.kernel_tracked() {
-            for wait in seed::waits(&self.proc, pid, start_ns, now) {
-                if !self
-                    .seeded_waits
-                    .iter()
-                    .any(|s| s.wait.tid == wait.wait.tid)
-                {
-                    self.seeded_waits.push(wait);
-                }
-            }
+            let found = seed::waits(&self.proc, pid, start_ns, now, |tid| listed.contains(&tid));
+            self.seeded_waits.extend(found);
         }
     }
 

@@ -83,7 +83,7 @@ fn seeded(proc: &ProcFs, pid: u32, now_ns: u64) -> Option<Seeded> {
     if start_ns < parent_start_ns {
         return None;
     }
-    let waits = waits(proc, pid, start_ns, now_ns);
+    let waits = waits(proc, pid, start_ns, now_ns, |_| false);
     let comm = proc.comm(pid).unwrap_or_default();
     let mut context = proc.fork_context(parent, 0, pid);
     // A seeded child may have changed since its fork: describe it as it is now.
@@ -120,12 +120,20 @@ fn seeded(proc: &ProcFs, pid: u32, now_ns: u64) -> Option<Seeded> {
 /// The threads of `pid` (started at `start_ns`) asleep in a futex wait now, from /proc. Used at
 /// start, whenever the scheduler probes are attached (they see only waits that begin after), and
 /// at every blocked scan while they are detached (probe_switch.rs).
-pub fn waits(proc: &ProcFs, pid: u32, start_ns: u64, now_ns: u64) -> Vec<SeededWait> {
+/// Threads for which `listed` is true are not read: the caller re-verifies those itself.
+pub fn waits(
+    proc: &ProcFs,
+    pid: u32,
+    start_ns: u64,
+    now_ns: u64,
+    listed: impl Fn(u32) -> bool,
+) -> Vec<SeededWait> {
     if !proc.is_same_process(pid, start_ns) {
         return Vec::new();
     }
     proc.tids(pid)
         .into_iter()
+        .filter(|&tid| !listed(tid))
         .filter_map(|tid| {
             let line = proc.syscall_line(pid, tid)?;
             let w = parse_futex_wait(&line)?;
@@ -344,7 +352,7 @@ mod tests {
         // Asleep in futex(2) once the lock's fast path has failed: bounded, not timed.
         let deadline = Instant::now() + Duration::from_secs(10);
         let found = loop {
-            let waits = waits(&proc, me, start_ns, 7);
+            let waits = waits(&proc, me, start_ns, 7, |_| false);
             if let Some(found) = waits.into_iter().find(|w| w.wait.tid == tid) {
                 break found;
             }

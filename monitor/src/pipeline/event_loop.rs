@@ -46,6 +46,14 @@ pub struct PipelineConfig {
 /// attached. A deadlock is reported at most this long after `--deadlock-after`.
 const BLOCKED_SCAN_INTERVAL: Duration = Duration::from_millis(100);
 
+/// The /proc part of the blocked scan (re-verifying the waits found there, and while the
+/// scheduler probes are detached reading every tracked thread) runs again only after this many
+/// times as long as it took: at most 0.5 % of a core, the daemon's idle budget. Its cost grows
+/// with the tracked processes' threads (measured: 50 lingering workers of 11 threads, 23 ms a
+/// scan); past a few hundred of them a decided child's deadlock is reported that much later
+/// (each wait counts only up to when /proc last proved it: `seed::SeededWait::proven`).
+const PROC_SCAN_SHARE: u32 = 200;
+
 pub type BlockedMap = BpfHashMap<MapData, u32, monitor_common::BlockedWait>;
 
 /// How often the ring buffer is drained when the kernel did not wake the daemon. The programs
@@ -99,6 +107,8 @@ pub struct Pipeline {
     /// not trusted: its wakeup may have come while they were detached. Waits in progress at
     /// the attach are read from /proc instead (waits_from_proc).
     pub(super) scheduler_attached_ns: u64,
+    /// When the /proc part of the blocked scan may run again (PROC_SCAN_SHARE).
+    pub(super) proc_scan_due: Option<std::time::Instant>,
     pub(super) correlator: Correlator<ForkContext>,
     pub(super) proc: ProcFs,
     pub(super) enrich: EnrichOptions,
@@ -139,6 +149,7 @@ impl Pipeline {
             lost: LostReports::default(),
             scheduler_idle_since: None,
             scheduler_attached_ns: 0,
+            proc_scan_due: None,
             correlator: Correlator::new(config.correlator),
             proc: ProcFs::default().keeping_full_cmdline(config.enrich.full_cmdline),
             enrich: config.enrich,
@@ -260,27 +271,37 @@ impl Pipeline {
     /// (the empty scan still clears the deadlocked gauge of processes that went away).
     fn scan_blocked(&mut self) {
         let attached = self.probes.scheduler_probes_attached();
-        // Seeded waits count for as long as the thread provably has not moved. First: a wait
-        // read from /proc below was read just now, and is not read twice in one scan.
-        let proc = &self.proc;
-        self.seeded_waits.retain(|w| seed::still_blocked(proc, w));
-        if !attached && self.correlator.tracked() > 0 {
-            // No probe sees a wait begin: /proc is read instead (probe_switch.rs).
-            self.waits_from_proc();
+        if self
+            .proc_scan_due
+            .is_none_or(|due| std::time::Instant::now() >= due)
+        {
+            let began = std::time::Instant::now();
+            // Seeded waits count for as long as the thread provably has not moved. First: a
+            // wait read from /proc below was read just now, and is not read twice in one scan.
+            let (proc, now) = (&self.proc, clock::boot_ns());
+            let mut alive = seed::Alive::new();
+            self.seeded_waits
+                .retain_mut(|w| seed::reverify(proc, w, now, &mut alive));
+            if !attached && self.correlator.tracked() > 0 {
+                // No probe sees a wait begin: /proc is read instead (probe_switch.rs).
+                self.waits_from_proc();
+            }
+            self.proc_scan_due = Some(began + began.elapsed() * PROC_SCAN_SHARE);
         }
         let mut waits: Vec<BlockedWait> = if self.correlator.tracked() == 0 || !attached {
             Vec::new()
         } else {
             self.kernel_waits()
         };
+        let now = clock::boot_ns();
         let seeded: Vec<BlockedWait> = self
             .seeded_waits
             .iter()
-            .map(|s| s.wait)
+            .map(|s| s.proven(now))
             .filter(|s| !waits.iter().any(|w| w.tid == s.tid))
             .collect();
         waits.extend(seeded);
-        let decisions = self.correlator.on_blocked(&waits, clock::boot_ns());
+        let decisions = self.correlator.on_blocked(&waits, now);
         // The gauges before the findings go out: whoever reads a deadlock finding and then
         // scrapes the metrics finds it counted.
         self.update_gauges();

@@ -88,7 +88,7 @@ impl Pipeline {
                 continue;
             };
             self.seeded_waits.retain(|s| s.wait.tid != wait.tid);
-            let carried = seed::carried(&self.proc, wait, start_ns);
+            let carried = seed::carried(&self.proc, wait, start_ns, clock::boot_ns());
             // The entry unchanged after /proc was read: no wakeup came between the kernel's
             // record and that read (a wakeup removes the entry, a new wait restamps it), so the
             // thread /proc showed is still in the wait the kernel timed.

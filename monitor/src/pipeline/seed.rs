@@ -49,6 +49,22 @@ pub struct SeededWait {
     switches: u64,
     /// The process's start time: a thread of another process with the same ids is not it.
     start_ns: u64,
+    /// When /proc last showed it unchanged (boot ns): the wait is proven up to then only.
+    verified_ns: u64,
+}
+
+impl SeededWait {
+    /// The wait as far as /proc has proven it: asleep from its start until it was last
+    /// verified. The scan re-reads /proc less often on a host with many waiting threads
+    /// (event_loop.rs, PROC_SCAN_SHARE), and the time in between, which nobody checked, must
+    /// not count towards a deadlock.
+    pub fn proven(&self, now_ns: u64) -> BlockedWait {
+        let unchecked = now_ns.saturating_sub(self.verified_ns);
+        BlockedWait {
+            since_ns: self.wait.since_ns.saturating_add(unchecked),
+            ..self.wait
+        }
+    }
 }
 
 /// Every live process that looks like a child of a multithreaded fork that never exec'd.
@@ -152,6 +168,7 @@ pub fn waits(
                 line,
                 switches: proc.context_switches(pid, tid)?,
                 start_ns,
+                verified_ns: now_ns,
             })
         })
         .collect()
@@ -160,7 +177,7 @@ pub fn waits(
 /// A wait the scheduler probes recorded, to be re-verified from /proc from now on (they are
 /// being detached): kept only if /proc shows the thread in a futex wait on the same address,
 /// with the time the kernel recorded.
-pub fn carried(proc: &ProcFs, wait: BlockedWait, start_ns: u64) -> Option<SeededWait> {
+pub fn carried(proc: &ProcFs, wait: BlockedWait, start_ns: u64, now_ns: u64) -> Option<SeededWait> {
     let (pid, tid) = (wait.pid, wait.tid);
     let line = proc.syscall_line(pid, tid)?;
     if parse_futex_wait(&line)?.uaddr != wait.uaddr || !proc.is_same_process(pid, start_ns) {
@@ -171,15 +188,27 @@ pub fn carried(proc: &ProcFs, wait: BlockedWait, start_ns: u64) -> Option<Seeded
         switches: proc.context_switches(pid, tid)?,
         line,
         start_ns,
+        verified_ns: now_ns,
     })
 }
 
-/// Whether the thread is still in the same wait and has not run since it was found.
-pub fn still_blocked(proc: &ProcFs, seeded: &SeededWait) -> bool {
-    let (pid, tid) = (seeded.wait.pid, seeded.wait.tid);
-    proc.syscall_line(pid, tid).as_deref() == Some(seeded.line.as_str())
+/// Processes known, within one scan, to be (or not to be) the ones that started at a given time:
+/// one read of a process's `stat` per scan, not one per waiting thread.
+pub type Alive = std::collections::HashMap<(u32, u64), bool>;
+
+/// Whether the thread is still in the same wait and has not run since it was found; if so, it
+/// is verified as of `now_ns`.
+pub fn reverify(proc: &ProcFs, seeded: &mut SeededWait, now_ns: u64, alive: &mut Alive) -> bool {
+    let (pid, tid, start_ns) = (seeded.wait.pid, seeded.wait.tid, seeded.start_ns);
+    let unchanged = proc.syscall_line(pid, tid).as_deref() == Some(seeded.line.as_str())
         && proc.context_switches(pid, tid) == Some(seeded.switches)
-        && proc.is_same_process(pid, seeded.start_ns)
+        && *alive
+            .entry((pid, start_ns))
+            .or_insert_with(|| proc.is_same_process(pid, start_ns));
+    if unchanged {
+        seeded.verified_ns = now_ns;
+    }
+    unchanged
 }
 
 /// A process to make a fork-family member again.
@@ -369,24 +398,31 @@ mod tests {
             since_ns: 3,
             ..found.wait
         };
-        let handed = carried(&proc, recorded, start_ns).expect("carried over");
+        let mut handed = carried(&proc, recorded, start_ns, 5).expect("carried over");
         assert_eq!(handed.wait.since_ns, 3, "the kernel's time is kept");
-        assert!(still_blocked(&proc, &handed));
+        // Proven up to its verification only: at 9, verified at 5, it has slept 2, not 6.
+        assert_eq!(handed.proven(9).since_ns, 7);
+        assert!(reverify(&proc, &mut handed, 9, &mut Alive::new()));
+        assert_eq!(handed.proven(9).since_ns, 3, "verified again at 9");
         let elsewhere = BlockedWait {
             uaddr: recorded.uaddr + 8,
             ..recorded
         };
         assert!(
-            carried(&proc, elsewhere, start_ns).is_none(),
+            carried(&proc, elsewhere, start_ns, 5).is_none(),
             "another address"
         );
         assert!(
-            carried(&proc, recorded, start_ns + 1_000_000_000).is_none(),
+            carried(&proc, recorded, start_ns + 1_000_000_000, 5).is_none(),
             "another process with the same pid"
         );
 
         drop(held);
         waiter.join().unwrap();
-        assert!(!still_blocked(&proc, &handed), "the lock was released");
+        assert!(
+            !reverify(&proc, &mut handed, 11, &mut Alive::new()),
+            "the lock was released"
+        );
+        assert_eq!(handed.proven(11).since_ns, 5, "not verified at 11");
     }
 }

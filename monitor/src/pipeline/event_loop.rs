@@ -48,11 +48,11 @@ const BLOCKED_SCAN_INTERVAL: Duration = Duration::from_millis(100);
 
 /// The /proc part of the blocked scan (re-verifying the waits found there, and while the
 /// scheduler probes are detached reading every tracked thread) runs again only after this many
-/// times as long as it took: at most 0.5 % of a core, the daemon's idle budget. Its cost grows
-/// with the tracked processes' threads (measured: 50 lingering workers of 11 threads, 23 ms a
-/// scan); past a few hundred of them a decided child's deadlock is reported that much later
-/// (each wait counts only up to when /proc last proved it: `seed::SeededWait::proven`).
-const PROC_SCAN_SHARE: u32 = 200;
+/// times as long as it took: at most 0.25 % of a core, half the daemon's idle budget. Its cost
+/// grows with the tracked processes' threads (measured: 50 lingering workers of 11 threads,
+/// ~23 ms a scan); past a few hundred of them a decided child's deadlock is reported that much
+/// later (each wait counts only up to when /proc last proved it: `seed::SeededWait::proven`).
+const PROC_SCAN_SHARE: u32 = 400;
 
 pub type BlockedMap = BpfHashMap<MapData, u32, monitor_common::BlockedWait>;
 

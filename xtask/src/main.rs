@@ -56,7 +56,7 @@ enum Command {
     Image,
     /// Install what building and the bench need (bpftrace, PostgreSQL), build the release
     /// daemon, and measure its overhead on seven workloads, on an idle host and on a server host
-    /// (PostgreSQL with open sessions, a lingering worker of a threaded master), against no
+    /// (PostgreSQL with open sessions, lingering workers of a threaded master), against no
     /// monitor and against bpftrace (target/bench/report.json and report.md).
     Bench {
         /// Tiny sizes and two repetitions: only checks that the bench runs and writes a report.

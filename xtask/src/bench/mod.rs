@@ -6,7 +6,7 @@
 //! after it (the order alternates), and the order of the hosts rotates from one repetition to
 //! the next, so the machine's drift does not favour one of them:
 //! - the idle host: (a) no monitor, (b) the release daemon with default settings, (c) bpftrace;
-//! - the server host (server.rs): PostgreSQL with open sessions and a lingering worker of a
+//! - the server host (server.rs): PostgreSQL with open sessions and lingering workers of a
 //!   threaded master, started before the daemon and running throughout: (a) and (b).
 //!
 //! Both hosts are judged alike: the median of the pairs' ratios of (b) to (a) against the

@@ -4,8 +4,9 @@
 //! - PostgreSQL (Debian's package: /usr/lib/postgresql/VERSION/bin) on a private port and socket
 //!   directory, with SESSIONS open `psql` sessions. Each session's backend, and each of the
 //!   server's own background processes, is a child the postmaster forked without exec.
-//! - A lingering worker of a multithreaded fork (`workloads worker`): a threaded master whose
-//!   worker lives on, un-exec'd, as a gunicorn, Puma or unicorn worker does.
+//! - Lingering workers of a multithreaded fork (`workloads worker`): a threaded master whose
+//!   four workers live on, un-exec'd, as gunicorn, Puma or unicorn workers do, each with a pool
+//!   of eight idle threads asleep in futex waits, which the daemon keeps reading from /proc.
 //!
 //! Cleanup on every exit path: `stop` ends everything within time limits, and so does `Drop` on
 //! an error. If the bench itself dies (Ctrl-C, SIGKILL, the time limit of `cargo xtask test`):
@@ -114,7 +115,7 @@ impl Drop for Cluster {
     }
 }
 
-/// The running server host: PostgreSQL with its sessions, and the lingering worker.
+/// The running server host: PostgreSQL with its sessions, and the lingering workers.
 pub(super) struct ServerHost {
     /// Ended first: sessions, then the worker, then the server.
     sessions: Vec<Session>,

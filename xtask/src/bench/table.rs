@@ -35,8 +35,9 @@ pub(super) fn table(report: &Value) -> String {
         ("idle", "Idle host"),
         (
             "server",
-            "Server host (PostgreSQL with open sessions and a lingering worker of a threaded \
-             master, started before the daemon, running in both conditions)",
+            "Server host (PostgreSQL with open sessions and four lingering workers of a threaded \
+             master, each with eight idle threads, started before the daemon, running in both \
+             conditions)",
         ),
     ] {
         out.push_str(&format!("\n{title}:\n\n"));

@@ -6,10 +6,12 @@
  *                          the sustained fork storm: FORKERS multithreaded processes fork children
  *                          that exit at once, for SECONDS; the bench runs it from a statically
  *                          linked copy (fewer mappings to copy per fork: ~40 % more forks a second)
- *   workloads worker       the lingering worker of the server-host condition: a threaded master
- *                          (3 threads besides the main one) forks a worker that neither execs nor
- *                          exits, as a gunicorn, Puma or unicorn master does; both stay until this
- *                          process's stdin closes
+ *   workloads worker       the lingering workers of the server-host condition: a threaded master
+ *                          (3 threads besides the main one) forks WORKERS workers that neither
+ *                          exec nor exit, as a gunicorn, Puma or unicorn master does, each with a
+ *                          pool of POOL_THREADS idle threads asleep on a condition variable (a
+ *                          futex wait), as a threaded worker's are; all stay until this process's
+ *                          stdin closes
  *   workloads latency      a multithreaded fork whose child never execs and one whose child exits
  *                          without exec, with the wall-clock times to measure finding latency
  *
@@ -335,36 +337,60 @@ static void thread_storm(long n) {
     report(start, (uint64_t)n);
 }
 
-/* Forks a child that neither execs nor exits; it dies with this process. */
-static pid_t fork_lingering_child(void) {
+/* The server host's workers and their idle threads (see the top of this file). */
+#define WORKERS 4
+#define POOL_THREADS 8
+
+static pthread_mutex_t pool_lock = PTHREAD_MUTEX_INITIALIZER;
+static pthread_cond_t pool_work = PTHREAD_COND_INITIALIZER;
+
+/* An idle thread of a worker's pool: waits for work that never comes. */
+static void *pool_thread(void *arg) {
+    (void)arg;
+    pthread_mutex_lock(&pool_lock);
+    for (;;) pthread_cond_wait(&pool_work, &pool_lock);
+    return NULL;
+}
+
+/* Forks a child that neither execs nor exits, with `pool` idle threads of its own; it dies with
+ * this process. */
+static pid_t fork_lingering_child_with(int pool) {
     pid_t parent = getpid();
     pid_t child = fork();
     if (child < 0) die("fork");
     if (child == 0) {
         prctl(PR_SET_PDEATHSIG, SIGKILL);
         if (getppid() != parent) _exit(0);
+        for (int i = 0; i < pool; i++) {
+            pthread_t t;
+            if (pthread_create(&t, NULL, pool_thread, NULL)) die("pthread_create");
+        }
         for (;;) pause();
     }
     return child;
 }
 
-/* Waits until stdin closes (the bench is done with us), then ends `child`. */
-static void end_with_stdin(pid_t child) {
+static pid_t fork_lingering_child(void) { return fork_lingering_child_with(0); }
+
+/* Waits until stdin closes (the bench is done with us), then ends the `count` children. */
+static void end_with_stdin(const pid_t *children, int count) {
     char buf[64];
     while (read(0, buf, sizeof buf) > 0) {
     }
-    kill(child, SIGKILL);
-    waitpid(child, NULL, 0);
+    for (int i = 0; i < count; i++) kill(children[i], SIGKILL);
+    for (int i = 0; i < count; i++) waitpid(children[i], NULL, 0);
 }
 
-/* A threaded master and its worker, forked without exec: the worker lives until the master
- * goes (a long-lived fork family whose parent is multithreaded). */
+/* A threaded master and its workers, forked without exec: they live until the master goes
+ * (long-lived fork family members whose parent is multithreaded). */
 static void worker(void) {
     start_idle_threads(3);
-    pid_t child = fork_lingering_child();
-    printf("worker child=%d\n", (int)child);
+    pid_t children[WORKERS];
+    for (int i = 0; i < WORKERS; i++) children[i] = fork_lingering_child_with(POOL_THREADS);
+    printf("worker child=%d workers=%d threads=%d\n", (int)children[0], WORKERS,
+           POOL_THREADS);
     fflush(stdout);
-    end_with_stdin(child);
+    end_with_stdin(children, WORKERS);
 }
 
 static uint64_t realtime_ns(void) {
@@ -392,7 +418,7 @@ static void latency(void) {
     printf("latency deadline_child=%d fork_ns=%llu exit_child=%d exit_ns=%llu\n", (int)waiting,
            (unsigned long long)fork_ns, (int)exiting, (unsigned long long)exit_ns);
     fflush(stdout);
-    end_with_stdin(waiting);
+    end_with_stdin(&waiting, 1);
 }
 
 int main(int argc, char **argv) {

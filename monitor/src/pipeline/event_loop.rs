@@ -75,8 +75,9 @@ enum Wake {
 /// and, while the scheduler probes are detached, the blocked scan runs, reading every tracked
 /// child's threads from /proc: two small files per thread (its syscall line, and its context
 /// switches for a thread in a futex wait), so a host with many long-lived workers with idle
-/// thread pools pays for it this often, not every BLOCKED_SCAN_INTERVAL. A decided child's
-/// deadlock is reported within `--deadlock-after` plus twice this. At rest (nothing undecided)
+/// thread pools pays for it at most this often, not every BLOCKED_SCAN_INTERVAL (and less often
+/// when PROC_SCAN_SHARE says so). A decided child's deadlock is reported within
+/// `--deadlock-after` plus twice the time between two such scans. At rest (nothing undecided)
 /// this is the only timer that wakes the daemon: every wakeup takes a CPU from whatever runs on
 /// the host.
 const HOUSEKEEPING_INTERVAL: Duration = Duration::from_millis(500);
@@ -266,9 +267,11 @@ impl Pipeline {
     }
 
     /// Feeds the correlator every tracked thread now asleep in a futex wait: from the kernel's
-    /// map while the scheduler probes are attached, from /proc while they are not. Only tracked
-    /// processes' threads are ever in the map, so with nothing tracked there is nothing to read
-    /// (the empty scan still clears the deadlocked gauge of processes that went away).
+    /// map while the scheduler probes are attached, from /proc while they are not, and the waits
+    /// found in /proc before (at start, at an attach, while detached) for as long as /proc shows
+    /// them unchanged, each as far as it was last proven. Only tracked processes' threads are
+    /// ever in the map, so with nothing tracked there is nothing to read (the empty scan still
+    /// clears the deadlocked gauge of processes that went away).
     fn scan_blocked(&mut self) {
         let attached = self.probes.scheduler_probes_attached();
         if self

@@ -66,7 +66,7 @@ impl Pipeline {
     /// The futex waits of every process the kernel tracks, from /proc, for the scan: at each
     /// attach of the scheduler probes, and at every scan while they are detached. A thread
     /// already listed keeps its entry (and the time it was first seen), and is not read here:
-    /// the scan re-verifies it (`seed::still_blocked`).
+    /// the scan re-verifies it (`seed::reverify`).
     pub(super) fn waits_from_proc(&mut self) {
         let now = clock::boot_ns();
         let listed: std::collections::HashSet<u32> =

@@ -507,9 +507,9 @@ fn read_small(path: &Path) -> Option<String> {
     })
 }
 
+/// `read_small`, without the trailing newline (`comm`).
 fn read_trimmed(path: &Path) -> Option<String> {
-    let raw = fs::read(path).ok()?;
-    let text = String::from_utf8_lossy(&raw);
+    let text = read_small(path)?;
     Some(text.trim_end_matches('\n').to_owned())
 }
 

@@ -354,7 +354,7 @@ static void *pool_thread(void *arg) {
 
 /* Forks a child that neither execs nor exits, with `pool` idle threads of its own; it dies with
  * this process. */
-static pid_t fork_lingering_child_with(int pool) {
+static pid_t fork_lingering_child(int pool) {
     pid_t parent = getpid();
     pid_t child = fork();
     if (child < 0) die("fork");
@@ -370,8 +370,6 @@ static pid_t fork_lingering_child_with(int pool) {
     return child;
 }
 
-static pid_t fork_lingering_child(void) { return fork_lingering_child_with(0); }
-
 /* Waits until stdin closes (the bench is done with us), then ends the `count` children. */
 static void end_with_stdin(const pid_t *children, int count) {
     char buf[64];
@@ -386,7 +384,7 @@ static void end_with_stdin(const pid_t *children, int count) {
 static void worker(void) {
     start_idle_threads(3);
     pid_t children[WORKERS];
-    for (int i = 0; i < WORKERS; i++) children[i] = fork_lingering_child_with(POOL_THREADS);
+    for (int i = 0; i < WORKERS; i++) children[i] = fork_lingering_child(POOL_THREADS);
     printf("worker child=%d workers=%d threads=%d\n", (int)children[0], WORKERS,
            POOL_THREADS);
     fflush(stdout);
@@ -406,7 +404,7 @@ static uint64_t realtime_ns(void) {
 static void latency(void) {
     start_idle_threads(1);
     uint64_t fork_ns = realtime_ns();
-    pid_t waiting = fork_lingering_child();
+    pid_t waiting = fork_lingering_child(0);
     pid_t exiting = fork();
     if (exiting < 0) die("fork");
     if (exiting == 0) {

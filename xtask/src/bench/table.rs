@@ -80,7 +80,10 @@ fn intro(report: &Value) -> String {
          noise\". Only samples during which another forkwatch or bpftrace ran \
          on the host are left out of the statistics; none is left out for forkwatch's own probe \
          state, which is shown per host: in how many samples the write probe and the scheduler \
-         probes were attached throughout, and in how many they switched.\n"
+         probes were attached throughout, and in how many they switched. The ping-pong \
+         workloads (TCP, pipe, threads) run with all their parties on one CPU, in every \
+         condition: left to the scheduler, this VM's cross-CPU wakeups cost more than the work \
+         and chose each run's speed (workloads.c).\n"
     )
 }
 

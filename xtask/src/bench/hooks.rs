@@ -118,12 +118,13 @@ struct Floor {
 }
 
 impl Floor {
-    fn attach(object: &Path) -> anyhow::Result<Floor> {
+    /// The floor programs of `hooks`.
+    fn attach(object: &Path, hooks: &[Hook]) -> anyhow::Result<Floor> {
         let mut ebpf = Ebpf::load_file(object)
             .with_context(|| format!("cannot load the floor object {}", object.display()))?;
         let btf = Btf::from_sys_fs().context("the kernel's BTF (/sys/kernel/btf/vmlinux)")?;
         let mut refused = BTreeMap::new();
-        for hook in &HOOKS {
+        for hook in hooks {
             let program = ebpf
                 .program_mut(hook.floor)
                 .with_context(|| format!("no program {} in {}", hook.floor, object.display()))?;
@@ -267,11 +268,55 @@ fn floor_window(
     bench: &Bench,
     object: &Path,
 ) -> anyhow::Result<(Readings<&'static str>, BTreeMap<&'static str, String>)> {
-    let floor = Floor::attach(object)?;
+    let floor = Floor::attach(object, &HOOKS)?;
     let before = floor.stats();
     bench.run_workload(&WORKLOADS[WORKLOAD])?;
     let after = floor.stats();
     Ok(((before, after), floor.refused))
+}
+
+/// The socket hooks forkwatch keeps attached on every host, as `HOOKS` lists them: the
+/// tracepoints, or where the kernel lacks them the fentry fallback.
+const SOCKET_TRACEPOINT_HOOKS: std::ops::Range<usize> = 2..4;
+const SOCKET_FENTRY_HOOKS: std::ops::Range<usize> = 4..6;
+
+/// What the kernel charges the workload for any program on the socket hooks: the workload
+/// timed with nothing attached and with the floor's empty programs on the socket hooks forkwatch
+/// keeps attached on every host (the scheduler hooks attach only while something is tracked), in
+/// alternating pairs, before the BPF statistics are enabled (they add a cost of their own).
+/// Report only: on this workload no program on those hooks costs less than this ratio.
+fn socket_floor_on_workload(bench: &Bench, object: &Path, pairs: usize) -> anyhow::Result<Value> {
+    let workload = &WORKLOADS[WORKLOAD];
+    let timed_with_floor = || -> anyhow::Result<f64> {
+        let mut floor = Floor::attach(object, &HOOKS[SOCKET_TRACEPOINT_HOOKS])?;
+        if !floor.refused.is_empty() {
+            floor = Floor::attach(object, &HOOKS[SOCKET_FENTRY_HOOKS])?;
+        }
+        if !floor.refused.is_empty() {
+            bail!(
+                "no empty program attaches to the socket hooks: {:?}",
+                floor.refused
+            );
+        }
+        Ok(bench.run_workload(workload)?.0)
+    };
+    let (mut bare, mut with_floor) = (Vec::new(), Vec::new());
+    for pair in 0..pairs {
+        if pair % 2 == 0 {
+            bare.push(bench.run_workload(workload)?.0);
+            with_floor.push(timed_with_floor()?);
+        } else {
+            with_floor.push(timed_with_floor()?);
+            bare.push(bench.run_workload(workload)?.0);
+        }
+    }
+    let ratios: Vec<f64> = bare.iter().zip(&with_floor).map(|(b, f)| f / b).collect();
+    Ok(json!({
+        "nothing_s": bare,
+        "floor_s": with_floor,
+        "ratio_by_pair": ratios,
+        "ratio_median": finite(median(&ratios)),
+    }))
 }
 
 /// Measures every hook; the `hook_cost` entry of report.json.
@@ -285,14 +330,15 @@ fn floor_window(
 pub(super) fn measure(bench: &Bench) -> anyhow::Result<Value> {
     eprintln!("xtask: bench: per-call cost of the hooks every task pays, against empty programs");
     let object = build_floor()?;
-    // The statistics count while this fd is open (the daemon's programs and the floor's alike).
-    let _stats: OwnedFd =
-        aya::sys::enable_stats(aya::sys::Stats::RunTime).context("enabling BPF statistics")?;
     let windows = if bench.smoke {
         WINDOWS_SMOKE
     } else {
         WINDOWS_FULL
     };
+    let socket_floor = socket_floor_on_workload(bench, &object, windows)?;
+    // The statistics count while this fd is open (the daemon's programs and the floor's alike).
+    let _stats: OwnedFd =
+        aya::sys::enable_stats(aya::sys::Stats::RunTime).context("enabling BPF statistics")?;
     let workload = &WORKLOADS[WORKLOAD];
     // hook → per window: (forkwatch calls, ns/call), (floor calls, ns/call)
     let mut samples: BTreeMap<usize, Vec<Window>> = BTreeMap::new();
@@ -364,6 +410,7 @@ pub(super) fn measure(bench: &Bench) -> anyhow::Result<Value> {
         "windows": windows,
         "tracked_processes_by_window": tracked,
         "hooks": rows,
+        "socket_floor_on_workload": socket_floor,
     }))
 }
 
@@ -446,24 +493,47 @@ pub(super) fn table(report: &Value) -> String {
         ));
     }
     out.push_str("\n(ns/call cells: median [min–max over the windows]; ratio of the medians)\n");
+    let f = &h["socket_floor_on_workload"];
+    let ratios = numbers(&f["ratio_by_pair"]);
+    if !ratios.is_empty() {
+        let (lo, hi) = range(&ratios);
+        out.push_str(&format!(
+            "\nThe floor on the workload itself (report only): `{}` with empty programs on the socket \
+             hooks forkwatch keeps attached on every host, against nothing attached, {} \
+             alternating pairs without BPF statistics: median ratio {:.3} ({lo:.3}–{hi:.3}), the \
+             least any program there adds to this workload on this kernel.\n",
+            h["workload"].as_str().unwrap_or(""),
+            ratios.len(),
+            num(&f["ratio_median"]),
+        ));
+    }
     out
 }
 
 /// "median [min–max]" of a list of ns/call.
 fn spread(values: &Value, median: &Value) -> String {
-    let list: Vec<f64> = values
+    let list = numbers(values);
+    if list.is_empty() {
+        return "-".to_owned();
+    }
+    let (lo, hi) = range(&list);
+    format!("{:.1} [{lo:.1}–{hi:.1}]", num(median))
+}
+
+/// The numbers of a JSON list.
+fn numbers(values: &Value) -> Vec<f64> {
+    values
         .as_array()
         .into_iter()
         .flatten()
         .filter_map(Value::as_f64)
-        .collect();
-    if list.is_empty() {
-        return "-".to_owned();
-    }
-    let (lo, hi) = list
-        .iter()
+        .collect()
+}
+
+/// (min, max) of a list.
+fn range(list: &[f64]) -> (f64, f64) {
+    list.iter()
         .fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), &x| {
             (lo.min(x), hi.max(x))
-        });
-    format!("{:.1} [{lo:.1}–{hi:.1}]", num(median))
+        })
 }

@@ -247,6 +247,8 @@ struct Results {
     hook_cost: Option<Value>,
     latency: Option<Value>,
     sustained: Option<Value>,
+    /// bpftrace passes whose bpftrace hung on SIGINT and was killed (processes.rs).
+    bpftrace_killed: u32,
 }
 
 /// The bench with its default repetitions (what `cargo xtask test` runs, with `smoke`).

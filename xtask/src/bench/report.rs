@@ -196,6 +196,7 @@ pub(super) fn report(
         "bpf_stats": bpf_stats,
         "bpf_in_kernel_totals": in_kernel,
         "hook_cost": results.hook_cost,
+        "bpftrace_killed": results.bpftrace_killed,
         "targets": targets,
     })
 }

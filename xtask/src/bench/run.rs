@@ -181,7 +181,10 @@ impl Bench {
                 .or_default()
                 .push(sample);
         }
-        tracer.stop()
+        if tracer.stop()? {
+            results.bpftrace_killed += 1;
+        }
+        Ok(())
     }
 
     /// The in-kernel cost per program call, with a daemon of its own: the statistics cost a

@@ -256,6 +256,13 @@ fn daemon_paragraphs(report: &Value) -> String {
         num(&d["peak_rss_kib"]) / 1024.0,
         by_session.join(", "),
     );
+    let killed = num(&report["bpftrace_killed"]);
+    if killed > 0.0 {
+        out.push_str(&format!(
+            " bpftrace hung on SIGINT after {killed} of its passes and was killed (after the \
+             pass's samples)."
+        ));
+    }
     // A run of one workload (`--workload`) measures none of what follows.
     let l = &report["finding_latency"];
     if l.is_null() {

@@ -7,7 +7,7 @@
 
 use std::{
     fs,
-    io::Read as _,
+    io::{self, Read as _},
     path::{Path, PathBuf},
 };
 
@@ -82,6 +82,11 @@ const CMDLINE_READ_BYTES: u64 = 64 * 1024;
 /// its maps, which can run to megabytes. A process whose runtime library is mapped beyond that
 /// is told by its executable's name alone, or not at all (then its hint is the generic one).
 const MAPS_READ_BYTES: u64 = 256 * 1024;
+/// How much of /proc/PID/maps an unwinder reads (`read_maps`): every module a stack can run
+/// through. The process owns its mappings: up to vm.max_map_count (65,530), each line naming a
+/// file by a path of up to 4 KiB, some 256 MiB of text a local user could make the daemon read
+/// and parse. A module mapped beyond this many bytes' worth of lines goes unnamed in its stacks.
+pub const UNWIND_MAPS_READ_BYTES: u64 = 4 << 20;
 /// The longest argv0 a finding shows, in bytes.
 pub const ARGV0_MAX_BYTES: usize = 128;
 
@@ -501,10 +506,26 @@ const PROC_FILE_BYTES: usize = 4096;
 fn read_small(path: &Path) -> Option<String> {
     let mut raw = Vec::with_capacity(PROC_FILE_BYTES);
     fs::File::open(path).ok()?.read_to_end(&mut raw).ok()?;
-    Some(match String::from_utf8(raw) {
+    Some(lossy(raw))
+}
+
+/// Text of bytes that are UTF-8 but for what a process chose (a name, a mapped file's path):
+/// invalid bytes become U+FFFD, without a copy when there is none.
+fn lossy(bytes: Vec<u8>) -> String {
+    match String::from_utf8(bytes) {
         Ok(text) => text,
         Err(err) => String::from_utf8_lossy(err.as_bytes()).into_owned(),
-    })
+    }
+}
+
+/// A /proc/<pid>/maps file as text for an unwinder, at most UNWIND_MAPS_READ_BYTES of it
+/// (lossy: mapped file names need not be UTF-8).
+pub fn read_maps(path: &Path) -> io::Result<String> {
+    let mut bytes = Vec::new();
+    fs::File::open(path)?
+        .take(UNWIND_MAPS_READ_BYTES)
+        .read_to_end(&mut bytes)?;
+    Ok(lossy(bytes))
 }
 
 /// `read_small`, without the trailing newline (`comm`).
@@ -604,6 +625,22 @@ mod tests {
             parse_futex_wait(&line.unwrap()).map(|w| w.uaddr),
             Some(0x5000)
         );
+    }
+
+    #[test]
+    fn a_maps_file_is_read_to_its_cap_and_its_paths_lossily() {
+        let path = std::env::temp_dir().join(format!("forkwatch-maps-{}", std::process::id()));
+        let line = b"7f00-7f01 r-xp 00000000 08:01 42 /tmp/\xff.so\n";
+        let lines = UNWIND_MAPS_READ_BYTES as usize / line.len() + 2;
+        fs::write(&path, line.repeat(lines)).unwrap();
+        let text = read_maps(&path);
+        fs::remove_file(&path).unwrap();
+        let text = text.unwrap();
+        // Capped in bytes read; each invalid byte became U+FFFD (three bytes for one).
+        let first = text.lines().next().unwrap();
+        assert_eq!(first, "7f00-7f01 r-xp 00000000 08:01 42 /tmp/\u{fffd}.so");
+        let read = text.len() - 2 * text.matches('\u{fffd}').count();
+        assert_eq!(read as u64, UNWIND_MAPS_READ_BYTES);
     }
 
     #[test]

@@ -13,7 +13,6 @@
 
 use std::{
     collections::{HashMap, VecDeque},
-    io::Read as _,
     sync::{
         Arc,
         mpsc::{Receiver, SyncSender, TrySendError},
@@ -26,7 +25,7 @@ use monitor_common::FORK_STACK_EVERY_NS;
 use crate::{
     enrich::{
         fork_stack::{self, Captured, ForkStackRef, Slot, Unwound, reason},
-        procfs::ProcFs,
+        procfs::{self, ProcFs},
         stack,
     },
     report::finding::Finding,
@@ -39,9 +38,6 @@ const MAX_FRAMES: usize = 32;
 const QUEUE: usize = 16;
 /// How long a finding is held back for its fork's stack.
 const HOLD_BUDGET: Duration = stack::UNWIND_BUDGET;
-/// Most bytes of /proc/<pid>/maps read for the unwinder: the process owns its mappings, and a
-/// module mapped beyond this many lines' worth ends the walk.
-const MAPS_READ_BYTES: u64 = 4 << 20;
 /// A key's unwound stack is kept this long after its copy last arrived: the kernel sends a copy
 /// at most every FORK_STACK_EVERY_NS per key, and a fork refers to the latest.
 const KEEP_NS: u64 = 3 * FORK_STACK_EVERY_NS;
@@ -201,13 +197,9 @@ fn with_stack(mut finding: Finding, outcome: Unwound) -> Finding {
     finding
 }
 
-/// /proc/<pid>/maps as text (lossy: mapped file names need not be UTF-8), at most
-/// MAPS_READ_BYTES of it.
+/// /proc/<pid>/maps as `procfs::read_maps` reads it.
 fn read_maps(proc: &ProcFs, pid: u32) -> Option<String> {
-    let file = std::fs::File::open(proc.root().join(pid.to_string()).join("maps")).ok()?;
-    let mut bytes = Vec::new();
-    file.take(MAPS_READ_BYTES).read_to_end(&mut bytes).ok()?;
-    Some(String::from_utf8_lossy(&bytes).into_owned())
+    procfs::read_maps(&proc.root().join(pid.to_string()).join("maps")).ok()
 }
 
 /// Starts the unwinder thread; a queue whose thread could not be started is disconnected.

@@ -115,6 +115,51 @@ fn an_eh_frame_that_claims_hundreds_of_mib_is_not_read() {
     });
 }
 
+/// A process's /proc maps is its own to make long: 50,000 mappings of a file whose path is some
+/// 3.7 KiB long make 190 MB of it, which the daemon read whole (and copied) to unwind the
+/// child's blocked thread before 2026-12-04: its peak RSS went from 24 to 389 MiB. Now it reads
+/// the first UNWIND_MAPS_READ_BYTES (4 MiB), and the deadlock is reported all the same.
+#[test]
+fn a_child_with_190_mb_of_maps_does_not_blow_up_the_daemon() {
+    harness::root().alone(TRAP).run(|| {
+        let dir = Scratch::new("maps");
+        let file = file_with_a_long_path(&dir.path);
+        let daemon = Daemon::start(&["--deadlock-after", DEADLOCK_AFTER]);
+        let locker = spawn(
+            Command::new(compiled("locker"))
+                .args(["deadlock", "600000"])
+                .env("HOSTILE_MAPS", &file),
+        );
+        daemon.expect_kind(locker.run.child(), "inherited_lock_deadlock", TIMEOUT);
+        // The finding goes out when the stack is read or its 3 s budget is spent: a later
+        // fork's finding, a grace window on, comes after a read that outlived the budget.
+        let later = spawn_forker("mt-fork-no-exec", &["2", "600000"]);
+        let within = TIMEOUT + Duration::from_millis(daemon.grace_ms());
+        daemon.expect_kind(later.run.child(), "mt_fork_no_exec", within);
+        let hwm = vm_hwm(daemon.pid());
+        assert!(
+            hwm < MAX_HWM,
+            "the daemon's peak RSS is {} MiB after unwinding a child with 190 MB of maps",
+            hwm >> 20
+        );
+        go_on_working([daemon]);
+    });
+}
+
+/// A one-page file under `dir` whose path is some 3.7 KiB long (under PATH_MAX, 4096).
+fn file_with_a_long_path(dir: &Path) -> PathBuf {
+    let mut path = dir.to_path_buf();
+    let mut level = 0;
+    while path.as_os_str().len() < 3_500 {
+        path.push(format!("{level:02}{}", "x".repeat(200)));
+        level += 1;
+    }
+    fs::create_dir_all(&path).expect("create the long path");
+    path.push("page");
+    fs::write(&path, [0u8; 4096]).expect("write the page");
+    path
+}
+
 /// A process names itself with any bytes it likes. One whose name is not UTF-8 made its
 /// /proc `stat` unreadable to the daemon before 2026-12-04, which then took the child for gone
 /// and withdrew every finding about it: a multithreaded fork's child that deadlocks, renamed so,

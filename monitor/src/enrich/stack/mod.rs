@@ -388,7 +388,10 @@ mod imp {
             SyscallLine::NotBlocked => StackError::NotBlocked { tid, path, line },
             SyscallLine::Malformed => StackError::MalformedSyscall { path, line },
         })?;
-        let maps = parse_maps(&read_proc(format!("/proc/{pid}/maps"))?);
+        let path = format!("/proc/{pid}/maps");
+        let maps = crate::enrich::procfs::read_maps(Path::new(&path))
+            .map_err(|source| StackError::Proc { path, source })?;
+        let maps = parse_maps(&maps);
         let mem = open_proc(format!("/proc/{pid}/mem"))?;
         let (unwinder, modules) = unwinder_for(pid, &maps);
         let read_stack = |addr: u64| {

@@ -118,13 +118,13 @@ struct Floor {
 }
 
 impl Floor {
-    /// The floor programs of `hooks`.
-    fn attach(object: &Path, hooks: &[Hook]) -> anyhow::Result<Floor> {
+    /// The floor programs of the hooks `wanted` picks.
+    fn attach(object: &Path, wanted: fn(&Hook) -> bool) -> anyhow::Result<Floor> {
         let mut ebpf = Ebpf::load_file(object)
             .with_context(|| format!("cannot load the floor object {}", object.display()))?;
         let btf = Btf::from_sys_fs().context("the kernel's BTF (/sys/kernel/btf/vmlinux)")?;
         let mut refused = BTreeMap::new();
-        for hook in hooks {
+        for hook in HOOKS.iter().filter(|h| wanted(h)) {
             let program = ebpf
                 .program_mut(hook.floor)
                 .with_context(|| format!("no program {} in {}", hook.floor, object.display()))?;
@@ -268,17 +268,26 @@ fn floor_window(
     bench: &Bench,
     object: &Path,
 ) -> anyhow::Result<(Readings<&'static str>, BTreeMap<&'static str, String>)> {
-    let floor = Floor::attach(object, &HOOKS)?;
+    let floor = Floor::attach(object, |_| true)?;
     let before = floor.stats();
     bench.run_workload(&WORKLOADS[WORKLOAD])?;
     let after = floor.stats();
     Ok(((before, after), floor.refused))
 }
 
-/// The socket hooks forkwatch keeps attached on every host, as `HOOKS` lists them: the
-/// tracepoints, or where the kernel lacks them the fentry fallback.
-const SOCKET_TRACEPOINT_HOOKS: std::ops::Range<usize> = 2..4;
-const SOCKET_FENTRY_HOOKS: std::ops::Range<usize> = 4..6;
+/// The socket hooks forkwatch keeps attached on every host: the tracepoints, or where the kernel
+/// lacks them the fentry fallback.
+fn socket_tracepoint(hook: &Hook) -> bool {
+    names::SOCKET_TRACEPOINT_PROGRAMS
+        .iter()
+        .any(|(program, _)| *program == hook.forkwatch)
+}
+
+fn socket_fentry(hook: &Hook) -> bool {
+    names::SOCKET_HOOK_PROGRAMS
+        .iter()
+        .any(|(program, _)| *program == hook.forkwatch)
+}
 
 /// What the kernel charges the workload for any program on the socket hooks: the workload
 /// timed with nothing attached and with the floor's empty programs on the socket hooks forkwatch
@@ -288,9 +297,9 @@ const SOCKET_FENTRY_HOOKS: std::ops::Range<usize> = 4..6;
 fn socket_floor_on_workload(bench: &Bench, object: &Path, pairs: usize) -> anyhow::Result<Value> {
     let workload = &WORKLOADS[WORKLOAD];
     let timed_with_floor = || -> anyhow::Result<f64> {
-        let mut floor = Floor::attach(object, &HOOKS[SOCKET_TRACEPOINT_HOOKS])?;
+        let mut floor = Floor::attach(object, socket_tracepoint)?;
         if !floor.refused.is_empty() {
-            floor = Floor::attach(object, &HOOKS[SOCKET_FENTRY_HOOKS])?;
+            floor = Floor::attach(object, socket_fentry)?;
         }
         if !floor.refused.is_empty() {
             bail!(

@@ -259,8 +259,8 @@ impl Bpftrace {
     /// Stops bpftrace; whether it had to be killed. Its samples are taken by then, so a
     /// bpftrace that hangs on SIGINT is killed (its probes detach as its fds close) and the run
     /// goes on: on this 2-vCPU VM one of 79 stops in fourteen `--workload` runs took longer
-    /// than 15 s, and run 19's ninth pass never ended, which failed a 15-minute run whose
-    /// samples were all taken. The report counts such kills.
+    /// than 15 s, and in the first try of run 19 the ninth pass never ended, which failed a
+    /// 15-minute run whose samples were all taken. The report counts such kills.
     pub(super) fn stop(mut self) -> anyhow::Result<bool> {
         signal(self.child.id(), "INT")?;
         let limit = Duration::from_secs(60);

@@ -165,15 +165,37 @@ fn repeated_findings_are_folded_until_the_window_ends() {
             children.push(run.run.child());
             parents.push(run);
         }
-        let first = daemon.expect_kind(children[0], "mt_fork_no_exec", TIMEOUT);
-        assert_eq!(first["exe"], exe_text);
         let repeated =
             daemon.wait_for(TIMEOUT, |f| f["kind"] == "repeated" && f["exe"] == exe_text);
         assert_eq!(repeated["of_kind"], "mt_fork_no_exec", "{repeated}");
         assert_eq!(repeated["count"], 2, "{repeated}");
-        assert_eq!(repeated["sample_pids"], serde_json::json!(children[1..]));
-        assert!(daemon.findings_for(children[1]).is_empty());
-        assert!(daemon.findings_for(children[2]).is_empty());
+        // Printed is whichever finding went out first, not always the first child's: a finding
+        // waits for its fork's stack, and on a busy host (every other test's forks queue on
+        // this daemon's unwinder too) a later child's can go out first, its stack left out.
+        // One printed, before the window opened; the other two folded.
+        let printed: Vec<u32> = children
+            .iter()
+            .copied()
+            .filter(|&child| !daemon.findings_for(child).is_empty())
+            .collect();
+        assert_eq!(printed.len(), 1, "printed: {printed:?} of {children:?}");
+        let first = &daemon.findings_for(printed[0])[0];
+        assert_eq!(first["kind"], "mt_fork_no_exec", "{first}");
+        assert_eq!(first["exe"], exe_text, "{first}");
+        let mut folded: Vec<u64> = repeated["sample_pids"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(serde_json::Value::as_u64)
+            .collect();
+        folded.sort_unstable();
+        let mut others: Vec<u64> = children
+            .iter()
+            .filter(|&&child| child != printed[0])
+            .map(|&child| u64::from(child))
+            .collect();
+        others.sort_unstable();
+        assert_eq!(folded, others, "{repeated}");
     });
 }
 

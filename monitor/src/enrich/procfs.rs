@@ -299,12 +299,9 @@ impl ProcFs {
         } else {
             ARGV0_READ_BYTES
         };
-        let mut raw = Vec::new();
-        let read = fs::File::open(self.path(pid, "cmdline"))
-            .and_then(|file| file.take(limit).read_to_end(&mut raw));
-        if read.is_err() {
+        let Ok(raw) = read_capped(&self.path(pid, "cmdline"), limit) else {
             return Vec::new();
-        }
+        };
         let args = raw
             .split(|&b| b == 0)
             .filter(|arg| !arg.is_empty())
@@ -351,10 +348,7 @@ impl ProcFs {
         if let Some(runtime) = exe.and_then(runtime::from_exe) {
             return Some(runtime);
         }
-        let mut maps = Vec::new();
-        fs::File::open(self.path(pid, "maps"))
-            .and_then(|file| file.take(MAPS_READ_BYTES).read_to_end(&mut maps))
-            .ok()?;
+        let maps = read_capped(&self.path(pid, "maps"), MAPS_READ_BYTES).ok()?;
         runtime::from_maps(&String::from_utf8_lossy(&maps))
     }
 
@@ -521,11 +515,14 @@ fn lossy(bytes: Vec<u8>) -> String {
 /// A /proc/<pid>/maps file as text for an unwinder, at most UNWIND_MAPS_READ_BYTES of it
 /// (lossy: mapped file names need not be UTF-8).
 pub fn read_maps(path: &Path) -> io::Result<String> {
+    read_capped(path, UNWIND_MAPS_READ_BYTES).map(lossy)
+}
+
+/// The first `limit` bytes of a file whose length its process controls (cmdline, maps).
+fn read_capped(path: &Path, limit: u64) -> io::Result<Vec<u8>> {
     let mut bytes = Vec::new();
-    fs::File::open(path)?
-        .take(UNWIND_MAPS_READ_BYTES)
-        .read_to_end(&mut bytes)?;
-    Ok(lossy(bytes))
+    fs::File::open(path)?.take(limit).read_to_end(&mut bytes)?;
+    Ok(bytes)
 }
 
 /// `read_small`, without the trailing newline (`comm`).
